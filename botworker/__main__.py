@@ -1,0 +1,153 @@
+"""The command line: ``botworker [run|migrate|status|send|demo]``; maps failures to the exit codes of errors.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from . import errors
+from .config import Config, load_config
+from .errors import ConfigError
+from .logs import setup_logging
+
+log = logging.getLogger("botworker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--env-file", default=".env", help="dotenv file read before the environment (default: .env)")
+    common.add_argument("--redis-url", dest="redis_url", help="overrides REDIS_URL")
+    common.add_argument("--database-url", dest="database_url", help="overrides DATABASE_URL")
+    common.add_argument("--log-level", dest="log_level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    parser = argparse.ArgumentParser(prog="botworker", description="Bot message worker.", parents=[common])
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", parents=[common], help="run the supervisor and its workers (default)")
+    run.add_argument("--procs", type=int, help="worker processes (overrides WORKER_PROCS)")
+    sub.add_parser("migrate", parents=[common], help="create the contract's tables if missing (development)")
+    status = sub.add_parser("status", parents=[common], help="queue and fleet status; exit 5 if no worker is alive")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    send = sub.add_parser("send", parents=[common], help="push one message and print the reply")
+    send.add_argument("--bot", required=True)
+    send.add_argument("--user", required=True)
+    send.add_argument("--instance")
+    send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument("text")
+    demo = sub.add_parser("demo", parents=[common], help="private servers + demo bot + fleet + a short conversation")
+    demo.add_argument("--procs", type=int, default=2)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    flags: dict[str, Any] = {
+        "redis_url": args.redis_url,
+        "database_url": args.database_url,
+        "log_level": args.log_level,
+    }
+    if command == "run" and getattr(args, "procs", None) is not None:
+        if args.procs < 1:
+            print("botworker: --procs must be at least 1", file=sys.stderr)
+            return errors.EXIT_USAGE
+        flags["procs"] = args.procs
+    try:
+        cfg = load_config(flags, env_file=args.env_file)
+    except ConfigError as exc:
+        print(f"botworker: configuration error: {exc}", file=sys.stderr)
+        return errors.EXIT_CONFIG
+    setup_logging(cfg.log_level)
+    try:
+        if command == "run":
+            from .supervisor import Supervisor
+
+            return Supervisor(cfg, reload=lambda: load_config(flags, env_file=args.env_file)).run()
+        if command == "migrate":
+            from .schema import migrate
+
+            created = migrate(cfg.database_url)
+            print("created: " + (", ".join(created) if created else "nothing (all present)"))
+            return errors.EXIT_OK
+        if command == "status":
+            return _status(cfg, args.json)
+        if command == "send":
+            return _send(cfg, args)
+        if command == "demo":
+            from .demo import run_demo
+
+            own = any(cfg.sources[k] != "default" for k in ("redis_url", "redis_host", "database_url", "db_host"))
+            return run_demo(cfg, use_devstack=not own, procs=args.procs)
+    except KeyboardInterrupt:
+        return errors.EXIT_OK
+    except (redis.RedisError, OSError) as exc:
+        print(f"botworker {command}: {exc}", file=sys.stderr)
+        return errors.EXIT_ERROR
+    return errors.EXIT_USAGE
+
+
+def _status(cfg: Config, as_json: bool) -> int:
+    from .queue import DEAD, MESSAGES, NODE_PREFIX, PROCESSING_SET, STATS, STATUS
+
+    client = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=cfg.redis_timeout)
+    lists = sorted(client.smembers(PROCESSING_SET))
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(MESSAGES)
+    pipe.llen(DEAD)
+    pipe.get(STATUS)
+    pipe.hgetall(STATS)
+    for name in lists:
+        pipe.llen(name)
+    queued, dead, fleet, stats, *in_flight = pipe.execute()
+    nodes = [json.loads(v) for key in client.scan_iter(NODE_PREFIX + "*") if (v := client.get(key))]
+    report = {
+        "fleet": json.loads(fleet) if fleet else None,
+        "queued": queued,
+        "inFlight": sum(in_flight),
+        "dead": dead,
+        "stats": {k: int(v) for k, v in stats.items()},
+        "nodes": nodes,
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"fleet: {'alive' if fleet else 'NOT RUNNING'}")
+        print(f"queued: {queued}   in flight: {report['inFlight']}   dead letters: {dead}")
+        print("totals: " + (", ".join(f"{k} {v}" for k, v in sorted(report["stats"].items())) or "none yet"))
+        for node in sorted(nodes, key=lambda n: n["node"]):
+            age = time.time() - node["updatedAt"]
+            print(
+                f"node {node['node']} ({node['state']}, {len(node['workers'])}/{node['target']} workers, seen {age:.0f}s ago)"
+            )
+            for w in node["workers"]:
+                busy = f"busy {w['busyFor']}s" if w["busyFor"] else "idle"
+                print(f"  worker {w['wid']} pid {w['pid']}: {busy}, {w['processed']} processed")
+    alive = any(n["workers"] for n in nodes)
+    return errors.EXIT_OK if alive else errors.EXIT_NO_WORKERS
+
+
+def _send(cfg: Config, args: argparse.Namespace) -> int:
+    from .client import send
+
+    client = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=cfg.redis_timeout)
+    answer = send(client, args.bot, args.user, args.text, instance_id=args.instance, timeout=args.timeout)
+    if answer is None:
+        print(f"no answer within {args.timeout:g}s (is a worker running? try `botworker status`)", file=sys.stderr)
+        return errors.EXIT_SEND_FAILED
+    channel, event = answer
+    if channel == "bot_errors":
+        print(f"error [{event['code']}]: {event['error']}", file=sys.stderr)
+        return errors.EXIT_SEND_FAILED
+    print(event["botResponse"]["content"])
+    print(f"(instance {event['instanceId']}, message {event['messageId']})", file=sys.stderr)
+    return errors.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Configuration: one frozen ``Config``, built once by ``load_config`` and passed explicitly.
+
+Precedence, lowest first: defaults < ``.env`` file < process environment < command-line flags. This is the only
+module that reads ``os.environ``. Every setting is declared once in ``SETTINGS`` (variable name, type, default,
+bounds, help), which is also what the README's configuration table is checked against. An invalid value raises
+``ConfigError`` with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from dotenv import dotenv_values
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: how to parse it and what it means."""
+
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = float(raw.strip())
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo:g} and {hi:g}")
+        return value
+
+    return parse
+
+
+def _str(raw: str) -> str:
+    return raw.strip()
+
+
+def _level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+    return value
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        if not value:
+            return ""
+        if urlsplit(value).scheme not in schemes:
+            raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return value
+
+    return parse
+
+
+# Field name -> setting. Order is the order of the README table.
+SETTINGS: dict[str, Setting] = {
+    "redis_url": Setting(
+        "REDIS_URL", _url("redis", "rediss", "unix"), "", "full Redis URL; wins over REDIS_HOST/PORT/PASSWORD/DB"
+    ),
+    "redis_host": Setting("REDIS_HOST", _str, "localhost", "Redis host"),
+    "redis_port": Setting("REDIS_PORT", _int(1, 65535), 6379, "Redis port"),
+    "redis_password": Setting("REDIS_PASSWORD", _str, "", "Redis password (never logged)"),
+    "redis_db": Setting("REDIS_DB", _int(0, 1023), 0, "Redis database number"),
+    "database_url": Setting("DATABASE_URL", _url("postgres", "postgresql"), "", "full PostgreSQL URL; wins over DB_*"),
+    "db_host": Setting("DB_HOST", _str, "localhost", "PostgreSQL host"),
+    "db_port": Setting("DB_PORT", _int(1, 65535), 5432, "PostgreSQL port"),
+    "db_user": Setting("DB_USER", _str, "postgres", "PostgreSQL user"),
+    "db_password": Setting("DB_PASSWORD", _str, "", "PostgreSQL password (never logged)"),
+    "db_name": Setting("DB_NAME", _str, "botplatform", "PostgreSQL database"),
+    "gemini_key": Setting("GEMINI_KEY", _str, "", "Gemini API key; unset: the offline responder answers"),
+    "procs": Setting("WORKER_PROCS", _int(1, 256), 2, "worker processes (flag --procs)"),
+    "max_message_bytes": Setting(
+        "MAX_MESSAGE_BYTES", _int(1, 1 << 20), 16384, "longest accepted `message` (UTF-8 bytes)"
+    ),
+    "max_attempts": Setting("MAX_ATTEMPTS", _int(1, 100), 3, "attempts before a message is dead-lettered"),
+    "retry_delay": Setting(
+        "RETRY_DELAY", _float(0, 300), 1.0, "first back-off (s) before retrying a transient failure; doubles"
+    ),
+    "history_limit": Setting("HISTORY_LIMIT", _int(0, 1000), 10, "conversation messages loaded as history"),
+    "pop_timeout": Setting(
+        "POP_TIMEOUT", _float(0.1, 30), 1.0, "BLMOVE timeout (s): how often an idle worker checks for shutdown"
+    ),
+    "graceful_timeout": Setting(
+        "GRACEFUL_TIMEOUT", _float(0, 3600), 30.0, "warm shutdown: time (s) in-flight messages get to finish"
+    ),
+    "worker_timeout": Setting(
+        "WORKER_TIMEOUT", _float(2, 3600), 120.0, "a worker silent this long (s) is killed and replaced"
+    ),
+    "boot_timeout": Setting(
+        "BOOT_TIMEOUT", _float(0, 3600), 30.0, "how long (s) a worker retries Redis/PostgreSQL at boot"
+    ),
+    "node_ttl": Setting(
+        "NODE_TTL", _float(3, 3600), 20.0, "heartbeat key expiry (s): after it, another host recovers our messages"
+    ),
+    "max_requests": Setting("MAX_REQUESTS", _int(0, 10**9), 0, "recycle a worker after this many messages (0: never)"),
+    "db_pool_size": Setting("DB_POOL_SIZE", _int(1, 64), 2, "PostgreSQL connections kept per worker process"),
+    "db_connect_timeout": Setting("DB_CONNECT_TIMEOUT", _int(1, 300), 5, "PostgreSQL connect timeout (s)"),
+    "db_statement_timeout": Setting(
+        "DB_STATEMENT_TIMEOUT", _float(0.1, 3600), 30.0, "PostgreSQL statement timeout (s)"
+    ),
+    "redis_timeout": Setting(
+        "REDIS_TIMEOUT", _float(0.5, 300), 5.0, "Redis socket timeout (s), on top of the BLMOVE wait"
+    ),
+    "node_name": Setting("NODE_NAME", _str, "", "this host's name in heartbeats and status (default: hostname)"),
+    "log_level": Setting("LOG_LEVEL", _level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one run. Built by ``load_config``; never mutated (SIGHUP builds a new one)."""
+
+    redis_url: str
+    database_url: str
+    gemini_key: str
+    procs: int
+    max_message_bytes: int
+    max_attempts: int
+    retry_delay: float
+    history_limit: int
+    pop_timeout: float
+    graceful_timeout: float
+    worker_timeout: float
+    boot_timeout: float
+    node_ttl: float
+    max_requests: int
+    db_pool_size: int
+    db_connect_timeout: int
+    db_statement_timeout: float
+    redis_timeout: float
+    node_name: str
+    log_level: str
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings with passwords and keys hidden, for logs and `status`."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "sources":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "gemini_key":
+                value = "set" if value else "unset"
+            elif f.name in ("redis_url", "database_url"):
+                value = redact_url(value)
+            out[f.name] = value
+        return out
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    env_file: str | os.PathLike[str] | None = ".env",
+) -> Config:
+    """Build the Config: defaults < .env < environment < flags (flags use field names, None means unset)."""
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if env_file and Path(env_file).is_file():
+        layers.append((f"file {env_file}", {k: v for k, v in dotenv_values(env_file).items() if v is not None}))
+    layers.append(("environment", os.environ if environ is None else environ))
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, setting in SETTINGS.items():
+        values[name], sources[name] = setting.default, "default"
+        for source, layer in layers:
+            raw = layer.get(setting.env)
+            if raw is None or (raw == "" and setting.default not in ("", None)):
+                continue
+            try:
+                values[name] = setting.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{setting.env}={raw!r} (from {source}) is invalid: {exc}") from None
+            sources[name] = source
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name], sources[name] = value, "command line"
+
+    return Config(
+        redis_url=values["redis_url"] or _redis_url(values),
+        database_url=values["database_url"] or _database_url(values),
+        gemini_key=values["gemini_key"],
+        procs=values["procs"],
+        max_message_bytes=values["max_message_bytes"],
+        max_attempts=values["max_attempts"],
+        retry_delay=values["retry_delay"],
+        history_limit=values["history_limit"],
+        pop_timeout=values["pop_timeout"],
+        graceful_timeout=values["graceful_timeout"],
+        worker_timeout=values["worker_timeout"],
+        boot_timeout=values["boot_timeout"],
+        node_ttl=values["node_ttl"],
+        max_requests=values["max_requests"],
+        db_pool_size=values["db_pool_size"],
+        db_connect_timeout=values["db_connect_timeout"],
+        db_statement_timeout=values["db_statement_timeout"],
+        redis_timeout=values["redis_timeout"],
+        node_name=values["node_name"] or socket.gethostname(),
+        log_level=values["log_level"],
+        sources=sources,
+    )
+
+
+def _redis_url(v: Mapping[str, Any]) -> str:
+    auth = f":{quote(v['redis_password'], safe='')}@" if v["redis_password"] else ""
+    return f"redis://{auth}{v['redis_host']}:{v['redis_port']}/{v['redis_db']}"
+
+
+def _database_url(v: Mapping[str, Any]) -> str:
+    password = f":{quote(v['db_password'], safe='')}" if v["db_password"] else ""
+    user = quote(v["db_user"], safe="")
+    return f"postgresql://{user}{password}@{v['db_host']}:{v['db_port']}/{quote(v['db_name'], safe='')}"

@@ -1,0 +1,161 @@
+"""``botworker demo``: seed a demo user and bot, run a real worker fleet, send a few messages, print the replies.
+
+With no REDIS_URL/DATABASE_URL (nor REDIS_HOST/DB_HOST) configured it starts private throwaway servers first
+(``devstack``). The fleet is started exactly as an operator would: ``python -m botworker run`` in a subprocess.
+``seed`` is also what the tests use to create a realistic bot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import psycopg2
+import psycopg2.extras
+import redis
+
+from .client import push_and_wait, send
+from .config import Config
+from .schema import migrate
+
+DEMO_USER = "00000000-0000-4000-8000-000000000001"
+DEMO_BOT = "00000000-0000-4000-8000-000000000002"
+
+
+def seed(dsn: str, user_id: str = DEMO_USER, bot_id: str = DEMO_BOT, email: str | None = None) -> tuple[str, str]:
+    """Create (or keep) a user with models, applications, a bot with a prompt and a platform tool."""
+    ns = uuid.UUID(bot_id)
+
+    def rid(name: str) -> str:
+        return str(uuid.uuid5(ns, name))
+
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                """INSERT INTO users (id, email, password, "firstName", "lastName", role, "isActive")
+                   VALUES (%s, %s, 'x', 'Ada', 'Lovelace', 'user', true) ON CONFLICT (id) DO NOTHING""",
+                (user_id, email or f"ada-{user_id[:8]}@example.com"),
+            )
+            cur.execute(
+                """INSERT INTO bots (id, name, "displayName", description, model, "userId")
+                   VALUES (%s, 'helper', 'Helper Bot', 'Answers questions about your platform data',
+                           'gemini-2.5-flash', %s) ON CONFLICT (id) DO NOTHING""",
+                (bot_id, user_id),
+            )
+            cur.execute(
+                """INSERT INTO prompts (id, name, "userId") VALUES (%s, 'persona', %s) ON CONFLICT (id) DO NOTHING""",
+                (rid("prompt"), user_id),
+            )
+            cur.execute(
+                """INSERT INTO prompt_versions (id, name, content, version, "isActive", "promptId")
+                   VALUES (%s, 'v1', 'You are Helper Bot, a concise assistant for the platform.', 1, true, %s)
+                   ON CONFLICT (id) DO NOTHING""",
+                (rid("prompt-v1"), rid("prompt")),
+            )
+            cur.execute(
+                """INSERT INTO bot_prompts ("botId", "promptId") VALUES (%s, %s) ON CONFLICT DO NOTHING""",
+                (bot_id, rid("prompt")),
+            )
+            cur.execute(
+                """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
+                   VALUES (%s, 'platform', 'Platform data', 'Reads your models, applications, bots and more',
+                           'mcp_tool', %s, %s) ON CONFLICT (id) DO NOTHING""",
+                (
+                    rid("tool"),
+                    psycopg2.extras.Json(
+                        {
+                            "operations": [
+                                "list_models",
+                                "list_applications",
+                                "list_bots",
+                                "list_prompts",
+                                "list_tools",
+                                "get_user_info",
+                                "search_platform",
+                                "list_user_data",
+                            ]
+                        }
+                    ),
+                    bot_id,
+                ),
+            )
+            for name, display in (
+                ("sentiment", "Sentiment classifier"),
+                ("churn", "Churn predictor"),
+                ("vision", "Image tagger"),
+            ):
+                cur.execute(
+                    """INSERT INTO models (id, name, "displayName", description, schema, "userId")
+                       VALUES (%s, %s, %s, %s, '{}', %s) ON CONFLICT (id) DO NOTHING""",
+                    (rid("model-" + name), name, display, f"The {display.lower()}", user_id),
+                )
+            for name, status in (("crm", "published"), ("support-desk", "draft")):
+                cur.execute(
+                    """INSERT INTO applications (id, name, "displayName", description, config, status, "userId")
+                       VALUES (%s, %s, %s, %s, '{}', %s, %s) ON CONFLICT (id) DO NOTHING""",
+                    (rid("app-" + name), name, name.title(), f"The {name} application", status, user_id),
+                )
+    finally:
+        conn.close()
+    return user_id, bot_id
+
+
+DEMO_MESSAGES = ["Hello there!", "list my models", "show applications", "search for bots", "who am i"]
+
+
+def run_demo(cfg: Config, use_devstack: bool, procs: int = 2) -> int:
+    """Set up, run a fleet, talk to it, stop it. Returns the exit code."""
+    stack = None
+    if use_devstack:
+        from .devstack import DevStack
+
+        print("Starting private Redis and PostgreSQL (set REDIS_URL and DATABASE_URL to use your own)...")
+        stack = DevStack().start()
+        redis_url, database_url = stack.redis_url, stack.database_url
+    else:
+        redis_url, database_url = cfg.redis_url, cfg.database_url
+    fleet = None
+    try:
+        created = migrate(database_url)
+        print(f"Schema ready ({len(created)} objects created). Seeding a demo user and bot...")
+        user_id, bot_id = seed(database_url)
+        env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
+        fleet = subprocess.Popen(
+            [sys.executable, "-m", "botworker", "run", "--procs", str(procs), "--log-level", "WARNING"], env=env
+        )
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        print(f"Worker fleet started (pid {fleet.pid}, {procs} workers). Talking to bot {bot_id}:\n")
+        instance_id = None
+        for text in DEMO_MESSAGES:
+            answer = send(client, bot_id, user_id, text, instance_id=instance_id, timeout=60)
+            if answer is None:
+                print(f"  you> {text}\n  (no answer within 60 s)")
+                return 1
+            channel, event = answer
+            instance_id = event.get("instanceId") or instance_id
+            print(f"  you> {text}")
+            print(f"  bot> {_render(channel, event)}\n")
+        malformed = json.dumps({"botId": "not-a-uuid", "userId": user_id, "message": "hi", "messageId": "demo-bad"})
+        answer = push_and_wait(client, malformed, "demo-bad", 60)
+        print(f"  (malformed message) -> {_render(*answer) if answer else 'no answer'}\n")
+        print(f"Conversation {instance_id}: {2 * len(DEMO_MESSAGES)} rows in chat_messages.")
+        return 0
+    finally:
+        if fleet is not None:
+            fleet.send_signal(signal.SIGTERM)
+            fleet.wait(timeout=60)
+        if stack is not None:
+            stack.stop()
+
+
+def _render(channel: str, event: dict[str, Any]) -> str:
+    if channel == "bot_errors":
+        return f"[bot_errors {event['code']}] {event['error']}"
+    meta = event["botResponse"].get("metadata") or {}
+    return f"{event['botResponse']['content']}   [model {meta.get('model')}, {event['botResponse']['responseTime']} ms]"

@@ -1,0 +1,78 @@
+"""The exception tree, the error codes of ``bot_errors`` events and the process exit codes, in one place.
+
+Exceptions::
+
+    BotworkerError                 base of everything raised on purpose
+    ├── ConfigError                an invalid setting; names the variable (exit EXIT_CONFIG)
+    ├── BootError                  Redis or PostgreSQL unreachable past the boot window (exit EXIT_BOOT)
+    └── MessageError               this message cannot be processed; carries a ``code`` for ``bot_errors``
+        └── TransientError         the infrastructure failed (database down...): retry the message later
+
+Inside the pipeline a ``MessageError`` ends the message with one ``bot_errors`` event (and, where a reply can
+still be given, a fallback reply); a ``TransientError`` puts the message back for another attempt, until
+``max_attempts``, then it is dead-lettered.
+"""
+
+from __future__ import annotations
+
+# Exit codes of `botworker` / `python worker.py` (documented in the README).
+EXIT_OK = 0  # normal stop (also after a warm or cold shutdown)
+EXIT_ERROR = 1  # unexpected error (a bug): see the log
+EXIT_USAGE = 2  # bad command line (argparse's own code)
+EXIT_CONFIG = 3  # invalid configuration value: the message names the variable
+EXIT_BOOT = 4  # workers could not boot: Redis or PostgreSQL unreachable past BOOT_TIMEOUT
+EXIT_NO_WORKERS = 5  # `status`: no live worker fleet
+EXIT_SEND_FAILED = 6  # `send`: the message ended in a bot_errors event, or no answer before the timeout
+EXIT_WORKER_BOOT = 3  # a worker process's own exit code when it cannot boot (seen only by the supervisor)
+
+# Machine-readable `code` values of bot_errors events (documented in the README).
+INVALID_JSON = "invalid_json"
+INVALID_MESSAGE = "invalid_message"
+MESSAGE_TOO_LONG = "message_too_long"
+BOT_NOT_FOUND = "bot_not_found"
+BOT_INACTIVE = "bot_inactive"
+INSTANCE_NOT_FOUND = "instance_not_found"
+USER_NOT_FOUND = "user_not_found"
+TOOL_FAILED = "tool_failed"
+DATABASE_UNAVAILABLE = "database_unavailable"
+DEAD_LETTERED = "dead_lettered"
+INTERNAL_ERROR = "internal_error"
+
+ERROR_CODES: dict[str, str] = {
+    INVALID_JSON: "the payload is not a JSON object",
+    INVALID_MESSAGE: "a field is missing or has the wrong type (botId/userId/instanceId must be uuids)",
+    MESSAGE_TOO_LONG: "`message` is longer than MAX_MESSAGE_BYTES",
+    BOT_NOT_FOUND: "no bot with that id that this user may use",
+    BOT_INACTIVE: "the bot exists but is not active",
+    INSTANCE_NOT_FOUND: "instanceId does not name an instance of this bot and user",
+    USER_NOT_FOUND: "userId names no user",
+    TOOL_FAILED: "a tool call failed; the reply explains it (sent as well)",
+    DATABASE_UNAVAILABLE: "PostgreSQL failed while processing; the message is retried",
+    DEAD_LETTERED: "the message failed MAX_ATTEMPTS times; it is in bot_messages:dead",
+    INTERNAL_ERROR: "an unexpected error in the worker (a bug); see the worker log",
+}
+
+
+class BotworkerError(Exception):
+    """Base of every error the worker raises on purpose."""
+
+
+class ConfigError(BotworkerError):
+    """An invalid configuration value. The message names the variable."""
+
+
+class BootError(BotworkerError):
+    """A process could not reach Redis or PostgreSQL within its boot window."""
+
+
+class MessageError(BotworkerError):
+    """This message cannot be processed. ``code`` is the machine-readable code of the bot_errors event."""
+
+    def __init__(self, code: str, error: str) -> None:
+        super().__init__(error)
+        self.code = code
+        self.error = error
+
+
+class TransientError(MessageError):
+    """The infrastructure failed, not the message: put it back and try again later."""

@@ -1,0 +1,113 @@
+"""Reply generation: the ``Responder`` interface and the offline responder.
+
+The offline responder answers deterministically from the bot's prompt, the tool results and the message, with no
+network. It serves whenever no Gemini key is configured (the demo and the tests) and marks its replies
+``model: "offline"``. The Gemini provider (the only module allowed to import the Gemini SDK) plugs in here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from .config import Config
+from .message import Message, Reply, ToolResult
+from .store import BotContext
+
+log = logging.getLogger(__name__)
+
+OFFLINE_MODEL = "offline"
+_NAMES_SHOWN = 20
+_KIND_WORDS = {
+    "list_models": "models",
+    "list_applications": "applications",
+    "list_bots": "bots",
+    "list_prompts": "prompts",
+    "list_tools": "tools",
+}
+
+
+class Responder(Protocol):
+    """Produces the bot's reply for one message."""
+
+    def reply(self, ctx: BotContext, msg: Message, results: Sequence[ToolResult]) -> Reply: ...
+
+
+def system_prompt(ctx: BotContext) -> str:
+    """The bot's active prompt versions, in a stable order, as one system instruction."""
+    return "\n\n".join(p["content"].strip() for p in ctx.prompts if p.get("content"))
+
+
+def estimate_tokens(*texts: str) -> int:
+    """The seed's estimate (characters / 4), used when no model counted tokens."""
+    return max(1, sum(len(t) for t in texts) // 4)
+
+
+class OfflineResponder:
+    """Deterministic replies without a language model."""
+
+    def reply(self, ctx: BotContext, msg: Message, results: Sequence[ToolResult]) -> Reply:
+        name = ctx.bot.get("displayName") or ctx.bot.get("name") or "this bot"
+        if results:
+            text = "\n".join(describe(r) for r in results)
+        else:
+            text = (
+                f'I\'m {name}. You said: "{_clip(msg.text, 200)}". I am running without a language model (offline '
+                "mode), so I can run my tools but cannot compose free answers."
+            )
+            hints = _hints(ctx)
+            if hints:
+                text += f" Try: {hints}."
+        prompt = system_prompt(ctx)
+        history = " ".join(h["content"] for h in ctx.history)
+        return Reply(text, OFFLINE_MODEL, estimate_tokens(prompt, history, msg.text, text), {"tokensEstimated": True})
+
+
+def describe(result: ToolResult) -> str:
+    """One tool result in a sentence or two."""
+    call = result.call
+    if not result.ok:
+        return f"I could not run {call.name}: {result.error}"
+    data: Any = result.data
+    op = call.operation
+    if op in _KIND_WORDS:
+        kind = _KIND_WORDS[op]
+        items = data.get("items", [])
+        if not items:
+            return f"You have no {kind} yet."
+        names = ", ".join(str(i.get("name")) for i in items[:_NAMES_SHOWN])
+        more = f" and {data['total'] - _NAMES_SHOWN} more" if data["total"] > _NAMES_SHOWN else ""
+        return f"Your {kind} ({data['total']}): {names}{more}."
+    if op == "get_user_info":
+        full = " ".join(x for x in (data.get("firstName"), data.get("lastName")) if x) or data.get("email")
+        return f"You are {full} ({data.get('email')}), role {data.get('role')}."
+    if op == "search_platform":
+        items = data.get("items", [])
+        if not items:
+            return f'Nothing matches "{data["query"]}".'
+        found = "; ".join(f"{i['kind'][:-1]} {i['name']}" for i in items[:_NAMES_SHOWN])
+        return f'Found {data["count"]} match(es) for "{data["query"]}": {found}.'
+    if op == "list_user_data":
+        return "You have " + ", ".join(f"{n} {kind}" for kind, n in data.items()) + "."
+    return f"{call.name} returned: {_clip(json.dumps(data, ensure_ascii=False, default=str), 500)}"
+
+
+def _hints(ctx: BotContext) -> str:
+    if any(t.get("type") == "mcp_tool" for t in ctx.tools):
+        return '"list my models", "show applications", "search for bots"'
+    return ", ".join(f'"use {t["name"]}"' for t in ctx.tools[:3])
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def make_responder(cfg: Config) -> Responder:
+    """The responder this configuration asks for."""
+    if cfg.gemini_key:
+        log.warning(
+            "GEMINI_KEY is set, but this build answers with the offline responder (Gemini support is not built yet)"
+        )
+    return OfflineResponder()

@@ -1,0 +1,192 @@
+"""The values that flow through one message's processing, and the parsing and validation of the raw payload.
+
+Everything here is a frozen dataclass or a pure function: no I/O. ``parse_message`` turns the bytes popped from
+``bot_messages`` into a validated ``Message`` or raises ``MessageError`` with the contract's error code.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from . import errors
+from .errors import MessageError
+
+MAX_MESSAGE_ID_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Message:
+    """One validated user message, as the API server pushed it (``message_id`` always set by then)."""
+
+    bot_id: str
+    user_id: str
+    text: str
+    message_id: str
+    instance_id: str | None
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool the message asks for: which ``bot_tools`` row, which operation, which parameters."""
+
+    tool_id: str
+    name: str
+    type: str
+    operation: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What one tool call produced. ``ok=False`` carries a human-readable ``error``; never an exception."""
+
+    call: ToolCall
+    ok: bool
+    data: Any = None
+    error: str | None = None
+    duration_ms: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """The outcome as stored in the reply's metadata."""
+        out: dict[str, Any] = {
+            "tool": self.call.name,
+            "type": self.call.type,
+            "ok": self.ok,
+            "durationMs": self.duration_ms,
+        }
+        if self.call.operation:
+            out["operation"] = self.call.operation
+        if self.call.params:
+            out["params"] = self.call.params
+        if self.ok:
+            out["result"] = self.data
+        else:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The bot's answer as the responder produced it."""
+
+    text: str
+    model: str
+    tokens_used: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ids:
+    """The identifying fields of a payload, as far as they can be read, for error events of bad messages."""
+
+    message_id: str
+    bot_id: str | None = None
+    user_id: str | None = None
+    instance_id: str | None = None
+
+
+def peek_ids(payload: Any, message_id: str) -> Ids:
+    """Read whatever ids a (possibly invalid) decoded payload has; strings only, anything else becomes None."""
+    if not isinstance(payload, dict):
+        return Ids(message_id)
+
+    def text(key: str) -> str | None:
+        value = payload.get(key)
+        return value if isinstance(value, str) else None
+
+    return Ids(message_id, text("botId"), text("userId"), text("instanceId"))
+
+
+def decode(raw: bytes | str) -> dict[str, Any]:
+    """Bytes from the queue -> a JSON object, or MessageError(invalid_json)."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(errors.INVALID_JSON, f"payload is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise MessageError(errors.INVALID_JSON, f"payload must be a JSON object, not {type(payload).__name__}")
+    return payload
+
+
+def message_id_of(payload: dict[str, Any]) -> str | None:
+    """The producer's messageId as a string (numbers are accepted and turned into strings), or None."""
+    value = payload.get("messageId")
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (str, int)) and 0 < len(str(value)) <= MAX_MESSAGE_ID_CHARS:
+        return str(value)
+    return None
+
+
+def _uuid(payload: dict[str, Any], key: str, required: bool) -> str | None:
+    value = payload.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise MessageError(
+            errors.INVALID_MESSAGE,
+            f"`{key}` must be a uuid string" + ("" if value is None else f", got {type(value).__name__}"),
+        )
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise MessageError(errors.INVALID_MESSAGE, f"`{key}` is not a valid uuid: {value[:60]!r}") from None
+
+
+def parse_message(payload: dict[str, Any], message_id: str, received_at: datetime, max_bytes: int) -> Message:
+    """Validate a decoded payload against the contract's message shape."""
+    bot_id = _uuid(payload, "botId", required=True)
+    user_id = _uuid(payload, "userId", required=True)
+    instance_id = _uuid(payload, "instanceId", required=False)
+    text = payload.get("message")
+    if not isinstance(text, str):
+        raise MessageError(errors.INVALID_MESSAGE, "`message` must be a string")
+    if not text.strip():
+        raise MessageError(errors.INVALID_MESSAGE, "`message` must not be empty")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise MessageError(errors.INVALID_MESSAGE, "`message` is not valid Unicode (lone surrogate)") from None
+    if size > max_bytes:
+        raise MessageError(errors.MESSAGE_TOO_LONG, f"`message` is {size} bytes; the limit is {max_bytes}")
+    if "\x00" in text:
+        # PostgreSQL text cannot hold NUL; say so instead of failing in the database.
+        raise MessageError(errors.INVALID_MESSAGE, "`message` must not contain NUL characters")
+    if payload.get("messageId") is not None and message_id_of(payload) is None:
+        raise MessageError(
+            errors.INVALID_MESSAGE,
+            f"`messageId` must be a non-empty string of at most {MAX_MESSAGE_ID_CHARS} characters",
+        )
+    assert bot_id and user_id
+    return Message(bot_id, user_id, text, message_id, instance_id, received_at)
+
+
+def response_event(
+    instance_id: str, bot_id: str, user_id: str, message_id: str, user_row: dict[str, Any], bot_row: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``bot_responses`` event of CONTRACT.md."""
+    return {
+        "instanceId": instance_id,
+        "botId": bot_id,
+        "userId": user_id,
+        "messageId": message_id,
+        "userMessage": user_row,
+        "botResponse": bot_row,
+    }
+
+
+def error_event(ids: Ids, code: str, error: str) -> dict[str, Any]:
+    """The ``bot_errors`` event of CONTRACT.md."""
+    return {
+        "botId": ids.bot_id,
+        "userId": ids.user_id,
+        "instanceId": ids.instance_id,
+        "messageId": ids.message_id,
+        "error": error,
+        "code": code,
+    }

@@ -1,0 +1,177 @@
+"""The reliable queue: the only module that speaks Redis queue commands.
+
+The pattern is Redis's documented reliable queue (as rq's intermediate queue)::
+
+    bot_messages ──BLMOVE RIGHT→LEFT──▶ bot_messages:processing:<node>:<wid>:<pid>   (owned by one worker)
+         ▲                                        │
+         └──── requeue at the head (RPUSH side) ◀──┤ worker died / transient failure
+                                                  ├──▶ finish: LREM + LPUSH/PUBLISH bot_responses|bot_errors
+                                                  └──▶ dead-letter: LREM + LPUSH bot_messages:dead + bot_errors
+
+Producers LPUSH and consumers pop from the right, so the right end is the head of the line.
+
+Invariants:
+- A message is always in exactly one list; every move is one atomic command or one Lua script.
+- ``finish``, ``release`` and ``dead_letter`` first LREM the message from the caller's processing list and do
+  nothing else if it is not there (someone recovered it meanwhile): re-running them never doubles an event.
+- ``finish`` sets ``bot_messages:done:<messageId>`` (for DONE_TTL seconds) in the same script, so a copy that
+  comes back later (crash between commit and ack, or a producer pushing the same id twice) is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+MESSAGES = "bot_messages"
+DEAD = "bot_messages:dead"
+PROCESSING_PREFIX = "bot_messages:processing:"
+ATTEMPTS = "bot_messages:attempts"
+DONE_PREFIX = "bot_messages:done:"
+RESPONSES = "bot_responses"
+ERRORS = "bot_errors"
+STATUS = "bot_worker:status"
+NODE_PREFIX = "bot_worker:node:"
+PROCESSING_SET = "bot_worker:processing"
+STATS = "bot_worker:stats"
+
+DONE_TTL = 24 * 3600  # how long a finished message id is remembered for de-duplication
+
+# KEYS: processing list, attempts hash, done key, stats hash, then one list/channel per event.
+# ARGV: raw message, message id, done ttl, stats field, then one payload per event.
+_FINISH = """
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], '1', 'EX', tonumber(ARGV[3]))
+redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
+for i = 5, #KEYS do
+  redis.call('LPUSH', KEYS[i], ARGV[i])
+  redis.call('PUBLISH', KEYS[i], ARGV[i])
+end
+return 1
+"""
+
+# KEYS: processing list, queue, attempts hash. ARGV: raw message, message id, attempts to give back (0 or 1).
+_RELEASE = """
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[3], ARGV[2], -tonumber(ARGV[3])) end
+return 1
+"""
+
+# KEYS: processing list, dead list, attempts hash, errors list, stats hash. ARGV: raw, id, dead entry, event.
+_DEAD_LETTER = """
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[3])
+redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('LPUSH', KEYS[4], ARGV[4])
+redis.call('PUBLISH', KEYS[4], ARGV[4])
+redis.call('HINCRBY', KEYS[5], 'dead', 1)
+return 1
+"""
+
+# KEYS: processing list. ARGV: old raw, new raw. Swaps the in-flight copy (to record an assigned messageId).
+_REPLACE = """
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def processing_key(node_id: str, wid: int, pid: int) -> str:
+    return f"{PROCESSING_PREFIX}{node_id}:{wid}:{pid}"
+
+
+def node_of(processing: str) -> str:
+    """The node id inside a processing list's name (node ids may not contain ':'; the rest is wid:pid)."""
+    return processing[len(PROCESSING_PREFIX) :].rsplit(":", 2)[0]
+
+
+def encode(event: dict[str, Any]) -> str:
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+class ReliableQueue:
+    """One worker's view of the queue: pops into its own processing list and acks out of it."""
+
+    def __init__(self, client: redis.Redis, processing: str) -> None:
+        self.client = client
+        self.processing = processing
+        self._finish = client.register_script(_FINISH)
+        self._release = client.register_script(_RELEASE)
+        self._dead = client.register_script(_DEAD_LETTER)
+        self._replace = client.register_script(_REPLACE)
+
+    def register(self) -> None:
+        """Announce the processing list, so a live supervisor can find it if this whole node dies."""
+        self.client.sadd(PROCESSING_SET, self.processing)
+
+    def unregister(self) -> None:
+        """On a clean exit: hand back anything left and forget the list."""
+        requeue_list(self.client, self.processing)
+
+    def pop(self, timeout: float) -> bytes | None:
+        """Wait up to ``timeout`` seconds for the next message; it stays in our processing list until acked."""
+        return self.client.blmove(MESSAGES, self.processing, timeout, "RIGHT", "LEFT")
+
+    def replace(self, old: bytes | str, new: str) -> bool:
+        """Swap the in-flight copy for ``new`` (same message with an assigned messageId)."""
+        return bool(self._replace(keys=[self.processing], args=[old, new]))
+
+    def begin(self, message_id: str) -> tuple[int, bool]:
+        """Count one more attempt; also say whether this id was already finished (a duplicate)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hincrby(ATTEMPTS, message_id, 1)
+        pipe.exists(DONE_PREFIX + message_id)
+        attempts, done = pipe.execute()
+        return int(attempts), bool(done)
+
+    def finish(
+        self, raw: bytes | str, message_id: str, events: Iterable[tuple[str, dict[str, Any]]], stat: str
+    ) -> bool:
+        """Push the events (LPUSH + PUBLISH each) and ack the message, atomically. False: it was not ours any more."""
+        events = list(events)
+        keys = [self.processing, ATTEMPTS, DONE_PREFIX + message_id, STATS] + [channel for channel, _ in events]
+        args: list[Any] = [raw, message_id, DONE_TTL, stat] + [encode(event) for _, event in events]
+        return bool(self._finish(keys=keys, args=args))
+
+    def release(self, raw: bytes | str, message_id: str, refund_attempt: bool = False) -> bool:
+        """Put the message back at the head of the line (it will be the next one taken)."""
+        return bool(
+            self._release(keys=[self.processing, MESSAGES, ATTEMPTS], args=[raw, message_id, int(refund_attempt)])
+        )
+
+    def dead_letter(self, raw: bytes | str, message_id: str, entry: dict[str, Any], event: dict[str, Any]) -> bool:
+        """Move the message to ``bot_messages:dead`` and push its bot_errors event, atomically."""
+        keys = [self.processing, DEAD, ATTEMPTS, ERRORS, STATS]
+        return bool(self._dead(keys=keys, args=[raw, message_id, encode(entry), encode(event)]))
+
+
+def requeue_list(client: redis.Redis, processing: str) -> int:
+    """Move every message of a dead owner's processing list back to the head of ``bot_messages``.
+
+    Oldest in-flight message ends up first in line. Each LMOVE is atomic, so a crash part-way loses nothing.
+    """
+    moved = 0
+    while client.lmove(processing, MESSAGES, "LEFT", "RIGHT") is not None:
+        moved += 1
+    client.srem(PROCESSING_SET, processing)
+    if moved:
+        log.warning("requeued %d in-flight message(s) from %s", moved, processing)
+    return moved
+
+
+def recover_orphans(client: redis.Redis) -> int:
+    """Requeue the processing lists of nodes whose heartbeat key has expired (a whole host died)."""
+    names = [n.decode() if isinstance(n, bytes) else n for n in client.smembers(PROCESSING_SET)]
+    if not names:
+        return 0
+    nodes = sorted({node_of(n) for n in names})
+    alive = dict(zip(nodes, client.mget([NODE_PREFIX + node for node in nodes]), strict=True))
+    return sum(requeue_list(client, name) for name in names if alive[node_of(name)] is None)

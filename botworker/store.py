@@ -1,0 +1,262 @@
+"""The platform database: pooled connections, loading a bot and its conversation, saving an exchange.
+
+One ``Store`` per worker process, created after the fork. Connections come from a small pool and are reused across
+messages; a connection that fails is closed, never handed out again, and the failure becomes a ``TransientError``
+(the message is retried), so a PostgreSQL restart costs a retry, not a message.
+
+Exactly-once: ``save_exchange`` writes the user row and the reply row in one transaction under an advisory lock
+keyed by the message id, after checking that no row carries that id yet; a second run of the same message returns
+the rows the first run wrote instead of writing new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+import psycopg2.pool
+
+from . import errors
+from .config import Config
+from .errors import MessageError, TransientError
+from .message import Message
+
+log = logging.getLogger(__name__)
+
+# Instances created for messages without instanceId get an id derived from the message id, so a retried message
+# reuses the instance its first attempt created instead of leaving a second one behind.
+INSTANCE_NAMESPACE = uuid.UUID("7d1f3c2e-5b0a-4c7e-9a55-2f0c8e6b9d41")
+
+# Errors after which the same statement may well succeed: the server went away, a timeout, a serialization clash.
+_TRANSIENT = (
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+    psycopg2.errors.SerializationFailure,
+    psycopg2.errors.DeadlockDetected,
+)
+
+CHAT_COLUMNS = (
+    'id, "botInstanceId", "userId", role, content, metadata, "responseTime", "tokensUsed", "createdAt", "updatedAt"'
+)
+
+_LOAD_BOT = """
+SELECT b.id, b.name, b."displayName", b.description, b."isActive", b.model, b."userId",
+  (SELECT row_to_json(u) FROM (SELECT id, email, "firstName", "lastName", role, "isActive"
+                               FROM users WHERE id = %(user)s) u) AS "user",
+  (SELECT coalesce(json_agg(p ORDER BY p."createdAt", p.name), '[]'::json) FROM (
+      SELECT DISTINCT ON (pr.id) pr.id AS "promptId", pr.name, pr."createdAt", pv.content, pv.version, pv.type
+      FROM bot_prompts bp JOIN prompts pr ON pr.id = bp."promptId"
+      JOIN prompt_versions pv ON pv."promptId" = pr.id AND pv."isActive"
+      WHERE bp."botId" = b.id ORDER BY pr.id, pv.version DESC) p) AS prompts,
+  (SELECT coalesce(json_agg(t ORDER BY t."createdAt", t.name), '[]'::json) FROM (
+      SELECT id, name, "displayName", description, type, config, "requiresAuth", "createdAt"
+      FROM bot_tools WHERE "botId" = b.id AND "isActive") t) AS tools
+FROM bots b WHERE b.id = %(bot)s
+"""
+
+
+@dataclass(frozen=True)
+class BotContext:
+    """Everything the pipeline needs about the bot, the user and the conversation."""
+
+    bot: dict[str, Any]
+    user: dict[str, Any]
+    prompts: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    instance_id: str
+    history: list[dict[str, Any]]
+
+
+def _iso(value: Any) -> Any:
+    """Timestamps as the platform's API shows them (UTC, milliseconds, 'Z'); uuids as strings."""
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value.isoformat(timespec="milliseconds") + "Z"
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: _iso(v) for k, v in row.items()}
+
+
+class Store:
+    """Pooled access to the platform database for one process."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._pool = psycopg2.pool.SimpleConnectionPool(
+            0,
+            cfg.db_pool_size,
+            dsn=cfg.database_url,
+            connect_timeout=cfg.db_connect_timeout,
+            application_name="botworker",
+            # Timestamps are written and read in UTC whatever the server's default; a stuck statement is bounded.
+            options=f"-c timezone=UTC -c statement_timeout={int(cfg.db_statement_timeout * 1000)}",
+            keepalives=1,
+            keepalives_idle=30,
+            keepalives_interval=10,
+            keepalives_count=3,
+        )
+
+    def close(self) -> None:
+        self._pool.closeall()
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg2.extras.RealDictCursor]:
+        """One transaction on a pooled connection: commit on success, roll back on error, drop a broken link."""
+        try:
+            conn = self._pool.getconn()
+        except _TRANSIENT as exc:
+            raise TransientError(
+                errors.DATABASE_UNAVAILABLE, f"cannot connect to PostgreSQL: {_one_line(exc)}"
+            ) from exc
+        broken = False
+        try:
+            with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+                yield cur
+        except _TRANSIENT as exc:
+            broken = conn.closed != 0 or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+            raise TransientError(errors.DATABASE_UNAVAILABLE, f"PostgreSQL failed: {_one_line(exc)}") from exc
+        finally:
+            self._pool.putconn(conn, close=broken or conn.closed != 0)
+
+    def ping(self) -> None:
+        """Raise TransientError unless the database answers."""
+        with self.transaction() as cur:
+            cur.execute("SELECT 1")
+
+    # ---- loading -------------------------------------------------------------------------------------------
+
+    def load_context(self, msg: Message) -> BotContext:
+        """Bot (owned by the user, active), its prompts and tools, the instance (found or created) and history."""
+        with self.transaction() as cur:
+            cur.execute(_LOAD_BOT, {"bot": msg.bot_id, "user": msg.user_id})
+            bot = cur.fetchone()
+            if bot is None or str(bot["userId"]) != msg.user_id:
+                # The same answer for "no such bot" and "not yours": ids of other users' bots are not revealed.
+                raise MessageError(errors.BOT_NOT_FOUND, f"bot {msg.bot_id} not found for this user")
+            if bot["user"] is None:
+                raise MessageError(errors.USER_NOT_FOUND, f"user {msg.user_id} not found")
+            if not bot["isActive"]:
+                raise MessageError(errors.BOT_INACTIVE, f"bot {msg.bot_id} is not active")
+            instance_id = self._instance(cur, msg)
+            history = self._history(cur, instance_id, msg.message_id) if self.cfg.history_limit else []
+        bot = dict(bot)
+        return BotContext(
+            bot={k: v for k, v in bot.items() if k not in ("user", "prompts", "tools")},
+            user=bot.pop("user"),
+            prompts=bot.pop("prompts"),
+            tools=bot.pop("tools"),
+            instance_id=instance_id,
+            history=history,
+        )
+
+    def _instance(self, cur: psycopg2.extensions.cursor, msg: Message) -> str:
+        if msg.instance_id:
+            cur.execute('SELECT "botId", "userId" FROM bot_instances WHERE id = %s', (msg.instance_id,))
+            row = cur.fetchone()
+            if row is None or str(row["botId"]) != msg.bot_id or str(row["userId"]) != msg.user_id:
+                raise MessageError(
+                    errors.INSTANCE_NOT_FOUND, f"instance {msg.instance_id} is not an instance of this bot and user"
+                )
+            return msg.instance_id
+        instance_id = str(uuid.uuid5(INSTANCE_NAMESPACE, f"{msg.bot_id}:{msg.user_id}:{msg.message_id}"))
+        cur.execute(
+            """INSERT INTO bot_instances (id, "botId", "userId", status, "lastStartedAt", "createdAt", "updatedAt")
+               VALUES (%s, %s, %s, 'running', now(), now(), now()) ON CONFLICT (id) DO NOTHING""",
+            (instance_id, msg.bot_id, msg.user_id),
+        )
+        return instance_id
+
+    def _history(self, cur: psycopg2.extensions.cursor, instance_id: str, message_id: str) -> list[dict[str, Any]]:
+        # Rows of this very message (a retry after a crash) are not history.
+        cur.execute(
+            """SELECT role, content, "createdAt" FROM chat_messages
+               WHERE "botInstanceId" = %s AND coalesce(metadata->>'messageId', '') <> %s
+               ORDER BY "createdAt" DESC, id DESC LIMIT %s""",
+            (instance_id, message_id, self.cfg.history_limit),
+        )
+        return [dict(r) for r in reversed(cur.fetchall())]
+
+    def find_exchange(self, instance_id: str, message_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The (user row, reply row) an earlier attempt of this message saved, if any."""
+        with self.transaction() as cur:
+            return self._find(cur, instance_id, message_id)
+
+    @staticmethod
+    def _find(
+        cur: psycopg2.extensions.cursor, instance_id: str, message_id: str
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        cur.execute(
+            f"""SELECT {CHAT_COLUMNS} FROM chat_messages
+                WHERE "botInstanceId" = %s AND metadata->>'messageId' = %s ORDER BY "createdAt" """,
+            (instance_id, message_id),
+        )
+        rows = {r["role"]: jsonable(r) for r in cur.fetchall()}
+        if "user" in rows and "bot" in rows:
+            return rows["user"], rows["bot"]
+        return None
+
+    # ---- saving --------------------------------------------------------------------------------------------
+
+    def save_exchange(
+        self,
+        msg: Message,
+        instance_id: str,
+        reply_text: str,
+        reply_at: datetime,
+        tokens_used: int,
+        response_ms: int,
+        user_meta: dict[str, Any],
+        reply_meta: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """Write both rows in one transaction; returns (user row, reply row, created). Idempotent by message id."""
+        with self.transaction() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", ("botworker:" + msg.message_id,))
+            existing = self._find(cur, instance_id, msg.message_id)
+            if existing:
+                return existing[0], existing[1], False
+            cur.execute(
+                f"""INSERT INTO chat_messages (id, "botInstanceId", "userId", role, content, metadata,
+                                               "responseTime", "tokensUsed", "createdAt", "updatedAt")
+                    VALUES (%s, %s, %s, 'user', %s, %s, NULL, NULL, %s, %s),
+                           (%s, %s, %s, 'bot', %s, %s, %s, %s, %s, %s)
+                    RETURNING {CHAT_COLUMNS}""",
+                (
+                    str(uuid.uuid4()),
+                    instance_id,
+                    msg.user_id,
+                    msg.text,
+                    psycopg2.extras.Json(user_meta),
+                    msg.received_at,
+                    msg.received_at,
+                    str(uuid.uuid4()),
+                    instance_id,
+                    msg.user_id,
+                    reply_text,
+                    psycopg2.extras.Json(reply_meta),
+                    response_ms,
+                    tokens_used,
+                    reply_at,
+                    reply_at,
+                ),
+            )
+            rows = {r["role"]: jsonable(r) for r in cur.fetchall()}
+            cur.execute('UPDATE bot_instances SET "updatedAt" = now() WHERE id = %s', (instance_id,))
+        return rows["user"], rows["bot"], True
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__

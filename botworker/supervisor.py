@@ -1,0 +1,372 @@
+"""The supervisor: forks N worker processes and keeps them alive, as gunicorn's arbiter does.
+
+Main loop (one iteration a second, or sooner when a signal arrives)::
+
+    spawn missing workers ─▶ wait on the self-pipe ─▶ handle recorded signals ─▶ reap dead children
+      ─▶ kill workers whose heartbeat is older than WORKER_TIMEOUT ─▶ refresh status keys, recover orphans
+
+- A dead worker's processing list is requeued at once (head of the line), then the worker is respawned, with
+  back-off if it keeps dying. A worker that exits with the boot-failure code (Redis/PostgreSQL unreachable for
+  BOOT_TIMEOUT) stops the whole supervisor with EXIT_BOOT instead of a respawn loop.
+- SIGTERM/SIGINT: warm stop (workers finish their message, bounded by GRACEFUL_TIMEOUT, then exit 0); a second
+  one, or SIGQUIT: cold stop (kill now; the in-flight messages are requeued). SIGHUP: reload the configuration and
+  replace the workers gracefully. SIGTTIN/SIGTTOU: one worker more/fewer.
+- Signal handlers only record the signal; ``set_wakeup_fd`` wakes the loop. Signals are blocked around ``fork`` so
+  a child never runs the supervisor's handlers.
+- ``bot_worker:node:<node>`` (expires after NODE_TTL) says this node is alive; ``bot_worker:status`` (expires after
+  STATUS_TTL) that some fleet is. Any supervisor requeues the processing lists of nodes whose key expired.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+
+from . import errors
+from .config import Config
+from .errors import ConfigError
+from .logs import set_role, setup_logging
+from .queue import NODE_PREFIX, STATUS, processing_key, recover_orphans, requeue_list
+from .worker import Heartbeat, Worker
+
+log = logging.getLogger(__name__)
+
+STATUS_TTL = 30  # seconds `bot_worker:status` outlives the last supervisor refreshing it
+REFRESH_EVERY = 2.0  # status and node keys
+RECOVER_EVERY = 5.0  # orphaned processing lists of dead nodes
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Slot:
+    """One forked worker as the supervisor sees it."""
+
+    wid: int
+    pid: int
+    heartbeat: Heartbeat
+    started: float
+    retiring: bool = False
+    retire_deadline: float = 0.0
+
+
+@dataclass
+class Backoff:
+    """Respawn delay per worker id: grows while a worker keeps dying young, resets once one lives."""
+
+    failures: dict[int, int] = field(default_factory=dict)
+    not_before: dict[int, float] = field(default_factory=dict)
+
+    def died(self, wid: int, lived: float) -> float:
+        n = 0 if lived > 30 else self.failures.get(wid, 0) + 1
+        self.failures[wid] = n
+        delay = 0.0 if n == 0 else min(0.25 * 2 ** (n - 1), 30.0)
+        self.not_before[wid] = time.monotonic() + delay
+        return delay
+
+    def ready(self, wid: int) -> bool:
+        return time.monotonic() >= self.not_before.get(wid, 0.0)
+
+
+class Supervisor:
+    """Forks and watches the workers of one node. ``run()`` returns the process's exit code."""
+
+    def __init__(self, cfg: Config, reload: Callable[[], Config]) -> None:
+        self.cfg = cfg
+        self.reload = reload
+        self.node_id = f"{cfg.node_name.replace(':', '_')}-{os.getpid()}"
+        self.target = cfg.procs
+        self.slots: dict[int, Slot] = {}
+        self.signals: list[int] = []
+        self.state = "running"  # running -> warm -> cold
+        self.deadline = 0.0  # end of the warm stop
+        self.exit_code = errors.EXIT_OK
+        self.backoff = Backoff()
+        self.pending: set[str] = set()  # processing lists of dead workers not yet requeued (Redis was down)
+        self.redis: redis.Redis | None = None
+        self._pipe_r = self._pipe_w = -1
+        self._next_refresh = self._next_recover = 0.0
+        self._redis_failing = False
+
+    # ---- main loop -----------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        set_role("supervisor")
+        self._install_signals()
+        self.redis = redis.Redis.from_url(
+            self.cfg.redis_url, socket_timeout=self.cfg.redis_timeout, socket_connect_timeout=self.cfg.redis_timeout
+        )
+        log.info("supervisor %s starting %d worker(s); config %s", self.node_id, self.target, self.cfg.redacted())
+        self._maintain(force=True)
+        while True:
+            if self.state == "running":
+                self._spawn_missing()
+            self._wait(1.0)
+            self._handle_signals()
+            self._reap()
+            self._murder_hung()
+            self._maintain()
+            if self.state != "running" and not self.slots:
+                break
+            if self.state == "warm" and time.monotonic() > self.deadline:
+                log.warning("graceful timeout: killing %d worker(s) still busy", len(self.slots))
+                self._stop("cold")
+        self._unregister()
+        log.info("supervisor %s stopped (exit %d)", self.node_id, self.exit_code)
+        return self.exit_code
+
+    def _install_signals(self) -> None:
+        self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._pipe_w, warn_on_full_buffer=False)
+        for sig in HANDLED:
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    def _wait(self, timeout: float) -> None:
+        if self.signals:
+            return
+        try:
+            ready, _, _ = select.select([self._pipe_r], [], [], timeout)
+            if ready:
+                while os.read(self._pipe_r, 512):
+                    pass
+        except InterruptedError:
+            pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig == signal.SIGCHLD:
+                continue  # reaping happens every iteration
+            log.info("supervisor received %s", signal.Signals(sig).name)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self._stop("warm" if self.state == "running" else "cold")
+            elif sig == signal.SIGQUIT:
+                self._stop("cold")
+            elif sig == signal.SIGHUP and self.state == "running":
+                self._reload()
+            elif sig == signal.SIGTTIN and self.state == "running":
+                self.target += 1
+                log.info("scaling up to %d worker(s)", self.target)
+            elif sig == signal.SIGTTOU and self.state == "running":
+                self.target = max(1, self.target - 1)
+                log.info("scaling down to %d worker(s)", self.target)
+                for slot in sorted(self._active(), key=lambda s: s.wid)[self.target :]:
+                    self._retire(slot)
+
+    # ---- workers -------------------------------------------------------------------------------------------
+
+    def _active(self) -> list[Slot]:
+        return [s for s in self.slots.values() if not s.retiring]
+
+    def _spawn_missing(self) -> None:
+        used = {s.wid for s in self._active()}
+        for wid in range(self.target):
+            if wid not in used and self.backoff.ready(wid):
+                self._spawn(wid)
+
+    def _spawn(self, wid: int) -> None:
+        heartbeat = Heartbeat()
+        # Block our signals across fork: the child must not run the supervisor's handlers before it installs its own.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        pid = os.fork()
+        if pid == 0:  # the child never returns from here
+            code = errors.EXIT_ERROR
+            try:
+                self._become_worker(wid)
+                code = Worker(self.cfg, wid, self.node_id, heartbeat).run()
+            except BaseException:
+                log.exception("worker %s crashed", wid)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self.slots[pid] = Slot(wid, pid, heartbeat, time.monotonic())
+        log.info("spawned worker %d (pid %d)", wid, pid)
+
+    def _become_worker(self, wid: int) -> None:
+        """Child side of the fork: drop the supervisor's wiring before the worker opens its own."""
+        set_role(f"w{wid}")
+        signal.set_wakeup_fd(-1)
+        os.close(self._pipe_r)
+        os.close(self._pipe_w)
+        for sig in HANDLED:
+            signal.signal(sig, signal.SIG_DFL)
+        self.redis = None  # the supervisor's connection stays unused here; the worker opens its own
+        # Die with the supervisor (a warm stop: the worker finishes its message), even if it is SIGKILLed.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    def _retire(self, slot: Slot) -> None:
+        slot.retiring = True
+        slot.retire_deadline = time.monotonic() + self.cfg.graceful_timeout
+        self._kill(slot.pid, signal.SIGTERM)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = self.slots.pop(pid, None)
+            if slot is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            lived = time.monotonic() - slot.started
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            clean = code == 0 and (slot.retiring or self.state != "running" or self.cfg.max_requests)
+            (log.info if clean else log.warning)("worker %d (pid %d) %s after %.1fs", slot.wid, pid, how, lived)
+            self._requeue(processing_key(self.node_id, slot.wid, pid))
+            if code == errors.EXIT_WORKER_BOOT and self.state == "running":
+                log.error("a worker could not boot (Redis or PostgreSQL unreachable): stopping")
+                self.exit_code = errors.EXIT_BOOT
+                self._stop("warm")
+            elif not slot.retiring and self.state == "running" and not clean:
+                delay = self.backoff.died(slot.wid, lived)
+                if delay:
+                    log.warning("respawning worker %d in %.2fs", slot.wid, delay)
+
+    def _murder_hung(self) -> None:
+        now = time.monotonic()
+        for slot in list(self.slots.values()):
+            if slot.heartbeat.age() > self.cfg.worker_timeout:
+                log.error(
+                    "worker %d (pid %d) silent for %.0fs (busy for %.0fs): killing it",
+                    slot.wid,
+                    slot.pid,
+                    slot.heartbeat.age(),
+                    slot.heartbeat.busy_for,
+                )
+                self._kill(slot.pid, signal.SIGKILL)
+            elif slot.retiring and now > slot.retire_deadline:
+                log.warning("worker %d (pid %d) did not stop in time: killing it", slot.wid, slot.pid)
+                self._kill(slot.pid, signal.SIGKILL)
+
+    def _stop(self, how: str) -> None:
+        if how == "warm" and self.state == "running":
+            self.state, self.deadline = "warm", time.monotonic() + self.cfg.graceful_timeout
+            log.info(
+                "warm stop: %d worker(s) finish their current message (up to %gs)",
+                len(self.slots),
+                self.cfg.graceful_timeout,
+            )
+            for slot in self.slots.values():
+                self._kill(slot.pid, signal.SIGTERM)
+        elif how == "cold" and self.state != "cold":
+            self.state = "cold"
+            log.info("cold stop: killing %d worker(s); their messages are requeued", len(self.slots))
+            for slot in self.slots.values():
+                self._kill(slot.pid, signal.SIGKILL)
+
+    def _reload(self) -> None:
+        try:
+            cfg = self.reload()
+        except ConfigError as exc:
+            log.error("SIGHUP: new configuration is invalid, keeping the old one: %s", exc)
+            return
+        self.cfg = cfg
+        self.target = cfg.procs
+        setup_logging(cfg.log_level)
+        log.info("SIGHUP: configuration reloaded; replacing %d worker(s)", len(self._active()))
+        for slot in self._active():
+            self._retire(slot)
+
+    @staticmethod
+    def _kill(pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+
+    # ---- Redis bookkeeping ---------------------------------------------------------------------------------
+
+    def _requeue(self, processing: str) -> None:
+        self.pending.add(processing)
+        self._drain_pending()
+
+    def _drain_pending(self) -> None:
+        for name in sorted(self.pending):
+            if self._guard(lambda name=name: requeue_list(self.redis, name)) is not None:
+                self.pending.discard(name)
+
+    def _maintain(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now >= self._next_refresh:
+            self._next_refresh = now + REFRESH_EVERY
+            self._guard(self._refresh)
+            self._drain_pending()
+        if force or now >= self._next_recover:
+            self._next_recover = now + RECOVER_EVERY
+            self._guard(lambda: recover_orphans(self.redis))
+
+    def _refresh(self) -> None:
+        node = {
+            "node": self.node_id,
+            "host": self.cfg.node_name,
+            "pid": os.getpid(),
+            "state": self.state,
+            "target": self.target,
+            "updatedAt": time.time(),
+            "workers": [
+                {
+                    "wid": s.wid,
+                    "pid": s.pid,
+                    "processed": s.heartbeat.processed,
+                    "busyFor": round(s.heartbeat.busy_for, 1),
+                    "beatAge": round(s.heartbeat.age(), 1),
+                    "retiring": s.retiring,
+                }
+                for s in sorted(self.slots.values(), key=lambda s: s.wid)
+            ],
+        }
+        status = {"status": "running", "node": self.node_id, "workers": len(self.slots), "updatedAt": time.time()}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(NODE_PREFIX + self.node_id, json.dumps(node), ex=max(1, round(self.cfg.node_ttl)))
+        pipe.set(STATUS, json.dumps(status), ex=STATUS_TTL)
+        pipe.execute()
+
+    def _unregister(self) -> None:
+        """Last words: requeue what is left, drop our node key, and clear the status if no other node is alive."""
+        self._drain_pending()
+        if self.pending:
+            log.error(
+                "could not requeue %s: Redis unavailable; another node recovers them after NODE_TTL",
+                sorted(self.pending),
+            )
+
+        def drop() -> None:
+            self.redis.delete(NODE_PREFIX + self.node_id)
+            if not any(True for _ in self.redis.scan_iter(NODE_PREFIX + "*", count=100)):
+                self.redis.delete(STATUS)
+
+        self._guard(drop)
+
+    def _guard(self, step: Callable[[], object]) -> object | None:
+        """Run a bookkeeping step; a Redis failure is logged once per outage and retried on the next tick."""
+        try:
+            result = step()
+        except redis.RedisError as exc:
+            if not self._redis_failing:
+                log.error("supervisor: Redis unavailable (%s); will keep retrying", exc)
+            self._redis_failing = True
+            return None
+        if self._redis_failing:
+            log.info("supervisor: Redis is back")
+        self._redis_failing = False
+        return True if result is None else result
