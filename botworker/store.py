@@ -23,7 +23,6 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
-import psycopg2.pool
 
 from . import errors
 from .config import Config
@@ -96,28 +95,43 @@ class Store:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._pool = psycopg2.pool.SimpleConnectionPool(
-            0,
-            cfg.db_pool_size,
-            dsn=cfg.database_url,
-            connect_timeout=cfg.db_connect_timeout,
-            application_name="botworker",
+        self._idle: list[psycopg2.extensions.connection] = []
+        self._connect_args: dict[str, Any] = {
+            "dsn": cfg.database_url,
+            "connect_timeout": cfg.db_connect_timeout,
+            "application_name": "botworker",
             # Timestamps are written and read in UTC whatever the server's default; a stuck statement is bounded.
-            options=f"-c timezone=UTC -c statement_timeout={int(cfg.db_statement_timeout * 1000)}",
-            keepalives=1,
-            keepalives_idle=30,
-            keepalives_interval=10,
-            keepalives_count=3,
-        )
+            "options": f"-c timezone=UTC -c statement_timeout={int(cfg.db_statement_timeout * 1000)}",
+            # A silently dead server is noticed in about a minute instead of hanging on TCP.
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+        }
 
     def close(self) -> None:
-        self._pool.closeall()
+        while self._idle:
+            self._idle.pop().close()
+
+    def _getconn(self) -> psycopg2.extensions.connection:
+        """An idle pooled connection, or a new one. (Single-threaded process: a plain list is the pool.)"""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+        return psycopg2.connect(**self._connect_args)
+
+    def _putconn(self, conn: psycopg2.extensions.connection, broken: bool) -> None:
+        if broken or conn.closed or len(self._idle) >= self.cfg.db_pool_size:
+            conn.close()
+        else:
+            self._idle.append(conn)
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg2.extras.RealDictCursor]:
         """One transaction on a pooled connection: commit on success, roll back on error, drop a broken link."""
         try:
-            conn = self._pool.getconn()
+            conn = self._getconn()
         except _TRANSIENT as exc:
             raise TransientError(
                 errors.DATABASE_UNAVAILABLE, f"cannot connect to PostgreSQL: {_one_line(exc)}"
@@ -130,7 +144,7 @@ class Store:
             broken = conn.closed != 0 or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
             raise TransientError(errors.DATABASE_UNAVAILABLE, f"PostgreSQL failed: {_one_line(exc)}") from exc
         finally:
-            self._pool.putconn(conn, close=broken or conn.closed != 0)
+            self._putconn(conn, broken)
 
     def ping(self) -> None:
         """Raise TransientError unless the database answers."""

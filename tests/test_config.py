@@ -1,0 +1,89 @@
+"""Configuration: precedence (defaults < .env < environment < flags), seed variable names, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from botworker.config import SETTINGS, load_config, redact_url
+from botworker.errors import ConfigError
+
+
+def test_defaults_build_urls_from_seed_variables() -> None:
+    cfg = load_config(environ={}, env_file=None)
+    assert cfg.redis_url == "redis://localhost:6379/0"
+    assert cfg.database_url == "postgresql://postgres@localhost:5432/botplatform"
+    assert cfg.procs == 2 and cfg.max_attempts == 3 and cfg.max_message_bytes == 16384 and cfg.history_limit == 10
+
+
+def test_seed_variable_names_work_and_passwords_are_quoted() -> None:
+    env = {
+        "DB_HOST": "db.internal",
+        "DB_PORT": "6543",
+        "DB_USER": "bot",
+        "DB_PASSWORD": "p@ss:w/rd",
+        "DB_NAME": "platform",
+        "REDIS_HOST": "cache",
+        "REDIS_PORT": "6380",
+        "REDIS_PASSWORD": "s3cr@t",
+        "REDIS_DB": "4",
+        "GEMINI_KEY": "k",
+    }
+    cfg = load_config(environ=env, env_file=None)
+    assert cfg.database_url == "postgresql://bot:p%40ss%3Aw%2Frd@db.internal:6543/platform"
+    assert cfg.redis_url == "redis://:s3cr%40t@cache:6380/4"
+    assert cfg.gemini_key == "k"
+    assert "s3cr" not in str(cfg.redacted()) and "p%40ss" not in str(cfg.redacted())
+
+
+def test_full_urls_win_over_parts() -> None:
+    env = {"REDIS_URL": "redis://r:1/2", "REDIS_HOST": "ignored", "DATABASE_URL": "postgresql://u@h/d", "DB_HOST": "x"}
+    cfg = load_config(environ=env, env_file=None)
+    assert (cfg.redis_url, cfg.database_url) == ("redis://r:1/2", "postgresql://u@h/d")
+
+
+def test_precedence_defaults_dotenv_environment_flags(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("WORKER_PROCS=3\nMAX_ATTEMPTS=7\nHISTORY_LIMIT=4\n")
+    cfg = load_config(environ={"MAX_ATTEMPTS": "5"}, env_file=env_file)
+    assert (cfg.procs, cfg.max_attempts, cfg.history_limit) == (3, 5, 4)
+    assert cfg.sources["procs"].startswith("file") and cfg.sources["max_attempts"] == "environment"
+    cfg = load_config({"procs": 9}, environ={"WORKER_PROCS": "5"}, env_file=env_file)
+    assert cfg.procs == 9 and cfg.sources["procs"] == "command line"
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("WORKER_PROCS", "abc"),
+        ("WORKER_PROCS", "0"),
+        ("MAX_ATTEMPTS", "-1"),
+        ("REDIS_PORT", "70000"),
+        ("REDIS_URL", "http://x"),
+        ("DATABASE_URL", "mysql://x"),
+        ("LOG_LEVEL", "LOUD"),
+        ("POP_TIMEOUT", "nan"),
+    ],
+)
+def test_invalid_value_names_the_variable(var: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(environ={var: value}, env_file=None)
+    assert var in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config(environ={}, env_file=None)
+    with pytest.raises(AttributeError):
+        cfg.procs = 5  # type: ignore[misc]
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [s.env for s in SETTINGS.values() if f"`{s.env}`" not in readme]
+    assert not missing, f"README lacks {missing}"
+
+
+def test_redact_url() -> None:
+    assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert redact_url("postgresql://u@h/d") == "postgresql://u@h/d"
