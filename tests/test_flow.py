@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterator
 import psycopg2.extras
 import pytest
 import redis
+from conftest import Bot, events, push, query, wait_for
 
 from botworker import errors
 from botworker.config import Config
@@ -16,7 +18,6 @@ from botworker.message import Message
 from botworker.pipeline import utcnow
 from botworker.queue import ATTEMPTS, DEAD, ERRORS, MESSAGES, RESPONSES, STATS, requeue_list
 from botworker.worker import Heartbeat, Worker
-from conftest import Bot, events, push, query, wait_for
 
 ROW_COLUMNS = {
     "id", "botInstanceId", "userId", "role", "content", "metadata", "responseTime", "tokensUsed", "createdAt", "updatedAt",
@@ -87,8 +88,8 @@ def test_conversation_continues_on_the_same_instance_with_history(make_worker, r
     msg = Message(bot.bot_id, bot.user_id, "next", "m-next", instance, utcnow())
     history = worker.store.load_context(msg).history
     assert len(history) == 10  # HISTORY_LIMIT, oldest first
-    assert [h["content"] for h in history[-2:]][0] == "message 5" and history[-1]["role"] == "bot"
-    assert all(a["createdAt"] <= b["createdAt"] for a, b in zip(history, history[1:], strict=False))
+    assert history[-2]["content"] == "message 5" and history[-1]["role"] == "bot"
+    assert all(a["createdAt"] <= b["createdAt"] for a, b in itertools.pairwise(history))
 
 
 @pytest.mark.parametrize(
@@ -103,7 +104,6 @@ def test_conversation_continues_on_the_same_instance_with_history(make_worker, r
 )
 def test_rejected_messages_end_in_one_error_event(make_worker, r, db, bot: Bot, change: str, code: str) -> None:
     from botworker.demo import seed
-    from conftest import Servers  # noqa: F401  (documents where the dsn comes from)
 
     worker = make_worker()
     payload = bot.message("list my models")
