@@ -62,10 +62,9 @@ class Pipeline:
 
     def handle(self, msg: Message) -> Outcome:
         ctx = self.store.load_context(msg)
-        saved = self.store.find_exchange(ctx.instance_id, msg.message_id)
-        if saved is not None:
+        if ctx.saved is not None:
             log.info("message %s was already saved by an earlier attempt: replaying its reply", msg.message_id)
-            return _outcome(ctx.instance_id, *saved, replayed=True)
+            return _outcome(ctx.instance_id, *ctx.saved, replayed=True)
 
         calls = detect(msg.text, ctx.tools)
         tool_ctx = ToolContext(msg.user_id, ctx.bot, ctx.tools, self.store, self.cfg)

@@ -58,7 +58,9 @@ SELECT b.id, b.name, b."displayName", b.description, b."isActive", b.model, b."u
       WHERE bp."botId" = b.id ORDER BY pr.id, pv.version DESC) p) AS prompts,
   (SELECT coalesce(json_agg(t ORDER BY t."createdAt", t.name), '[]'::json) FROM (
       SELECT id, name, "displayName", description, type, config, "requiresAuth", "createdAt"
-      FROM bot_tools WHERE "botId" = b.id AND "isActive") t) AS tools
+      FROM bot_tools WHERE "botId" = b.id AND "isActive") t) AS tools,
+  (SELECT json_build_object('botId', i."botId", 'userId', i."userId")
+   FROM bot_instances i WHERE i.id = %(instance)s) AS instance
 FROM bots b WHERE b.id = %(bot)s
 """
 
@@ -73,6 +75,7 @@ class BotContext:
     tools: list[dict[str, Any]]
     instance_id: str
     history: list[dict[str, Any]]
+    saved: tuple[dict[str, Any], dict[str, Any]] | None  # this message's rows, if an earlier attempt saved them
 
 
 def _iso(value: Any) -> Any:
@@ -128,10 +131,15 @@ class Store:
             self._idle.append(conn)
 
     @contextmanager
-    def transaction(self) -> Iterator[psycopg2.extras.RealDictCursor]:
-        """One transaction on a pooled connection: commit on success, roll back on error, drop a broken link."""
+    def transaction(self, write: bool = True) -> Iterator[psycopg2.extras.RealDictCursor]:
+        """A pooled connection: one transaction when ``write``, else autocommit (reads skip BEGIN/COMMIT trips).
+
+        A transient failure (server gone, timeout, serialization clash) becomes ``TransientError``; a connection
+        that failed is closed, never reused.
+        """
         try:
             conn = self._getconn()
+            conn.autocommit = not write
         except _TRANSIENT as exc:
             raise TransientError(
                 errors.DATABASE_UNAVAILABLE, f"cannot connect to PostgreSQL: {_one_line(exc)}"
@@ -148,40 +156,37 @@ class Store:
 
     def ping(self) -> None:
         """Raise TransientError unless the database answers."""
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute("SELECT 1")
 
     # ---- loading -------------------------------------------------------------------------------------------
 
     def load_context(self, msg: Message) -> BotContext:
-        """Bot (owned by the user, active), its prompts and tools, the instance (found or created) and history."""
-        with self.transaction() as cur:
-            cur.execute(_LOAD_BOT, {"bot": msg.bot_id, "user": msg.user_id})
-            bot = cur.fetchone()
-            if bot is None or str(bot["userId"]) != msg.user_id:
+        """Bot (owned by the user, active), prompts, tools, instance (found or created), history, earlier save.
+
+        Two or three round trips in autocommit: every statement stands alone (the instance insert is idempotent).
+        """
+        with self.transaction(write=False) as cur:
+            cur.execute(_LOAD_BOT, {"bot": msg.bot_id, "user": msg.user_id, "instance": msg.instance_id})
+            row = cur.fetchone()
+            if row is None or str(row["userId"]) != msg.user_id:
                 # The same answer for "no such bot" and "not yours": ids of other users' bots are not revealed.
                 raise MessageError(errors.BOT_NOT_FOUND, f"bot {msg.bot_id} not found for this user")
-            if bot["user"] is None:
+            if row["user"] is None:
                 raise MessageError(errors.USER_NOT_FOUND, f"user {msg.user_id} not found")
-            if not bot["isActive"]:
+            if not row["isActive"]:
                 raise MessageError(errors.BOT_INACTIVE, f"bot {msg.bot_id} is not active")
-            instance_id = self._instance(cur, msg)
-            history = self._history(cur, instance_id, msg.message_id) if self.cfg.history_limit else []
-        bot = dict(bot)
-        return BotContext(
-            bot={k: v for k, v in bot.items() if k not in ("user", "prompts", "tools")},
-            user=bot.pop("user"),
-            prompts=bot.pop("prompts"),
-            tools=bot.pop("tools"),
-            instance_id=instance_id,
-            history=history,
-        )
+            instance_id = self._instance(cur, msg, row["instance"])
+            history, saved = self._conversation(cur, instance_id, msg.message_id)
+        row = dict(row)
+        user, prompts, tools = row.pop("user"), row.pop("prompts"), row.pop("tools")
+        row.pop("instance")
+        return BotContext(row, user, prompts, tools, instance_id, history, saved)
 
-    def _instance(self, cur: psycopg2.extensions.cursor, msg: Message) -> str:
+    @staticmethod
+    def _instance(cur: psycopg2.extensions.cursor, msg: Message, found: dict[str, Any] | None) -> str:
         if msg.instance_id:
-            cur.execute('SELECT "botId", "userId" FROM bot_instances WHERE id = %s', (msg.instance_id,))
-            row = cur.fetchone()
-            if row is None or str(row["botId"]) != msg.bot_id or str(row["userId"]) != msg.user_id:
+            if found is None or found["botId"] != msg.bot_id or found["userId"] != msg.user_id:
                 raise MessageError(
                     errors.INSTANCE_NOT_FOUND, f"instance {msg.instance_id} is not an instance of this bot and user"
                 )
@@ -194,34 +199,23 @@ class Store:
         )
         return instance_id
 
-    def _history(self, cur: psycopg2.extensions.cursor, instance_id: str, message_id: str) -> list[dict[str, Any]]:
-        # Rows of this very message (a retry after a crash) are not history.
+    def _conversation(self, cur: psycopg2.extensions.cursor, instance_id: str, message_id: str) -> tuple[list, Any]:
+        """The last HISTORY_LIMIT messages (oldest first, this message's own rows excluded), and this message's own
+        rows if an earlier attempt saved them: one query."""
         cur.execute(
-            """SELECT role, content, "createdAt" FROM chat_messages
-               WHERE "botInstanceId" = %s AND coalesce(metadata->>'messageId', '') <> %s
-               ORDER BY "createdAt" DESC, id DESC LIMIT %s""",
-            (instance_id, message_id, self.cfg.history_limit),
+            f"""(SELECT false AS own, {CHAT_COLUMNS} FROM chat_messages
+                 WHERE "botInstanceId" = %(instance)s AND coalesce(metadata->>'messageId', '') <> %(mid)s
+                 ORDER BY "createdAt" DESC, id DESC LIMIT %(limit)s)
+                UNION ALL
+                (SELECT true AS own, {CHAT_COLUMNS} FROM chat_messages
+                 WHERE "botInstanceId" = %(instance)s AND metadata->>'messageId' = %(mid)s)""",
+            {"instance": instance_id, "mid": message_id, "limit": self.cfg.history_limit},
         )
-        return [dict(r) for r in reversed(cur.fetchall())]
-
-    def find_exchange(self, instance_id: str, message_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """The (user row, reply row) an earlier attempt of this message saved, if any."""
-        with self.transaction() as cur:
-            return self._find(cur, instance_id, message_id)
-
-    @staticmethod
-    def _find(
-        cur: psycopg2.extensions.cursor, instance_id: str, message_id: str
-    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        cur.execute(
-            f"""SELECT {CHAT_COLUMNS} FROM chat_messages
-                WHERE "botInstanceId" = %s AND metadata->>'messageId' = %s ORDER BY "createdAt" """,
-            (instance_id, message_id),
-        )
-        rows = {r["role"]: jsonable(r) for r in cur.fetchall()}
-        if "user" in rows and "bot" in rows:
-            return rows["user"], rows["bot"]
-        return None
+        rows = cur.fetchall()
+        history = [
+            {"role": r["role"], "content": r["content"], "createdAt": r["createdAt"]} for r in rows if not r["own"]
+        ]
+        return history[::-1], _pair([r for r in rows if r["own"]])
 
     # ---- saving --------------------------------------------------------------------------------------------
 
@@ -236,40 +230,47 @@ class Store:
         user_meta: dict[str, Any],
         reply_meta: dict[str, Any],
     ) -> tuple[dict[str, Any], dict[str, Any], bool]:
-        """Write both rows in one transaction; returns (user row, reply row, created). Idempotent by message id."""
+        """Write both rows in one transaction; returns (user row, reply row, created). Idempotent by message id.
+
+        The advisory lock serialises two attempts of the same message (say, a worker presumed dead that is still
+        finishing); the second one finds the first one's rows and returns them.
+        """
         with self.transaction() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", ("botworker:" + msg.message_id,))
-            existing = self._find(cur, instance_id, msg.message_id)
+            # Two statements, one round trip: lock, then look for an earlier save.
+            cur.execute(
+                f"""SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0));
+                    SELECT {CHAT_COLUMNS} FROM chat_messages
+                    WHERE "botInstanceId" = %(instance)s AND metadata->>'messageId' = %(mid)s""",
+                {"key": "botworker:" + msg.message_id, "instance": instance_id, "mid": msg.message_id},
+            )
+            existing = _pair(cur.fetchall())
             if existing:
                 return existing[0], existing[1], False
             cur.execute(
-                f"""INSERT INTO chat_messages (id, "botInstanceId", "userId", role, content, metadata,
+                f"""UPDATE bot_instances SET "updatedAt" = now() WHERE id = %s;
+                    INSERT INTO chat_messages (id, "botInstanceId", "userId", role, content, metadata,
                                                "responseTime", "tokensUsed", "createdAt", "updatedAt")
                     VALUES (%s, %s, %s, 'user', %s, %s, NULL, NULL, %s, %s),
                            (%s, %s, %s, 'bot', %s, %s, %s, %s, %s, %s)
                     RETURNING {CHAT_COLUMNS}""",
                 (
-                    str(uuid.uuid4()),
                     instance_id,
-                    msg.user_id,
-                    msg.text,
-                    psycopg2.extras.Json(user_meta),
-                    msg.received_at,
-                    msg.received_at,
-                    str(uuid.uuid4()),
-                    instance_id,
-                    msg.user_id,
-                    reply_text,
-                    psycopg2.extras.Json(reply_meta),
-                    response_ms,
-                    tokens_used,
-                    reply_at,
-                    reply_at,
+                    str(uuid.uuid4()), instance_id, msg.user_id, msg.text, psycopg2.extras.Json(user_meta),
+                    msg.received_at, msg.received_at,
+                    str(uuid.uuid4()), instance_id, msg.user_id, reply_text, psycopg2.extras.Json(reply_meta),
+                    response_ms, tokens_used, reply_at, reply_at,
                 ),
-            )
-            rows = {r["role"]: jsonable(r) for r in cur.fetchall()}
-            cur.execute('UPDATE bot_instances SET "updatedAt" = now() WHERE id = %s', (instance_id,))
-        return rows["user"], rows["bot"], True
+            )  # fmt: skip
+            user_row, bot_row = _pair(cur.fetchall()) or ({}, {})
+        return user_row, bot_row, True
+
+
+def _pair(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(user row, reply row) as JSON-ready dicts, if both are there."""
+    by_role = {r["role"]: jsonable({k: v for k, v in r.items() if k != "own"}) for r in rows}
+    if "user" in by_role and "bot" in by_role:
+        return by_role["user"], by_role["bot"]
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
