@@ -102,8 +102,12 @@ def peek_ids(payload: Any, message_id: str) -> Ids:
     return Ids(message_id, text("botId"), text("userId"), text("instanceId"))
 
 
-def decode(raw: bytes | str) -> dict[str, Any]:
-    """Bytes from the queue -> a JSON object, or MessageError(invalid_json)."""
+def decode(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
+    """Bytes from the queue -> a JSON object, or MessageError(invalid_json / message_too_long)."""
+    # A payload far larger than any valid message (JSON escapes take up to 6 bytes a character, plus the other
+    # fields) is refused before parsing, so a huge push cannot balloon a worker's memory.
+    if len(raw) > 6 * max_bytes + 4096:
+        raise MessageError(errors.MESSAGE_TOO_LONG, f"payload is {len(raw)} bytes; messages are limited to {max_bytes}")
     try:
         payload = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

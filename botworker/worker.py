@@ -182,7 +182,7 @@ class Worker:
         """The message boundary: one popped payload in, one settled message out."""
         received = utcnow()
         try:
-            payload = decode(raw)
+            payload = decode(raw, self.cfg.max_message_bytes)
         except MessageError as exc:
             mid = str(uuid.uuid4())
             log.error("❌ Error processing message %s: %s", mid, exc.error)

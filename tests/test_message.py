@@ -36,7 +36,7 @@ def test_valid_message() -> None:
 )
 def test_decode_rejects_non_objects(raw: str | bytes, code: str) -> None:
     with pytest.raises(MessageError) as err:
-        decode(raw)
+        decode(raw, 16)
     assert err.value.code == code
 
 
@@ -65,8 +65,14 @@ def test_invalid_messages(payload: dict, code: str) -> None:
     assert err.value.code == code and err.value.error
 
 
+def test_huge_payload_is_refused_before_parsing() -> None:
+    with pytest.raises(MessageError) as err:
+        decode(json.dumps({"message": "x" * 10_000}), 16)
+    assert err.value.code == errors.MESSAGE_TOO_LONG
+
+
 def test_lone_surrogate_from_json_is_rejected_not_crashed() -> None:
-    payload = decode(json.dumps({"botId": BOT, "userId": USER, "message": "\ud800"}))
+    payload = decode(json.dumps({"botId": BOT, "userId": USER, "message": "\ud800"}), 16)
     with pytest.raises(MessageError):
         parse(payload)
 
