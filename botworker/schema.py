@@ -27,7 +27,9 @@ _ENUMS = {
 }
 
 _STAMPS = '"createdAt" timestamp NOT NULL DEFAULT now(), "updatedAt" timestamp NOT NULL DEFAULT now()'
-_ID = "id uuid PRIMARY KEY DEFAULT uuid_generate_v4()"
+# The platform uses uuid-ossp's uuid_generate_v4(); where that extension is not installed (the PyPI PostgreSQL
+# build lacks it) the built-in gen_random_uuid() gives the same kind of id.
+_ID = "id uuid PRIMARY KEY DEFAULT {uuid}()"
 
 _TABLES = [
     f"""users ({_ID}, email varchar NOT NULL UNIQUE, password varchar NOT NULL DEFAULT '', "firstName" varchar,
@@ -79,7 +81,13 @@ def migrate(dsn: str) -> list[str]:
         with conn, conn.cursor() as cur:
             # Serialise concurrent `migrate` runs (tests start several) on one database.
             cur.execute("SELECT pg_advisory_xact_lock(hashtext('botworker:migrate'))")
-            cur.execute('CREATE EXTENSION IF NOT EXISTS "uuid-ossp"')
+            cur.execute("SAVEPOINT ext")
+            try:
+                cur.execute('CREATE EXTENSION IF NOT EXISTS "uuid-ossp"')
+                uuid_default = "uuid_generate_v4"
+            except psycopg2.Error:
+                cur.execute("ROLLBACK TO SAVEPOINT ext")
+                uuid_default = "gen_random_uuid"
             for name, labels in _ENUMS.items():
                 cur.execute("SELECT 1 FROM pg_type WHERE typname = %s", (name,))
                 if cur.fetchone() is None:
@@ -88,7 +96,7 @@ def migrate(dsn: str) -> list[str]:
                 table = ddl.split(" ", 1)[0]
                 cur.execute("SELECT to_regclass(%s)", (f"public.{table}",))
                 if cur.fetchone()[0] is None:
-                    cur.execute(f"CREATE TABLE {ddl}")
+                    cur.execute(f"CREATE TABLE {ddl}".replace("{uuid}", uuid_default))
                     created.append(table)
             for ddl in _INDEXES:
                 index = ddl.split(" ", 1)[0]
