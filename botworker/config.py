@@ -206,6 +206,12 @@ def load_config(
         if value is not None:
             values[name], sources[name] = value, "command line"
 
+    if values["worker_timeout"] <= values["pop_timeout"] + 1:
+        # An idle worker beats once per BLMOVE wait; a shorter timeout would kill idle workers in a loop.
+        raise ConfigError(
+            f"WORKER_TIMEOUT={values['worker_timeout']:g} (from {sources['worker_timeout']}) is invalid: it must be "
+            f"longer than POP_TIMEOUT + 1 = {values['pop_timeout'] + 1:g} seconds"
+        )
     return Config(
         redis_url=values["redis_url"] or _redis_url(values),
         database_url=values["database_url"] or _database_url(values),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -146,7 +146,8 @@ class Store:
             ) from exc
         broken = False
         try:
-            with conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            # `with conn` would open a transaction even in autocommit mode (psycopg2 >= 2.9): only for writes.
+            with conn if write else nullcontext(), conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
                 yield cur
         except _TRANSIENT as exc:
             broken = conn.closed != 0 or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))

@@ -72,6 +72,12 @@ def test_invalid_value_names_the_variable(var: str, value: str) -> None:
     assert var in str(err.value) and "\n" not in str(err.value)
 
 
+def test_worker_timeout_must_outlast_an_idle_wait() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(environ={"POP_TIMEOUT": "3", "WORKER_TIMEOUT": "2"}, env_file=None)
+    assert "WORKER_TIMEOUT" in str(err.value) and "POP_TIMEOUT" in str(err.value)
+
+
 def test_config_is_frozen() -> None:
     cfg = load_config(environ={}, env_file=None)
     with pytest.raises(AttributeError):
