@@ -58,6 +58,7 @@ class Slot:
     started: float
     retiring: bool = False
     retire_deadline: float = 0.0
+    killed: bool = False
 
 
 @dataclass
@@ -244,6 +245,8 @@ class Supervisor:
     def _murder_hung(self) -> None:
         now = time.monotonic()
         for slot in list(self.slots.values()):
+            if slot.killed:
+                continue  # already sent SIGKILL; waiting to reap it
             if slot.heartbeat.age() > self.cfg.worker_timeout:
                 log.error(
                     "worker %d (pid %d) silent for %.0fs (busy for %.0fs): killing it",
@@ -253,9 +256,11 @@ class Supervisor:
                     slot.heartbeat.busy_for,
                 )
                 self._kill(slot.pid, signal.SIGKILL)
+                slot.killed = True
             elif slot.retiring and now > slot.retire_deadline:
                 log.warning("worker %d (pid %d) did not stop in time: killing it", slot.wid, slot.pid)
                 self._kill(slot.pid, signal.SIGKILL)
+                slot.killed = True
 
     def _stop(self, how: str) -> None:
         if how == "warm" and self.state == "running":

@@ -188,14 +188,15 @@ def start_fleet(servers: Servers, r: redis.Redis, tmp_path: Path) -> Iterator[Ca
             **env,
             "PYTHONPATH": str(ROOT),
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "botworker", "run", "--procs", str(procs), "--env-file", "", *args],
-            env=full_env,
-            stdout=subprocess.DEVNULL,
-            stderr=log_path.open("w"),
-            text=True,
-            cwd=str(ROOT),
-        )
+        with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "botworker", "run", "--procs", str(procs), "--env-file", "", *args],
+                env=full_env,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                text=True,
+                cwd=str(ROOT),
+            )
         fleet = Fleet(proc, r, log_path)
         started.append(fleet)
         if wait:

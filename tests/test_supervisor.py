@@ -1,0 +1,603 @@
+"""Process-level tests of the supervisor: real `python -m botworker` processes against real Redis and PostgreSQL.
+
+Each test drives the fleet from the outside only (signals, Redis keys, the CLI, the log) and checks what the
+platform can observe: events on `bot_responses`/`bot_errors`, rows in `chat_messages`, and the queue's lists.
+A worker is held mid-message by holding the PostgreSQL advisory lock it takes before saving (`advisory_lock`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg2.extensions
+import pytest
+import redis
+from conftest import FAST, ROOT, Bot, Fleet, Servers, advisory_lock, events, push, query, wait_for
+
+from botworker import errors
+from botworker.queue import ERRORS, MESSAGES, NODE_PREFIX, PROCESSING_PREFIX, PROCESSING_SET, RESPONSES, STATUS
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+
+
+def process_env(servers: Servers, **env: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "REDIS_URL": servers.redis_url,
+        "DATABASE_URL": servers.database_url,
+        **FAST,
+        **env,
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def cli(servers: Servers, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m botworker <args>` to completion (no .env file), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "botworker", *args, "--env-file", ""],
+        env=process_env(servers, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(ROOT),
+    )
+
+
+def in_flight(r: redis.Redis, mid: str) -> tuple[str, int] | None:
+    """(processing list, worker pid) of the worker currently holding the message with this id, if any."""
+    for name in r.scan_iter(PROCESSING_PREFIX + "*"):
+        if any(mid in raw for raw in r.lrange(name, 0, -1)):
+            return name, int(name.rsplit(":", 1)[1])
+    return None
+
+
+def answers(r: redis.Redis, mid: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(bot_responses events, bot_errors events) carrying this message id."""
+    return (
+        [e for e in events(r, RESPONSES) if e["messageId"] == mid],
+        [e for e in events(r, ERRORS) if e["messageId"] == mid],
+    )
+
+
+def answered(r: redis.Redis, mid: str) -> bool:
+    responses, errs = answers(r, mid)
+    return bool(responses or errs)
+
+
+def queued_ids(r: redis.Redis) -> list[str | None]:
+    """messageIds waiting in bot_messages, head of the line (next to be taken) first."""
+    return [json.loads(raw).get("messageId") for raw in reversed(r.lrange(MESSAGES, 0, -1))]
+
+
+def chat_rows(db: psycopg2.extensions.connection, mid: str) -> list[dict[str, Any]]:
+    return query(db, """SELECT role, content FROM chat_messages WHERE metadata->>'messageId' = %s""", mid)
+
+
+def processing_leftovers(r: redis.Redis) -> tuple[list[str], set[str]]:
+    """Processing lists still in Redis, and names still registered in bot_worker:processing."""
+    return sorted(r.scan_iter(PROCESSING_PREFIX + "*")), r.smembers(PROCESSING_SET)
+
+
+def hold_worker(r: redis.Redis, mid: str) -> tuple[str, int]:
+    """Wait until a worker has popped this message (and is blocked on its lock): its processing list and pid."""
+    return wait_for(lambda: in_flight(r, mid), 20, f"a worker to take message {mid}")
+
+
+def is_dead(pid: int) -> bool:
+    """The process is gone or a zombie (not reaped yet): either way it runs no more code."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on (bound, read and closed again)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def spawn(servers: Servers, r: redis.Redis, tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
+    """Start any command line as a fleet (stderr to a log file); stopped (SIGQUIT, then SIGKILL) at teardown."""
+    started: list[Fleet] = []
+
+    def start(argv: list[str], **env: str) -> Fleet:
+        log_path = tmp_path / f"spawned-{len(started)}.log"
+        with log_path.open("w") as log_file:
+            proc = subprocess.Popen(
+                argv,
+                env=process_env(servers, **env),
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                text=True,
+                cwd=str(ROOT),
+            )
+        fleet = Fleet(proc, r, log_path)
+        started.append(fleet)
+        return fleet
+
+    yield start
+    for fleet in started:
+        if fleet.proc.poll() is None:
+            fleet.proc.send_signal(signal.SIGQUIT)
+            try:
+                fleet.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                fleet.proc.kill()
+                fleet.proc.wait()
+
+
+# ---- life cycle and status ---------------------------------------------------------------------------------
+
+
+def test_fleet_boots_reports_status_and_unregisters_on_stop(
+    r: redis.Redis, servers: Servers, start_fleet: Callable[..., Fleet]
+) -> None:
+    """A 2-worker fleet publishes a short-lived status key and a node key, `botworker status` exits 0 and shows
+    2 workers; after SIGTERM the supervisor exits 0, its node key and the status key are gone and `status` exits 5."""
+    fleet = start_fleet(2)
+    node = fleet.node()
+    assert node is not None and len(node["workers"]) == 2 and node["state"] == "running"
+    assert r.exists(STATUS)
+    assert 0 < r.ttl(STATUS) <= 30
+
+    status = cli(servers, "status")
+    assert status.returncode == errors.EXIT_OK, status.stderr
+    assert "fleet: alive" in status.stdout
+    assert "2/2 workers" in status.stdout, status.stdout
+    assert sum(line.lstrip().startswith("worker ") for line in status.stdout.splitlines()) == 2, status.stdout
+
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait() == errors.EXIT_OK, fleet.log()
+    assert not r.exists(NODE_PREFIX + node["node"])
+    assert not r.exists(STATUS)
+    after = cli(servers, "status")
+    assert after.returncode == errors.EXIT_NO_WORKERS, after.stdout + after.stderr
+    assert "NOT RUNNING" in after.stdout
+
+
+# ---- dying workers -----------------------------------------------------------------------------------------
+
+
+def test_sigkilled_worker_message_is_requeued_at_head_and_answered_once(
+    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    """A worker SIGKILLed mid-message: the supervisor logs the death, puts the message back at the head of the line
+    (ahead of messages that were queued behind it), respawns a worker with a new pid, and once the message can
+    proceed it is answered exactly once, with exactly its 2 rows. One worker, so the line order is observable."""
+    fleet = start_fleet(1)
+    first = bot.message("list my models")
+    behind = [bot.message(f"hello {i}") for i in range(2)]
+    mid = first["messageId"]
+    with advisory_lock(db, mid):
+        push(r, first)
+        _, pid = hold_worker(r, mid)
+        for msg in behind:
+            push(r, msg)
+        assert queued_ids(r) == [m["messageId"] for m in behind]
+
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: f"(pid {pid}) killed by SIGKILL" in fleet.log(), 10, "the supervisor to log the death")
+        # The respawned worker takes the requeued message first: it went back to the head of the line.
+        _, new_pid = wait_for(
+            lambda: (held := in_flight(r, mid)) and held[1] != pid and held, 20, "a new worker to take the message"
+        )
+        assert new_pid != pid
+        assert fleet.wait_workers(1) == [new_pid]
+        assert queued_ids(r) == [m["messageId"] for m in behind]
+        assert not answered(r, mid)
+    assert "requeued 1 in-flight message(s)" in fleet.log()
+
+    ids = [mid] + [m["messageId"] for m in behind]
+    wait_for(lambda: all(answered(r, i) for i in ids), 20, "all three answers")
+    responses, errs = answers(r, mid)
+    assert len(responses) == 1 and errs == []
+    assert [e["messageId"] for e in events(r, RESPONSES)] == ids  # the requeued message was answered first
+    assert sorted(row["role"] for row in chat_rows(db, mid)) == ["bot", "user"]
+    assert "churn" in responses[0]["botResponse"]["content"]
+
+
+@pytest.mark.parametrize("with_id", [True, False], ids=["messageId", "no-messageId"])
+def test_worker_killed_between_commit_and_ack_is_replayed_once(
+    r: redis.Redis,
+    db: psycopg2.extensions.connection,
+    bot: Bot,
+    servers: Servers,
+    start_fleet: Callable[..., Fleet],
+    with_id: bool,
+) -> None:
+    """A worker SIGKILLed after its rows are committed but before the ack reaches Redis: the retry finds the saved
+    rows and replays them, so the message still has exactly 2 rows and one bot_responses event carrying them.
+    Without a producer messageId, the id the first attempt assigned must survive the crash (else: new rows).
+
+    The worker is frozen before the INSERT by a table lock, then Redis writes are paused (CLIENT PAUSE WRITE)
+    while the lock is released: the commit goes through, the ack cannot."""
+    fleet = start_fleet(2)
+    text = f"list my models ({uuid.uuid4().hex})"
+    msg = bot.message(text)
+    if not with_id:
+        del msg["messageId"]
+    blocker = psycopg2.connect(servers.database_url)
+    paused = False
+    try:
+        with blocker.cursor() as cur:
+            cur.execute("LOCK TABLE chat_messages IN EXCLUSIVE MODE")
+        push(r, msg)
+        _, pid = hold_worker(r, text)
+        wait_for(
+            lambda: query(db, "SELECT 1 FROM pg_locks WHERE relation = 'chat_messages'::regclass AND NOT granted"),
+            20,
+            "the worker to wait for the table lock (it is about to write its rows)",
+        )
+        copy = next(json.loads(raw) for name in [in_flight(r, text)[0]] for raw in r.lrange(name, 0, -1))
+        mid = copy["messageId"]
+        assert mid and (not with_id or mid == msg["messageId"])
+
+        r.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+        paused = True
+        blocker.commit()  # the worker inserts and commits, then blocks on the paused ack
+        wait_for(lambda: len(chat_rows(db, mid)) == 2, 20, "the first attempt's commit")
+        saved = {
+            row["role"]: row for row in query(db, "SELECT * FROM chat_messages WHERE metadata->>'messageId' = %s", mid)
+        }
+        holder = in_flight(r, text)
+        assert holder is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: is_dead(pid), 10, "the worker to die")  # before Redis may run its ack
+    finally:
+        if paused:
+            r.execute_command("CLIENT", "UNPAUSE")
+        blocker.rollback()
+        blocker.close()
+
+    wait_for(lambda: answered(r, mid), 20, "the answer")
+    responses, errs = answers(r, mid)
+    assert len(responses) == 1 and errs == []
+    assert responses[0]["userMessage"]["id"] == str(saved["user"]["id"])
+    assert responses[0]["botResponse"]["id"] == str(saved["bot"]["id"])
+    assert len(chat_rows(db, mid)) == 2
+    assert len(query(db, "SELECT id FROM chat_messages WHERE content = %s", text)) == 1
+    # The ack never happened: the supervisor had to requeue the message (the retry replayed the saved rows).
+    assert f"requeued 1 in-flight message(s) from {holder[0]}" in fleet.log()
+    assert len(events(r, RESPONSES)) == 1
+
+
+def test_sigterm_drains_the_message_in_flight(
+    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    """SIGTERM is a warm stop: the supervisor waits for a busy worker to finish its message (answered once),
+    then exits 0 leaving no processing list behind and nothing queued."""
+    fleet = start_fleet(2)
+    msg = bot.message("list my models")
+    mid = msg["messageId"]
+    with advisory_lock(db, mid):
+        push(r, msg)
+        hold_worker(r, mid)
+        fleet.signal(signal.SIGTERM)
+        wait_for(lambda: "warm stop" in fleet.log(), 10, "the warm stop to begin")
+        with pytest.raises(subprocess.TimeoutExpired):
+            fleet.wait(timeout=1.0)  # still draining while the message is blocked
+    assert fleet.wait() == errors.EXIT_OK, fleet.log()
+
+    responses, errs = answers(r, mid)
+    assert len(responses) == 1 and errs == []
+    assert len(chat_rows(db, mid)) == 2
+    assert r.llen(MESSAGES) == 0
+    assert processing_leftovers(r) == ([], set())
+
+
+def test_graceful_timeout_kills_busy_worker_and_requeues(
+    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    """With GRACEFUL_TIMEOUT=1 and a message that cannot finish, the warm stop turns into a kill after the timeout:
+    the supervisor still exits 0, the message is back on bot_messages untouched, and no event or row exists."""
+    fleet = start_fleet(2, GRACEFUL_TIMEOUT="1")
+    msg = bot.message("list my models")
+    mid = msg["messageId"]
+    with advisory_lock(db, mid):
+        push(r, msg)
+        hold_worker(r, mid)
+        fleet.signal(signal.SIGTERM)
+        assert fleet.wait(timeout=20) == errors.EXIT_OK, fleet.log()
+        assert "graceful timeout" in fleet.log()
+        assert queued_ids(r) == [mid]
+        assert json.loads(r.lindex(MESSAGES, 0)) == msg
+        assert answers(r, mid) == ([], [])
+        assert processing_leftovers(r) == ([], set())
+    assert chat_rows(db, mid) == []
+
+
+def test_second_sigterm_is_a_cold_stop(
+    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    """A second SIGTERM during a warm stop kills the workers at once (long before GRACEFUL_TIMEOUT=60):
+    the supervisor exits 0 and the in-flight message is back on bot_messages, unanswered."""
+    fleet = start_fleet(2, GRACEFUL_TIMEOUT="60")
+    msg = bot.message("list my models")
+    mid = msg["messageId"]
+    with advisory_lock(db, mid):
+        push(r, msg)
+        hold_worker(r, mid)
+        fleet.signal(signal.SIGTERM)
+        # Wait for the first one to be handled: two signals sent back to back may be merged into one.
+        wait_for(lambda: "warm stop" in fleet.log(), 10, "the warm stop to begin")
+        fleet.signal(signal.SIGTERM)
+        assert fleet.wait(timeout=15) == errors.EXIT_OK, fleet.log()
+        assert "cold stop" in fleet.log()
+        assert queued_ids(r) == [mid]
+        assert answers(r, mid) == ([], [])
+        assert processing_leftovers(r) == ([], set())
+
+
+# ---- signals that reshape the fleet ------------------------------------------------------------------------
+
+
+def test_sighup_replaces_every_worker(r: redis.Redis, bot: Bot, start_fleet: Callable[..., Fleet]) -> None:
+    """SIGHUP reloads and replaces all workers with new processes; messages sent afterwards are still answered."""
+    fleet = start_fleet(2)
+    old = set(fleet.worker_pids())
+    fleet.signal(signal.SIGHUP)
+
+    def replaced() -> bool:
+        node = fleet.node()
+        pids = {w["pid"] for w in node["workers"]} if node else set()
+        return len(pids) == 2 and not pids & old
+
+    wait_for(replaced, 20, "both workers replaced")
+    new = set(fleet.wait_workers(2))
+    assert not new & old
+    assert "SIGHUP: configuration reloaded" in fleet.log()
+    assert fleet.proc.poll() is None
+
+    msgs = [bot.message(f"hello after reload {i}") for i in range(3)]
+    for msg in msgs:
+        push(r, msg)
+    wait_for(lambda: all(answered(r, m["messageId"]) for m in msgs), 20, "answers after the reload")
+    for msg in msgs:
+        responses, errs = answers(r, msg["messageId"])
+        assert len(responses) == 1 and errs == []
+
+
+def test_sighup_applies_a_changed_env_file(spawn: Callable[..., Fleet], tmp_path: Path) -> None:
+    """SIGHUP re-reads the configuration: WORKER_PROCS changed from 2 to 3 in the env file gives 3 workers."""
+    env_file = tmp_path / "botworker.env"
+    env_file.write_text("WORKER_PROCS=2\n")
+    fleet = spawn([sys.executable, "-m", "botworker", "run", "--env-file", str(env_file)])
+    fleet.wait_workers(2)
+    env_file.write_text("WORKER_PROCS=3\n")
+    fleet.signal(signal.SIGHUP)
+    fleet.wait_workers(3)
+    assert wait_for(lambda: (n := fleet.node()) and n["target"] == 3, 10, "target 3")
+    assert fleet.proc.poll() is None
+
+
+def test_sighup_with_an_invalid_env_file_keeps_the_old_configuration(
+    spawn: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """SIGHUP with an invalid value in the env file logs the variable and changes nothing: same workers, alive."""
+    env_file = tmp_path / "botworker.env"
+    env_file.write_text("WORKER_PROCS=2\n")
+    fleet = spawn([sys.executable, "-m", "botworker", "run", "--env-file", str(env_file)])
+    before = sorted(fleet.wait_workers(2))
+    env_file.write_text("WORKER_PROCS=abc\n")
+    fleet.signal(signal.SIGHUP)
+    wait_for(lambda: "new configuration is invalid" in fleet.log(), 10, "the reload to be refused")
+    assert "WORKER_PROCS" in fleet.log().split("new configuration is invalid", 1)[1].splitlines()[0]
+    assert sorted(fleet.wait_workers(2)) == before
+    assert fleet.proc.poll() is None
+
+
+def test_sigttin_and_sigttou_scale_the_fleet(start_fleet: Callable[..., Fleet]) -> None:
+    """SIGTTIN adds a worker and SIGTTOU removes one again: 2 -> 3 -> 2 in the node key."""
+    fleet = start_fleet(2)
+    fleet.signal(signal.SIGTTIN)
+    fleet.wait_workers(3)
+    node = wait_for(lambda: (n := fleet.node()) and n["target"] == 3 and len(n["workers"]) == 3 and n, 10, "3 workers")
+    assert len(node["workers"]) == 3
+
+    fleet.signal(signal.SIGTTOU)
+    node = wait_for(lambda: (n := fleet.node()) and n["target"] == 2 and len(n["workers"]) == 2 and n, 20, "2 workers")
+    assert len(node["workers"]) == 2
+    assert fleet.proc.poll() is None
+
+
+def test_silent_worker_is_killed_and_its_message_answered_once(
+    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    """A worker whose heartbeat stops for WORKER_TIMEOUT (blocked mid-message) is SIGKILLed and replaced; the message
+    goes to another worker and, once it can proceed, is answered exactly once with exactly 2 rows."""
+    fleet = start_fleet(2, WORKER_TIMEOUT="2")
+    msg = bot.message("list my models")
+    mid = msg["messageId"]
+    with advisory_lock(db, mid):
+        push(r, msg)
+        _, pid = hold_worker(r, mid)
+        wait_for(lambda: f"(pid {pid}) silent for" in fleet.log(), 20, "the supervisor to kill the silent worker")
+        # Release as soon as it is taken again, before the next holder can be taken for a silent one as well.
+        wait_for(lambda: (held := in_flight(r, mid)) and held[1] != pid, 20, "another worker to take the message")
+    wait_for(lambda: answered(r, mid), 20, "the answer")
+    responses, errs = answers(r, mid)
+    assert len(responses) == 1 and errs == []
+    assert len(chat_rows(db, mid)) == 2
+    pids = fleet.wait_workers(2)
+    assert pid not in pids
+    assert f"(pid {pid}) killed by SIGKILL" in fleet.log()
+
+
+def test_workers_of_a_sigkilled_supervisor_finish_their_message_and_exit(
+    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    """When the supervisor is SIGKILLed its workers do not live on: an idle one exits at once, a busy one finishes
+    its message (answered once, 2 rows) and then exits, handing back nothing and unregistering its list."""
+    fleet = start_fleet(2)
+    pids = fleet.worker_pids()
+    msg = bot.message("list my models")
+    mid = msg["messageId"]
+    try:
+        with advisory_lock(db, mid):
+            push(r, msg)
+            _, busy = hold_worker(r, mid)
+            fleet.proc.kill()
+            fleet.proc.wait()
+            idle = [pid for pid in pids if pid != busy]
+            wait_for(lambda: all(is_dead(pid) for pid in idle), 10, "the idle worker to exit")
+            assert not is_dead(busy)
+        wait_for(lambda: is_dead(busy), 20, "the busy worker to exit after its message")
+        responses, errs = answers(r, mid)
+        assert len(responses) == 1 and errs == []
+        assert len(chat_rows(db, mid)) == 2
+        assert r.llen(MESSAGES) == 0
+        assert processing_leftovers(r) == ([], set())
+    finally:
+        for pid in pids:
+            if not is_dead(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_max_requests_recycles_workers_without_losing_messages(
+    r: redis.Redis, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    """MAX_REQUESTS=2: the worker exits cleanly after 2 messages and is replaced at once (no crash back-off);
+    6 messages through one worker slot are all answered exactly once by 3 successive processes."""
+    fleet = start_fleet(1, MAX_REQUESTS="2")
+    first = fleet.worker_pids()
+    msgs = [bot.message(f"hello {i}") for i in range(6)]
+    for msg in msgs:
+        push(r, msg)
+    wait_for(lambda: all(answered(r, m["messageId"]) for m in msgs), 30, "all answers")
+    assert sorted(e["messageId"] for e in events(r, RESPONSES)) == sorted(m["messageId"] for m in msgs)
+    assert events(r, ERRORS) == []
+    log = fleet.log()
+    assert log.count("recycling after 2 messages") == 3
+    assert "respawning worker" not in log  # a recycled worker is not a crashed one
+    assert fleet.wait_workers(1) != first
+
+
+def test_idle_workers_are_not_taken_for_hung_ones(start_fleet: Callable[..., Fleet]) -> None:
+    """POP_TIMEOUT=3 with WORKER_TIMEOUT=2 must either be refused (exit 3) or leave idle workers alone; it must not
+    make the supervisor SIGKILL its idle workers over and over."""
+    fleet = start_fleet(2, wait=False, POP_TIMEOUT="3", WORKER_TIMEOUT="2")
+    try:
+        code = fleet.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        pass
+    else:
+        assert code == errors.EXIT_CONFIG, fleet.log()
+        return
+    before = sorted(fleet.wait_workers(2))
+    time.sleep(6)  # idle for twice POP_TIMEOUT: nothing to wait_for, the point is that nothing happens
+    assert "silent for" not in fleet.log()
+    assert sorted(fleet.worker_pids()) == before
+
+
+# ---- failures at start -------------------------------------------------------------------------------------
+
+
+def test_unreachable_database_at_boot_exits_4(start_fleet: Callable[..., Fleet]) -> None:
+    """Workers that cannot reach PostgreSQL within BOOT_TIMEOUT make the supervisor stop with EXIT_BOOT (4)
+    instead of respawning them forever."""
+    port = free_port()
+    fleet = start_fleet(
+        2, wait=False, DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/botworker", BOOT_TIMEOUT="1"
+    )
+    assert fleet.wait(timeout=30) == errors.EXIT_BOOT, fleet.log()
+    log = fleet.log()
+    assert "could not boot" in log
+    assert log.count("spawned worker") <= 2
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("WORKER_PROCS", "abc"),
+        ("MAX_ATTEMPTS", "0"),
+        ("GRACEFUL_TIMEOUT", "-1"),
+        ("REDIS_URL", "http://localhost:6379"),
+    ],
+)
+def test_invalid_configuration_exits_3_naming_the_variable(servers: Servers, variable: str, value: str) -> None:
+    """An invalid setting stops `botworker run` before anything starts: exit 3, one stderr line naming it."""
+    done = cli(servers, "run", timeout=30, **{variable: value})
+    assert done.returncode == errors.EXIT_CONFIG, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert variable in lines[0]
+
+
+def test_top_level_worker_py_runs_the_same_program(
+    r: redis.Redis, bot: Bot, spawn: Callable[..., Fleet], servers: Servers
+) -> None:
+    """`python worker.py --procs 1` boots a fleet that answers messages and stops with 0 on SIGTERM."""
+    fleet = spawn([sys.executable, "worker.py", "--procs", "1", "--env-file", ""])
+    fleet.wait_workers(1)
+    msg = bot.message("list my models")
+    push(r, msg)
+    wait_for(lambda: answered(r, msg["messageId"]), 20, "the answer")
+    responses, errs = answers(r, msg["messageId"])
+    assert len(responses) == 1 and errs == []
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait() == errors.EXIT_OK, fleet.log()
+
+
+# ---- recovery ----------------------------------------------------------------------------------------------
+
+
+def test_orphaned_processing_list_of_dead_node_is_recovered(
+    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    """A processing list left by a node whose key expired is requeued by a starting fleet and its message answered
+    once; a processing list of a node that is still alive is left alone."""
+    orphan = PROCESSING_PREFIX + "deadnode-1:0:12345"
+    live = PROCESSING_PREFIX + "livenode-1:0:999"
+    lost, busy = bot.message("list my models"), bot.message("hello from a live node")
+    r.lpush(orphan, json.dumps(lost))
+    r.lpush(live, json.dumps(busy))
+    r.sadd(PROCESSING_SET, orphan, live)
+    r.set(NODE_PREFIX + "livenode-1", json.dumps({"node": "livenode-1", "pid": 1, "workers": []}), ex=120)
+    assert not r.exists(NODE_PREFIX + "deadnode-1")
+
+    fleet = start_fleet(2)
+    wait_for(lambda: answered(r, lost["messageId"]), 20, "the orphaned message's answer")
+    responses, errs = answers(r, lost["messageId"])
+    assert len(responses) == 1 and errs == []
+    assert len(chat_rows(db, lost["messageId"])) == 2
+    assert orphan not in r.smembers(PROCESSING_SET)
+    assert not r.exists(orphan)
+    assert f"from {orphan}" in fleet.log()
+    # The live node's in-flight message is not stolen.
+    assert live in r.smembers(PROCESSING_SET)
+    assert [json.loads(x)["messageId"] for x in r.lrange(live, 0, -1)] == [busy["messageId"]]
+    assert not answered(r, busy["messageId"])
+
+
+# ---- the send command --------------------------------------------------------------------------------------
+
+
+def test_send_command_prints_the_reply(servers: Servers, bot: Bot, start_fleet: Callable[..., Fleet]) -> None:
+    """`botworker send` against a running fleet prints the bot's reply (the user's model names) and exits 0."""
+    start_fleet(2)
+    done = cli(servers, "send", "--bot", bot.bot_id, "--user", bot.user_id, "--timeout", "20", "list my models")
+    assert done.returncode == errors.EXIT_OK, done.stderr
+    for name in ("churn", "sentiment", "vision"):
+        assert name in done.stdout
+
+
+def test_send_command_with_unknown_bot_exits_6(servers: Servers, bot: Bot, start_fleet: Callable[..., Fleet]) -> None:
+    """`botworker send` to a bot that does not exist gets the bot_errors event: exit 6, the code on stderr."""
+    start_fleet(2)
+    done = cli(servers, "send", "--bot", str(uuid.uuid4()), "--user", bot.user_id, "--timeout", "20", "hello")
+    assert done.returncode == errors.EXIT_SEND_FAILED, done.stdout + done.stderr
+    assert errors.BOT_NOT_FOUND in done.stderr
+    assert done.stdout == ""
