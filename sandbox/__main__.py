@@ -1,0 +1,311 @@
+"""The sandbox process: confine itself once, probe the confinement layers, then serve requests from its pipes.
+
+    python -I -m sandbox --root DIR --uid UID --gid GID [--allow-weak] [--parent-pid PID]
+
+stdin and stdout carry protocol frames (see protocol.py); stderr is for log lines. The first frame it writes is
+``{"type": "hello", "ok", "layers", "weak", "error"}``. Then, per request frame::
+
+    {"id", "kind": "script", "source", "params", "limits"?}
+    {"id", "kind": "shell", "command", "params", "secret_env"?, "cwd"?, "limits"?, "scope"?}
+    {"id", "kind": "file", "op", "path", "content"?, "scope", "limits"?}
+    {"id", "kind": "ping"}
+
+one response frame ``{"id", "ok", "error"?, "result"?, "stdout"?, "stderr"?, "exit_code"?, "killed"?,
+"truncated"?, "duration_ms"?}``. Each run gets a fresh directory under ``ROOT/runs`` (deleted afterwards) and, when
+it names a ``scope`` (the bot's id), ``ROOT/files/<scope>`` as ``/files``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from . import files, jail, policy, script, shell
+from .protocol import ProtocolError, read_frame, write_frame
+
+_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_GET_NO_NEW_PRIVS, _PR_GET_SECCOMP = 1, 4, 39, 21
+
+
+class Refused(ValueError):
+    """A request the sandbox will not run; answered with its message."""
+
+
+class Server:
+    def __init__(self, root: Path, uid: int, gid: int, allow_weak: bool) -> None:
+        self.root, self.uid, self.gid = root, uid, gid
+        self.allow_weak = allow_weak
+        self.weak = False
+        self.layers: dict[str, Any] = {}
+        self.unavailable: str | None = None
+
+    # ---- start-up --------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Directories, pre-imports (nothing may load lazily inside a jail), then the probe."""
+        if self.uid == 0 or self.gid == 0:
+            raise SystemExit("sandbox: --uid and --gid must not be 0")
+        for sub, mode in (("jail", 0o755), ("runs", 0o711), ("files", 0o711)):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            (self.root / sub).chmod(mode)
+        script.warm_up()
+        files.operate("/", "exists", "x")
+        self.probe()
+
+    def probe(self) -> None:
+        """Run a real job in full confinement and read back what it could and could not do."""
+        for weak in (False, True):
+            if weak and not self.allow_weak:
+                break
+            self.weak = weak
+            out = self._run(_probe_job, None, dict(policy.DEFAULT_LIMITS))
+            try:
+                seen = json.loads(out.result)
+            except ValueError:
+                self.unavailable = (out.stderr.decode(errors="replace").strip() or f"exit {out.exit_code}")[:500]
+                continue
+            self.layers = {
+                "namespaces": not weak and seen["pid"] == 2 and seen["hostname"] == policy.HOSTNAME,
+                "pivot_root": not weak and not seen["host_visible"],
+                "unprivileged_uid": seen["uid"] not in (0, None),
+                "no_new_privs": seen["nnp"] == 1,
+                "rlimits": seen["nproc"] == policy.DEFAULT_LIMITS["processes"],
+                "seccomp": seen["seccomp"] == 2,
+                "network": seen["inet"] != "ok",
+                "landlock": seen["landlock"],
+            }
+            missing = [name for name in policy.REQUIRED_LAYERS if not self.layers.get(name)]
+            if not missing or weak:
+                self.unavailable = None
+                return
+            self.unavailable = f"confinement layers missing: {', '.join(missing)}"
+        self.weak = False
+
+    def hello(self) -> dict[str, Any]:
+        return {"type": "hello", "ok": self.unavailable is None, "layers": self.layers, "weak": self.weak,
+                "error": self.unavailable}  # fmt: skip
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        rid = req.get("id")
+        try:
+            kind = req.get("kind")
+            if kind == "ping":
+                return {"id": rid, "ok": True, **self.hello()}
+            if self.unavailable:
+                raise Refused(f"sandbox unavailable: {self.unavailable}")
+            limits = _limits(req.get("limits"))
+            scope = _scope(req.get("scope"))
+            if kind == "script":
+                return {"id": rid, **self._script(req, limits, scope)}
+            if kind == "shell":
+                return {"id": rid, **self._shell(req, limits, scope)}
+            if kind == "file":
+                return {"id": rid, **self._file(req, limits, scope)}
+            raise Refused(f"unknown request kind {kind!r}")
+        except (Refused, shell.ShellRefused, files.FileRefused) as exc:
+            return {"id": rid, "ok": False, "error": str(exc)}
+
+    def _script(self, req: dict[str, Any], limits: dict[str, Any], scope: str | None) -> dict[str, Any]:
+        source, params = req.get("source"), req.get("params") or {}
+        if not isinstance(source, str) or not isinstance(params, dict):
+            raise Refused("script needs `source` (string) and `params` (object)")
+        out = self._run(_script_job(source, params, int(limits["output_bytes"])), scope, limits)
+        reply = _parse_result(out)
+        if reply is None:
+            return {"ok": False, "error": _death(out, "script"), **_meta(out)}
+        return {**reply, **_meta(out)}
+
+    def _shell(self, req: dict[str, Any], limits: dict[str, Any], scope: str | None) -> dict[str, Any]:
+        path, argv = shell.build_argv(req.get("command"), req.get("params") or {})
+        env = shell.build_env(req.get("secret_env"))
+        cwd = _cwd(req.get("cwd"), scope)
+        out = self._run(shell.exec_job(path, argv, env, None if self.weak else cwd), scope, limits)
+        ok = out.exit_code == 0 and out.killed is None
+        reply: dict[str, Any] = {"ok": ok, "stdout": out.stdout.decode("utf-8", "replace"),
+                                 "stderr": out.stderr.decode("utf-8", "replace")}  # fmt: skip
+        if not ok:
+            reply["error"] = _death(out, argv[0])
+        return {**reply, **_meta(out)}
+
+    def _file(self, req: dict[str, Any], limits: dict[str, Any], scope: str | None) -> dict[str, Any]:
+        if scope is None:
+            raise Refused("file operations need a scope")
+        op, path, content = req.get("op"), req.get("path"), req.get("content")
+        files.check_request(op, path, content)
+        base = str(self.root / "files" / scope) if self.weak else policy.FILES_DIR
+        out = self._run(files.file_job(base, op, path, content), scope, limits)
+        reply = _parse_result(out)
+        if reply is None:
+            return {"ok": False, "error": _death(out, "file operation"), **_meta(out)}
+        return {**reply, **_meta(out)}
+
+    def _run(self, job: jail.Job, scope: str | None, limits: dict[str, Any]) -> jail.Outcome:
+        work = self.root / "runs" / uuid.uuid4().hex
+        work.mkdir(mode=0o700)
+        os.chown(work, self.uid, self.gid)
+        files_dir = None
+        if scope:
+            files_dir = self.root / "files" / scope
+            if not files_dir.exists():
+                files_dir.mkdir(mode=0o770)
+                os.chown(files_dir, 0, self.gid)
+                files_dir.chmod(0o2770)  # setgid: files stay in the sandbox group whoever writes them
+        try:
+            return jail.run(job, jail.Paths(self.root / "jail", work, files_dir), self.uid, self.gid, limits, self.weak)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _limits(asked: Any) -> dict[str, Any]:
+    limits = dict(policy.DEFAULT_LIMITS)
+    if asked is None:
+        return limits
+    if not isinstance(asked, dict):
+        raise Refused("limits must be an object")
+    for key, value in asked.items():
+        if key not in limits or isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise Refused(f"invalid limit {key!r}")
+        limits[key] = min(value, policy.MAX_LIMITS[key])
+    return limits
+
+
+def _scope(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SCOPE.fullmatch(value):
+        raise Refused("scope must be 1-64 letters, digits, '-' or '_'")
+    return value
+
+
+def _cwd(value: Any, scope: str | None) -> str:
+    if value in (None, "", policy.WORK_DIR):
+        return policy.WORK_DIR
+    if not isinstance(value, str) or scope is None:
+        raise Refused("cwd must be a directory under /files (and the run needs a scope)")
+    parts = files.split_path(value.removeprefix(policy.FILES_DIR))
+    return "/".join([policy.FILES_DIR, *parts])
+
+
+def _parse_result(out: jail.Outcome) -> dict[str, Any] | None:
+    try:
+        value = json.loads(out.result)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _meta(out: jail.Outcome) -> dict[str, Any]:
+    return {
+        "exit_code": out.exit_code,
+        "killed": out.killed,
+        "truncated": out.truncated,
+        "duration_ms": out.duration_ms,
+    }
+
+
+def _death(out: jail.Outcome, what: str) -> str:
+    """Why a run produced no result, in words."""
+    if out.killed == "wall_time":
+        return f"{what} killed: wall-clock time limit"
+    if out.exit_code == 128 + signal.SIGKILL:
+        return f"{what} killed (CPU time, memory or process limit)"
+    if out.exit_code == jail.EXIT_SETUP_FAILED:
+        tail = out.stderr.decode(errors="replace").strip().splitlines()
+        return f"{what} could not start: {tail[-1] if tail else 'sandbox setup failed'}"
+    if out.exit_code and out.exit_code > 128:
+        return f"{what} killed by signal {out.exit_code - 128}"
+    return f"{what} exited with status {out.exit_code}"
+
+
+def _probe_job(result_fd: int) -> None:
+    import ctypes
+    import socket
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+        inet = "ok"
+    except OSError as exc:
+        inet = exc.strerror or "denied"
+    seen = {
+        "uid": os.getuid(),
+        "pid": os.getpid(),
+        "hostname": os.uname().nodename,
+        "nnp": libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0),
+        "seccomp": libc.prctl(_PR_GET_SECCOMP, 0, 0, 0, 0),
+        "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+        "host_visible": any(os.path.exists(p) for p in ("/root", "/home", "/var", "/proc/1")),
+        "inet": inet,
+        "landlock": _landlock_active(),
+    }
+    os.write(result_fd, json.dumps(seen).encode())
+
+
+def _landlock_active() -> bool:
+    """Inside a Landlock domain, reading a directory that no rule covers fails with EACCES."""
+    try:
+        os.listdir("/")
+    except PermissionError:
+        return True
+    return False
+
+
+def _script_job(source: str, params: dict[str, Any], max_output: int) -> jail.Job:
+    def job(result_fd: int) -> None:
+        reply = script.run_script(source, params, max_output=max_output)
+        data = json.dumps(reply, ensure_ascii=False).encode("utf-8")
+        while data:
+            data = data[os.write(result_fd, data) :]
+
+    return job
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sandbox")
+    parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--uid", required=True, type=int)
+    parser.add_argument("--gid", required=True, type=int)
+    parser.add_argument("--allow-weak", action="store_true")
+    parser.add_argument("--parent-pid", type=int)
+    args = parser.parse_args(argv)
+
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # die with the worker
+    if args.parent_pid and os.getppid() != args.parent_pid:
+        return 1  # the worker died before we could ask to die with it
+    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace, no /proc/<pid>/mem of this process
+    os.umask(0o022)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    server = Server(args.root, args.uid, args.gid, args.allow_weak)
+    server.prepare()
+    if server.weak:
+        print("sandbox: WEAK MODE (development flag): no namespaces, no private root", file=sys.stderr)
+    write_frame(1, server.hello())
+    while True:
+        try:
+            request = read_frame(0)
+        except ProtocolError as exc:
+            if "before a frame" not in str(exc):
+                print(f"sandbox: bad request frame, closing: {exc}", file=sys.stderr)
+            return 0
+        write_frame(1, server.handle(request))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""One confined run: fork a fresh process tree in new namespaces, build a minimal root, drop everything, run.
+
+Process tree of one run (the sandbox process never runs untrusted code itself)::
+
+    sandbox process ── fork ──▶ keeper: setsid, unshare(NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS), reports init's pid,
+                                │       waits for it and exits with its status
+                                └─ fork ──▶ init (pid 1 of the new PID namespace): builds the jail's root,
+                                            pivot_root, then reaps; when the runner exits, init exits and the
+                                            kernel kills every process left in the namespace
+                                            └─ fork ──▶ runner (pid 2): rlimits, setgroups/setgid/setuid to the
+                                                        jail uid, no-new-privs, Landlock, seccomp, then the job
+
+The sandbox process kills init (SIGKILL) at the wall-clock deadline: that one kill takes the whole namespace
+down, including children that called setsid or double-forked. Stdout and stderr of the runner come back on
+pipes, capped; a script's or file operation's result comes back as JSON on a third pipe.
+
+``weak=True`` (the development flag) skips the namespaces and the new root: the runner is forked directly and
+confined with uid, no-new-privs, rlimits and seccomp only, in its work directory. Never for production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import resource
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import landlock, seccomp
+from .policy import DEVICES, ETC_FILES, FILES_DIR, HOSTNAME, READ_ONLY_BINDS, SYMLINKS, WORK_DIR
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+EXIT_SETUP_FAILED = 125  # the jail could not be built; the reason is on the runner's stderr
+Job = Callable[[int], None]  # runs inside the jail with the result pipe's fd; returns or execs
+
+
+class JailError(Exception):
+    """The jail could not be built on this machine."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Host directories of one run."""
+
+    root: Path  # an empty directory, the mount point of the jail's root tmpfs
+    work: Path  # this run's writable work directory (mounted at /work)
+    files: Path | None  # the bot's file directory (mounted at /files), if any
+
+
+@dataclass
+class Outcome:
+    """What a run produced, as the sandbox process saw it."""
+
+    exit_code: int | None = None  # the runner's exit status, or -signal
+    stdout: bytes = b""
+    stderr: bytes = b""
+    result: bytes = b""
+    truncated: bool = False
+    killed: str | None = None  # "wall_time" when the deadline passed
+    duration_ms: int = 0
+    layers: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise JailError(f"{what}: {os.strerror(err)} ({errno.errorcode.get(err, err)})")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(
+        _libc.mount(
+            source.encode() if source else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {source or fstype} on {target}",
+    )
+
+
+def _prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def run(job: Job, paths: Paths, uid: int, gid: int, limits: dict[str, Any], weak: bool = False) -> Outcome:
+    """Run ``job`` confined; never raises for anything the job does. Raises JailError only for our own faults."""
+    started = time.monotonic()
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    res_r, res_w = os.pipe2(os.O_CLOEXEC)
+    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    keeper = os.fork()
+    if keeper == 0:  # pragma: no cover - runs in the child
+        _child(job, paths, uid, gid, limits, weak, (out_w, err_w, res_w, pid_w))
+    for fd in (out_w, err_w, res_w, pid_w):
+        os.close(fd)
+    outcome = Outcome()
+    try:
+        _collect(keeper, pid_r, out_r, err_r, res_r, started + float(limits["wall_seconds"]), limits, outcome)
+    finally:
+        for fd in (out_r, err_r, res_r, pid_r):
+            os.close(fd)
+    outcome.duration_ms = int((time.monotonic() - started) * 1000)
+    return outcome
+
+
+def _collect(
+    keeper: int, pid_r: int, out_r: int, err_r: int, res_r: int, deadline: float, limits: dict, o: Outcome
+) -> None:
+    """Read the pipes until every writer is gone, killing the tree at the deadline; then reap the keeper."""
+    cap = int(limits["output_bytes"])
+    buffers = {out_r: bytearray(), err_r: bytearray(), res_r: bytearray(), pid_r: bytearray()}
+    caps = {out_r: cap, err_r: cap, res_r: 8 << 20, pid_r: 32}
+    poller = select.poll()
+    for fd in buffers:
+        poller.register(fd, select.POLLIN)
+    open_fds = set(buffers)
+    victim = keeper
+    while open_fds:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            o.killed = "wall_time"
+            _kill(_victim(buffers[pid_r], keeper))
+            break
+        for fd, _ in poller.poll(min(left, 1.0) * 1000):
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+                continue
+            room = caps[fd] - len(buffers[fd])
+            if len(chunk) > room:
+                o.truncated = True
+            buffers[fd] += chunk[: max(room, 0)]
+        victim = _victim(buffers[pid_r], keeper)
+    if o.killed:
+        _kill(victim)
+    _, status = os.waitpid(keeper, 0)
+    o.exit_code = os.waitstatus_to_exitcode(status)
+    o.stdout, o.stderr, o.result = bytes(buffers[out_r]), bytes(buffers[err_r]), bytes(buffers[res_r])
+
+
+def _victim(pid_bytes: bytearray, keeper: int) -> int:
+    """The process whose death ends the run: the namespace's init once the keeper reported it."""
+    text = pid_bytes.decode(errors="replace").strip()
+    return int(text) if text.isdigit() else keeper
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+# ---- inside the child processes -------------------------------------------------------------------------------
+
+
+def _child(
+    job: Job, paths: Paths, uid: int, gid: int, limits: dict, weak: bool, fds: tuple[int, int, int, int]
+) -> None:
+    """The keeper. Never returns."""
+    _, err_w, _, pid_w = fds
+    code = EXIT_SETUP_FAILED
+    try:
+        os.setsid()
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.dup2(err_w, 2)  # setup errors go to the run's stderr
+        if weak:
+            _runner(job, paths, uid, gid, limits, weak, fds)
+        _check(_libc.unshare(NAMESPACES), "unshare(namespaces)")
+        init = os.fork()
+        if init == 0:
+            _init(job, paths, uid, gid, limits, fds)
+        os.write(pid_w, str(init).encode())
+        _, status = os.waitpid(init, 0)
+        code = os.waitstatus_to_exitcode(status)
+        code = 128 - code if code < 0 else code
+    except BaseException as exc:
+        _report(f"sandbox setup failed: {exc}")
+    os._exit(code)
+
+
+def _init(job: Job, paths: Paths, uid: int, gid: int, limits: dict, fds: tuple[int, int, int, int]) -> None:
+    """pid 1 of the run's namespaces: build the root, start the runner, reap until it is gone. Never returns."""
+    code = EXIT_SETUP_FAILED
+    try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _build_root(paths, uid, gid, limits)
+        _check(_libc.sethostname(HOSTNAME.encode(), len(HOSTNAME)), "sethostname")
+        runner = os.fork()
+        if runner == 0:
+            _runner(job, paths, uid, gid, limits, False, fds)
+        for fd in fds:
+            os.close(fd)
+        while True:  # reap orphans until the runner itself is gone
+            pid, status = os.wait()
+            if pid == runner:
+                code = os.waitstatus_to_exitcode(status)
+                code = 128 - code if code < 0 else code
+                break
+    except BaseException as exc:
+        _report(f"sandbox setup failed: {exc}")
+    os._exit(code)  # the namespace dies with its init: every leftover process is killed
+
+
+def _build_root(paths: Paths, uid: int, gid: int, limits: dict) -> None:
+    """A tmpfs root holding only what policy.py lists, then pivot_root into it and drop the host's root."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
+    root = str(paths.root)
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for host in READ_ONLY_BINDS:
+        target = root + host
+        os.makedirs(target)
+        _mount(host, target, None, MS_BIND | MS_REC)
+        _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for name, to in SYMLINKS.items():
+        os.symlink(to, f"{root}/{name}")
+    os.makedirs(f"{root}/etc")
+    for name, content in ETC_FILES.items():
+        Path(f"{root}/etc/{name}").write_text(content.format(uid=uid, gid=gid))
+    os.makedirs(f"{root}/dev")
+    for dev in DEVICES:
+        Path(root + dev).touch()
+        _mount(dev, root + dev, None, MS_BIND)
+        _mount(None, root + dev, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
+    data_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    binds = [(str(paths.work), WORK_DIR)] + ([(str(paths.files), FILES_DIR)] if paths.files else [])
+    for host, inside in binds:
+        os.makedirs(root + inside)
+        _mount(host, root + inside, None, MS_BIND)
+        _mount(None, root + inside, None, MS_REMOUNT | MS_BIND | data_flags)
+    os.makedirs(f"{root}/tmp")
+    _mount("tmpfs", f"{root}/tmp", "tmpfs", data_flags, f"size={int(limits['tmp_bytes'])},mode=1777")
+    _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    # pivot_root(".", "."): the old root ends up stacked on the new one; detaching it leaves only the jail.
+    os.chdir(root)
+    nr = _SYS_PIVOT_ROOT[os.uname().machine]
+    _check(_libc.syscall(nr, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/")
+
+
+def _runner(
+    job: Job, paths: Paths, uid: int, gid: int, limits: dict, weak: bool, fds: tuple[int, int, int, int]
+) -> None:
+    """The process that runs the job: fds, limits, identity, no-new-privs, Landlock, seccomp. Never returns."""
+    out_w, err_w, res_w, _ = fds
+    code = EXIT_SETUP_FAILED
+    try:
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.set_inheritable(res_w, False)
+        os.closerange(3, res_w)
+        os.closerange(res_w + 1, 65536)
+        os.chdir(str(paths.work) if weak else WORK_DIR)
+        os.environ.clear()  # the job sees no environment; programs get theirs explicitly from shell.build_env
+        _set_limits(limits)
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        if os.getuid() == 0 or os.geteuid() == 0:
+            raise JailError("still root after setresuid")
+        _prctl(PR_SET_DUMPABLE, 0)
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if not weak:
+            # /dev holds only the bind-mounted devices of policy.DEVICES, on a read-only root: nothing to create.
+            landlock.restrict(writable=(WORK_DIR, FILES_DIR, "/tmp", "/dev"), readable=("/etc",))
+        seccomp.install()
+        os.umask(0o007)
+        job(res_w)
+        code = 0
+    except BaseException as exc:
+        _report(f"{'sandbox setup failed' if code == EXIT_SETUP_FAILED else 'run failed'}: {exc}")
+    os._exit(code)
+
+
+def _set_limits(limits: dict) -> None:
+    for which, key in (
+        (resource.RLIMIT_CPU, "cpu_seconds"),
+        (resource.RLIMIT_AS, "memory_bytes"),
+        (resource.RLIMIT_NPROC, "processes"),
+        (resource.RLIMIT_FSIZE, "file_bytes"),
+        (resource.RLIMIT_NOFILE, "open_files"),
+    ):
+        value = int(limits[key])
+        resource.setrlimit(which, (value, value))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _report(text: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, (text + "\n").encode("utf-8", "replace"))
