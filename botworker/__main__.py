@@ -125,6 +125,10 @@ def _status(cfg: Config, as_json: bool) -> int:
             print(
                 f"node {node['node']} ({node['state']}, {len(node['workers'])}/{node['target']} workers, seen {age:.0f}s ago)"
             )
+            box = node.get("sandbox") or {}
+            layers = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in (box.get("layers") or {}).items())
+            state = "ready" if box.get("ok") else f"UNAVAILABLE ({box.get('error')})"
+            print(f"  sandbox: {state}{' WEAK MODE' if box.get('weak') else ''}{': ' + layers if layers else ''}")
             for w in node["workers"]:
                 busy = f"busy {w['busyFor']}s" if w["busyFor"] else "idle"
                 print(f"  worker {w['wid']} pid {w['pid']}: {busy}, {w['processed']} processed")

@@ -62,6 +62,15 @@ def _level(raw: str) -> str:
     return value
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 1/0, true/false, yes/no or on/off")
+
+
 def _url(*schemes: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip()
@@ -123,6 +132,22 @@ SETTINGS: dict[str, Setting] = {
     "redis_timeout": Setting(
         "REDIS_TIMEOUT", _float(0.5, 300), 5.0, "Redis socket timeout (s), on top of the BLMOVE wait"
     ),
+    "sandbox_root": Setting(
+        "SANDBOX_ROOT", _str, "/var/lib/botworker/sandbox", "sandbox state: per-run work dirs and each bot's files"
+    ),
+    "sandbox_uid": Setting(
+        "SANDBOX_UID",
+        _int(1, 2**31 - 1),
+        100000,
+        "first uid of sandboxed runs (worker N uses SANDBOX_UID + N) when run as root",
+    ),
+    "sandbox_gid": Setting("SANDBOX_GID", _int(1, 2**31 - 1), 100000, "gid of sandboxed runs when run as root"),
+    "sandbox_allow_weak": Setting(
+        "SANDBOX_ALLOW_WEAK",
+        _bool,
+        False,
+        "DEVELOPMENT ONLY: run tools with weaker confinement when namespaces are unavailable",
+    ),
     "node_name": Setting("NODE_NAME", _str, "", "this host's name in heartbeats and status (default: hostname)"),
     "log_level": Setting("LOG_LEVEL", _level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 }
@@ -150,6 +175,10 @@ class Config:
     db_connect_timeout: int
     db_statement_timeout: float
     redis_timeout: float
+    sandbox_root: str
+    sandbox_uid: int
+    sandbox_gid: int
+    sandbox_allow_weak: bool
     node_name: str
     log_level: str
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -231,6 +260,10 @@ def load_config(
         db_connect_timeout=values["db_connect_timeout"],
         db_statement_timeout=values["db_statement_timeout"],
         redis_timeout=values["redis_timeout"],
+        sandbox_root=values["sandbox_root"],
+        sandbox_uid=values["sandbox_uid"],
+        sandbox_gid=values["sandbox_gid"],
+        sandbox_allow_weak=values["sandbox_allow_weak"],
         node_name=values["node_name"] or socket.gethostname(),
         log_level=values["log_level"],
         sources=sources,

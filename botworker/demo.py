@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from typing import Any
 
@@ -85,6 +87,19 @@ def seed(dsn: str, user_id: str = DEMO_USER, bot_id: str = DEMO_BOT, email: str 
                     bot_id,
                 ),
             )
+            # A custom script and a shell command: both run in the worker's sandbox process.
+            cur.execute(
+                """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
+                   VALUES (%s, 'word_count', 'Word counter', 'Counts the words of a quoted text',
+                           'custom_script', %s, %s) ON CONFLICT (id) DO NOTHING""",
+                (rid("tool-script"), psycopg2.extras.Json({"script": WORD_COUNT}), bot_id),
+            )
+            cur.execute(
+                """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
+                   VALUES (%s, 'greeter', 'Greeter', 'Greets whoever is quoted', 'shell_command', %s, %s)
+                   ON CONFLICT (id) DO NOTHING""",
+                (rid("tool-shell"), psycopg2.extras.Json({"command": "echo Hello, {{param1}}!", "timeout": 5}), bot_id),
+            )
             for name, display in (
                 ("sentiment", "Sentiment classifier"),
                 ("churn", "Churn predictor"),
@@ -106,7 +121,22 @@ def seed(dsn: str, user_id: str = DEMO_USER, bot_id: str = DEMO_BOT, email: str 
     return user_id, bot_id
 
 
-DEMO_MESSAGES = ["Hello there!", "list my models", "show applications", "search for bots", "who am i"]
+WORD_COUNT = """\
+text = params.get("param1", "")
+words = text.split()
+print("counting", len(words), "words")
+result = {"words": len(words), "longest": max(words, key=len) if words else None}
+"""
+
+DEMO_MESSAGES = [
+    "Hello there!",
+    "list my models",
+    "show applications",
+    "search for bots",
+    "who am i",
+    'run the word counter on "the quick brown fox jumps"',
+    'ask the greeter to greet "Ada"',
+]
 
 
 def run_demo(cfg: Config, use_devstack: bool, procs: int = 2) -> int:
@@ -121,11 +151,16 @@ def run_demo(cfg: Config, use_devstack: bool, procs: int = 2) -> int:
     else:
         redis_url, database_url = cfg.redis_url, cfg.database_url
     fleet = None
+    sandbox_root = None
     try:
         created = migrate(database_url)
         print(f"Schema ready ({len(created)} objects created). Seeding a demo user and bot...")
         user_id, bot_id = seed(database_url)
         env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
+        if cfg.sources["sandbox_root"] == "default":
+            sandbox_root = tempfile.mkdtemp(prefix="botworker-demo-sandbox-")
+            os.chmod(sandbox_root, 0o755)
+            env["SANDBOX_ROOT"] = sandbox_root
         fleet = subprocess.Popen(
             [sys.executable, "-m", "botworker", "run", "--procs", str(procs), "--log-level", "WARNING"], env=env
         )
@@ -152,6 +187,8 @@ def run_demo(cfg: Config, use_devstack: bool, procs: int = 2) -> int:
             fleet.wait(timeout=60)
         if stack is not None:
             stack.stop()
+        if sandbox_root is not None:
+            shutil.rmtree(sandbox_root, ignore_errors=True)
 
 
 def _render(channel: str, event: dict[str, Any]) -> str:

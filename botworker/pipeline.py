@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sandbox.client import SandboxClient
+
 from . import errors
 from .config import Config
 from .detect import detect
@@ -53,10 +55,12 @@ class Pipeline:
         responder: Responder,
         tick: Callable[[], None] = lambda: None,
         clock: Callable[[], datetime] = utcnow,
+        sandbox: Callable[[], SandboxClient] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.responder = responder
+        self.sandbox = sandbox
         self.tick = tick  # called between steps: the worker's heartbeat
         self.clock = clock
 
@@ -67,7 +71,7 @@ class Pipeline:
             return _outcome(ctx.instance_id, *ctx.saved, replayed=True)
 
         calls = detect(msg.text, ctx.tools)
-        tool_ctx = ToolContext(msg.user_id, ctx.bot, ctx.tools, self.store, self.cfg)
+        tool_ctx = ToolContext(msg.user_id, ctx.bot, ctx.tools, self.store, self.cfg, self.sandbox)
         results: list[ToolResult] = []
         for call in calls:
             log.info(

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import redis
 
+from sandbox.client import SandboxClient, SandboxError
+
 from . import errors
 from .config import Config
 from .errors import ConfigError
@@ -98,6 +100,7 @@ class Supervisor:
         self._pipe_r = self._pipe_w = -1
         self._next_refresh = self._next_recover = 0.0
         self._redis_failing = False
+        self.sandbox: dict[str, object] = {}  # the start-up probe's report, shown by `botworker status`
 
     # ---- main loop -----------------------------------------------------------------------------------------
 
@@ -108,6 +111,7 @@ class Supervisor:
             self.cfg.redis_url, socket_timeout=self.cfg.redis_timeout, socket_connect_timeout=self.cfg.redis_timeout
         )
         log.info("supervisor %s starting %d worker(s); config %s", self.node_id, self.target, self.cfg.redacted())
+        self._probe_sandbox()
         self._maintain(force=True)
         while True:
             if self.state == "running":
@@ -125,6 +129,26 @@ class Supervisor:
         self._unregister()
         log.info("supervisor %s stopped (exit %d)", self.node_id, self.exit_code)
         return self.exit_code
+
+    def _probe_sandbox(self) -> None:
+        """Start a sandbox once, as the workers will, and log which confinement layers this machine gives."""
+        client = SandboxClient(
+            self.cfg.sandbox_root, self.cfg.sandbox_uid, self.cfg.sandbox_gid, self.cfg.sandbox_allow_weak
+        )
+        try:
+            hello = client.start()
+        except SandboxError as exc:
+            hello = {"ok": False, "error": str(exc), "layers": {}, "weak": False}
+        finally:
+            client.close()
+        self.sandbox = {k: hello.get(k) for k in ("ok", "layers", "weak", "error")}
+        layers = ", ".join(f"{name} {'yes' if on else 'NO'}" for name, on in (hello.get("layers") or {}).items())
+        if not hello.get("ok"):
+            log.error("sandbox unavailable: shell, script and file tools will fail: %s", hello.get("error"))
+        elif hello.get("weak"):
+            log.warning("SANDBOX IN WEAK MODE (SANDBOX_ALLOW_WEAK): not for production: %s", layers)
+        else:
+            log.info("sandbox ready: %s", layers)
 
     def _install_signals(self) -> None:
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -287,6 +311,7 @@ class Supervisor:
         self.cfg = cfg
         self.target = cfg.procs
         setup_logging(cfg.log_level)
+        self._probe_sandbox()
         log.info("SIGHUP: configuration reloaded; replacing %d worker(s)", len(self._active()))
         for slot in self._active():
             self._retire(slot)
@@ -328,6 +353,7 @@ class Supervisor:
             "state": self.state,
             "target": self.target,
             "updatedAt": time.time(),
+            "sandbox": self.sandbox,
             "workers": [
                 {
                     "wid": s.wid,

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import redis
 
+from sandbox.client import SandboxClient, SandboxError
+
 from . import errors
 from .config import Config
 from .errors import BootError, MessageError, TransientError
@@ -89,6 +91,7 @@ class Worker:
         self.queue: ReliableQueue
         self.store: Store
         self.pipeline: Pipeline
+        self.sandbox: SandboxClient
 
     # ---- life cycle ----------------------------------------------------------------------------------------
 
@@ -143,13 +146,30 @@ class Worker:
                 delay = min(delay * 2, 5.0)
         self.queue = ReliableQueue(self.redis, processing_key(self.node_id, self.wid, os.getpid()))
         self.queue.register()
-        self.pipeline = Pipeline(self.cfg, self.store, make_responder(self.cfg), tick=self.heartbeat.beat)
+        # Each worker has its own sandbox process and its own jail uid (so process limits are per worker).
+        self.sandbox = SandboxClient(
+            self.cfg.sandbox_root, self.cfg.sandbox_uid + self.wid, self.cfg.sandbox_gid, self.cfg.sandbox_allow_weak
+        )
+        try:
+            hello = self.sandbox.start()
+            if not hello.get("ok"):
+                log.error(
+                    "worker %s: sandbox unavailable, shell/script/file tools will fail: %s",
+                    self.wid,
+                    hello.get("error"),
+                )
+        except SandboxError as exc:
+            log.error("worker %s: sandbox failed to start (retried at the first sandboxed tool): %s", self.wid, exc)
+        self.pipeline = Pipeline(
+            self.cfg, self.store, make_responder(self.cfg), tick=self.heartbeat.beat, sandbox=lambda: self.sandbox
+        )
 
     def _close(self) -> None:
         try:
             self.queue.unregister()
         except redis.RedisError as exc:
             log.warning("worker %s could not unregister its processing list: %s", self.wid, exc)
+        self.sandbox.close()
         self.store.close()
         self.redis.close()
 

@@ -39,12 +39,15 @@ from .policy import DEVICES, ETC_FILES, FILES_DIR, HOSTNAME, READ_ONLY_BINDS, SY
 _libc = ctypes.CDLL(None, use_errno=True)
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
 NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 28, 47, 4
+SECURE_ALL_LOCKED_NOROOT = 0x2F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
+_CAP_VERSION_3 = 0x20080522
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 EXIT_SETUP_FAILED = 125  # the jail could not be built; the reason is on the runner's stderr
@@ -110,7 +113,8 @@ def run(job: Job, paths: Paths, uid: int, gid: int, limits: dict[str, Any], weak
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     keeper = os.fork()
     if keeper == 0:  # pragma: no cover - runs in the child
-        _child(job, paths, uid, gid, limits, weak, (out_w, err_w, res_w, pid_w))
+        # As the host's root, runs switch to the jail uid; unprivileged, they enter a user namespace of their own.
+        _child(job, paths, uid if os.geteuid() == 0 else None, gid, limits, weak, (out_w, err_w, res_w, pid_w))
     for fd in (out_w, err_w, res_w, pid_w):
         os.close(fd)
     outcome = Outcome()
@@ -185,7 +189,16 @@ def _child(
         os.dup2(err_w, 2)  # setup errors go to the run's stderr
         if weak:
             _runner(job, paths, uid, gid, limits, weak, fds)
-        _check(_libc.unshare(NAMESPACES), "unshare(namespaces)")
+        outer_uid, outer_gid = os.geteuid(), os.getegid()
+        _check(_libc.unshare(NAMESPACES | (0 if uid is not None else CLONE_NEWUSER)), "unshare(namespaces)")
+        if uid is None:
+            # Our own uid and gid become 0 inside: capabilities over the new namespaces only, none on the host.
+            # (The sandbox process is non-dumpable, which would make our own /proc files root's: undo that here;
+            # the runner sets it again before any untrusted code.)
+            _prctl(PR_SET_DUMPABLE, 1)
+            Path("/proc/self/setgroups").write_text("deny")
+            Path("/proc/self/uid_map").write_text(f"0 {outer_uid} 1")
+            Path("/proc/self/gid_map").write_text(f"0 {outer_gid} 1")
         init = os.fork()
         if init == 0:
             _init(job, paths, uid, gid, limits, fds)
@@ -198,7 +211,7 @@ def _child(
     os._exit(code)
 
 
-def _init(job: Job, paths: Paths, uid: int, gid: int, limits: dict, fds: tuple[int, int, int, int]) -> None:
+def _init(job: Job, paths: Paths, uid: int | None, gid: int, limits: dict, fds: tuple[int, int, int, int]) -> None:
     """pid 1 of the run's namespaces: build the root, start the runner, reap until it is gone. Never returns."""
     code = EXIT_SETUP_FAILED
     try:
@@ -221,7 +234,7 @@ def _init(job: Job, paths: Paths, uid: int, gid: int, limits: dict, fds: tuple[i
     os._exit(code)  # the namespace dies with its init: every leftover process is killed
 
 
-def _build_root(paths: Paths, uid: int, gid: int, limits: dict) -> None:
+def _build_root(paths: Paths, uid: int | None, gid: int, limits: dict) -> None:
     """A tmpfs root holding only what policy.py lists, then pivot_root into it and drop the host's root."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
     root = str(paths.root)
@@ -235,7 +248,9 @@ def _build_root(paths: Paths, uid: int, gid: int, limits: dict) -> None:
         os.symlink(to, f"{root}/{name}")
     os.makedirs(f"{root}/etc")
     for name, content in ETC_FILES.items():
-        Path(f"{root}/etc/{name}").write_text(content.format(uid=uid, gid=gid))
+        Path(f"{root}/etc/{name}").write_text(
+            content.format(uid=0 if uid is None else uid, gid=0 if uid is None else gid)
+        )
     os.makedirs(f"{root}/dev")
     for dev in DEVICES:
         Path(root + dev).touch()
@@ -275,11 +290,18 @@ def _runner(
         os.chdir(str(paths.work) if weak else WORK_DIR)
         os.environ.clear()  # the job sees no environment; programs get theirs explicitly from shell.build_env
         _set_limits(limits)
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        if os.getuid() == 0 or os.geteuid() == 0:
-            raise JailError("still root after setresuid")
+        if uid is not None:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)  # leaving uid 0 clears every capability
+            if 0 in os.getresuid():
+                raise JailError("still root after setresuid")
+        else:
+            # The sandbox itself is unprivileged: inside the jail we are uid 0 of our own user namespace (the host
+            # sees the worker's uid); empty every capability set so that uid 0 grants nothing even there.
+            _drop_capabilities()
+        if effective_capabilities() != 0:
+            raise JailError("capabilities remain after dropping privileges")
         _prctl(PR_SET_DUMPABLE, 0)
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
         if not weak:
@@ -292,6 +314,31 @@ def _runner(
     except BaseException as exc:
         _report(f"{'sandbox setup failed' if code == EXIT_SETUP_FAILED else 'run failed'}: {exc}")
     os._exit(code)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def effective_capabilities() -> int:
+    header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    return data[0].effective | data[1].effective << 32 | data[0].permitted | data[1].permitted << 32
+
+
+def _drop_capabilities() -> None:
+    """Empty every capability set, for good: bounding set, ambient set, and securebits so uid 0 grants nothing."""
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+            _check(-1, f"drop capability {cap} from the bounding set")
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    _check(_libc.prctl(PR_SET_SECUREBITS, SECURE_ALL_LOCKED_NOROOT, 0, 0, 0), "securebits")
+    header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 def _set_limits(limits: dict) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,8 +35,13 @@ from botworker.schema import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# One sandbox state directory for the whole run (per-run work dirs and bots' files live under it).
+SANDBOX_ROOT = tempfile.mkdtemp(prefix="botworker-sandbox-")
+os.chmod(SANDBOX_ROOT, 0o755)
+
 # Settings that make process tests quick: short waits, fast respawns.
 FAST = {
+    "SANDBOX_ROOT": SANDBOX_ROOT,
     "POP_TIMEOUT": "0.2",
     "RETRY_DELAY": "0.05",
     "BOOT_TIMEOUT": "5",
@@ -42,6 +49,12 @@ FAST = {
     "NODE_TTL": "5",
     "LOG_LEVEL": "INFO",
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_sandbox_root() -> Iterator[None]:
+    yield
+    shutil.rmtree(SANDBOX_ROOT, ignore_errors=True)
 
 
 @dataclass(frozen=True)

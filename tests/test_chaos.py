@@ -21,11 +21,12 @@ from typing import Any
 import psycopg2.extensions
 import pytest
 import redis
-from conftest import Bot, Fleet, Servers, events, push, query, wait_for
 
 from botworker import errors
 from botworker.demo import seed
 from botworker.queue import DEAD, ERRORS, MESSAGES, PROCESSING_PREFIX, PROCESSING_SET, RESPONSES
+
+from conftest import Bot, Fleet, Servers, events, push, query, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 import psycopg2.extras
 import pytest
 import redis
-from conftest import Bot, events, push, query, wait_for
 
 from botworker import errors
 from botworker.config import Config
@@ -18,6 +17,8 @@ from botworker.message import Message
 from botworker.pipeline import utcnow
 from botworker.queue import ATTEMPTS, DEAD, ERRORS, MESSAGES, RESPONSES, STATS, requeue_list
 from botworker.worker import Heartbeat, Worker
+
+from conftest import Bot, events, push, query, wait_for
 
 ROW_COLUMNS = {
     "id", "botInstanceId", "userId", "role", "content", "metadata", "responseTime", "tokensUsed", "createdAt", "updatedAt",

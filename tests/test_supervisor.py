@@ -22,10 +22,11 @@ from typing import Any
 import psycopg2.extensions
 import pytest
 import redis
-from conftest import FAST, ROOT, Bot, Fleet, Servers, advisory_lock, events, push, query, wait_for
 
 from botworker import errors
 from botworker.queue import ERRORS, MESSAGES, NODE_PREFIX, PROCESSING_PREFIX, PROCESSING_SET, RESPONSES, STATUS
+
+from conftest import FAST, ROOT, Bot, Fleet, Servers, advisory_lock, events, push, query, wait_for
 
 # ---- helpers -----------------------------------------------------------------------------------------------
 

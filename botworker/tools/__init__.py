@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sandbox.client import SandboxClient
+
 from ..config import Config
 from ..message import ToolCall, ToolResult
 from ..store import Store
@@ -33,16 +35,17 @@ class ToolContext:
     tools: list[dict[str, Any]]
     store: Store
     cfg: Config
+    sandbox: Callable[[], SandboxClient] | None = None  # this worker's sandbox process (shell, script, file tools)
 
 
 Runner = Callable[[ToolCall, dict[str, Any], ToolContext], Any]
 
 
 def _builtin_registry() -> dict[str, Runner]:
-    from . import platform, workflow
+    from . import platform, sandboxed, workflow
 
     registry: dict[str, Runner] = {}
-    for family in (platform, workflow):
+    for family in (platform, sandboxed, workflow):
         for tool_type in family.TYPES:
             registry[tool_type] = family.run
     return registry

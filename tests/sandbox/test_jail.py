@@ -236,3 +236,53 @@ def test_shell_arguments_stay_single_elements() -> None:
         shell.build_argv("echo {{a}}", {"a": "x\x00y"})
     with pytest.raises(shell.ShellRefused):
         shell.build_env({"LD_PRELOAD": "/tmp/x.so"})
+
+
+def test_an_unprivileged_sandbox_confines_runs_in_a_user_namespace(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same jail when the sandbox is not root (as under a systemd User=): a user namespace of its own, every
+    capability dropped, and still no host files, no network, no escalation."""
+    nobody = 65534
+    root = Path(tempfile.mkdtemp(prefix="jail-unpriv-"))
+    for sub in ("jail", "runs/w", "files/bot"):
+        (root / sub).mkdir(parents=True)
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, nobody, nobody)
+    root.chmod(0o755)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "sandbox process", unprivileged
+        try:
+            os.setgroups([])
+            os.setresgid(nobody, nobody, nobody)
+            os.setresuid(nobody, nobody, nobody)
+
+            def job(result_fd: int) -> None:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                seen = {
+                    "caps": jail.effective_capabilities(),
+                    "pid": os.getpid(),
+                    "shadow": _try(lambda: open("/etc/shadow").read()),  # noqa: SIM115
+                    "inet": _try(lambda: socket.socket(socket.AF_INET).close()),
+                    "write_usr": _try(lambda: open("/usr/x", "w")),  # noqa: SIM115
+                    "files": _try(lambda: open("/files/ok", "w").write("x")),  # noqa: SIM115
+                    "unshare": libc.unshare(0x10000000),
+                    "mount": libc.mount(b"none", b"/tmp", b"tmpfs", 0, None),
+                }
+                os.write(result_fd, json.dumps(seen).encode())
+
+            paths = jail.Paths(root / "jail", root / "runs" / "w", root / "files" / "bot")
+            out = jail.run(job, paths, 1, 1, dict(policy.DEFAULT_LIMITS))
+            os.write(write_fd, out.result or out.stderr)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        raw = pipe.read()
+    os.waitpid(pid, 0)
+    shutil.rmtree(root, ignore_errors=True)
+    seen = json.loads(raw)
+    assert seen["caps"] == 0 and seen["pid"] == 2
+    assert seen["shadow"] == "FileNotFoundError" and seen["inet"] == "OSError" and seen["write_usr"] == "OSError"
+    assert seen["files"] == "ok" and seen["unshare"] == -1 and seen["mount"] == -1
