@@ -91,7 +91,27 @@ def describe(result: ToolResult) -> str:
         return f'Found {data["count"]} match(es) for "{data["query"]}": {found}.'
     if op == "list_user_data":
         return "You have " + ", ".join(f"{n} {kind}" for kind, n in data.items()) + "."
-    return f"{call.name} returned: {_clip(json.dumps(data, ensure_ascii=False, default=str), 500)}"
+    if call.type == "custom_script" and isinstance(data, dict):
+        printed = str(data.get("stdout") or "").strip()
+        text = f"{call.name} returned {_json(data.get('result'))}."
+        return text + (f" It printed: {_clip(printed, 300)}" if printed else "")
+    if call.type == "shell_command" and isinstance(data, dict):
+        return f"{call.name} printed: {_clip(str(data.get('stdout') or '').strip(), 500) or '(nothing)'}"
+    if call.type == "file_operation" and isinstance(data, dict):
+        if "content" in data:
+            return f"{call.name} read: {_clip(str(data['content']), 500)}"
+        if "written" in data:
+            return f"{call.name} saved {data['written']} bytes."
+        if "entries" in data:
+            names = ", ".join(e["name"] for e in data["entries"][:_NAMES_SHOWN]) or "nothing"
+            return f"{call.name} lists: {names}."
+        if "exists" in data:
+            return f"{call.name}: {'it exists' if data['exists'] else 'it does not exist'}."
+    return f"{call.name} returned: {_json(data)}"
+
+
+def _json(value: Any) -> str:
+    return _clip(json.dumps(value, ensure_ascii=False, default=str), 500)
 
 
 def _hints(ctx: BotContext) -> str:
