@@ -112,13 +112,13 @@ class Server:
                 raise Refused(f"sandbox unavailable: {self.unavailable}")
             limits = _limits(req.get("limits"))
             scope = _scope(req.get("scope"))
-            if kind == "script":
-                return {"id": rid, **self._script(req, limits, scope)}
-            if kind == "shell":
-                return {"id": rid, **self._shell(req, limits, scope)}
-            if kind == "file":
-                return {"id": rid, **self._file(req, limits, scope)}
-            raise Refused(f"unknown request kind {kind!r}")
+            run = {"script": self._script, "shell": self._shell, "file": self._file}.get(kind)
+            if run is None:
+                raise Refused(f"unknown request kind {kind!r}")
+            reply = {"id": rid, **run(req, limits, scope)}
+            if self.weak:
+                reply["weak"] = True  # every result of a weakly confined run says so
+            return reply
         except (Refused, shell.ShellRefused, files.FileRefused) as exc:
             return {"id": rid, "ok": False, "error": str(exc)}
 

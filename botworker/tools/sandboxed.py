@@ -112,4 +112,6 @@ def _result(kind: str, reply: dict[str, Any]) -> Any:
         }
     if reply.get("truncated"):
         out["truncated"] = True
+    if reply.get("weak"):
+        out["weakSandbox"] = True  # SANDBOX_ALLOW_WEAK: this ran without namespaces (development only)
     return out

@@ -286,3 +286,22 @@ def test_an_unprivileged_sandbox_confines_runs_in_a_user_namespace(tmp_path_fact
     assert seen["caps"] == 0 and seen["pid"] == 2
     assert seen["shadow"] == "FileNotFoundError" and seen["inet"] == "OSError" and seen["write_usr"] == "OSError"
     assert seen["files"] == "ok" and seen["unshare"] == -1 and seen["mount"] == -1
+
+
+def test_weak_mode_still_drops_identity_and_filters_syscalls(tmp_path: Path) -> None:
+    """The development fallback (no namespaces) keeps uid, no-new-privs, rlimits and seccomp."""
+    import ctypes
+
+    work = tmp_path / "work"
+    work.mkdir()
+    os.chown(work, UID, GID)
+    tmp_path.chmod(0o755)
+
+    def job(result_fd: int) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        seen = {"uid": os.getuid(), "nnp": libc.prctl(39, 0, 0, 0, 0), "seccomp": libc.prctl(21, 0, 0, 0, 0),
+                "inet": _try(lambda: socket.socket(socket.AF_INET).close())}  # fmt: skip
+        os.write(result_fd, json.dumps(seen).encode())
+
+    out = jail.run(job, jail.Paths(tmp_path / "unused", work, None), UID, GID, dict(policy.DEFAULT_LIMITS), weak=True)
+    assert json.loads(out.result) == {"uid": UID, "nnp": 1, "seccomp": 2, "inet": "OSError"}
