@@ -64,6 +64,42 @@ SELECT b.id, b.name, b."displayName", b.description, b."isActive", b.model, b."u
 FROM bots b WHERE b.id = %(bot)s
 """
 
+# Everything a message needs, in one statement: creates the instance (only for the bot's owner, only if active),
+# and returns the bot with its user, prompts, tools, the instance's owner, the last messages and this message's
+# own rows if an earlier attempt saved them.
+_LOAD = f"""
+WITH created AS (
+  INSERT INTO bot_instances (id, "botId", "userId", status, "lastStartedAt", "createdAt", "updatedAt")
+  SELECT %(instance)s, b.id, b."userId", 'running', now(), now(), now()
+  FROM bots b WHERE %(create)s AND b.id = %(bot)s AND b."userId" = %(user)s AND b."isActive"
+  ON CONFLICT (id) DO NOTHING)
+SELECT q.*,
+  (SELECT coalesce(json_agg(h ORDER BY h."createdAt", h.id), '[]'::json) FROM (
+     SELECT id, role, content, "createdAt" FROM chat_messages
+     WHERE "botInstanceId" = %(instance)s AND "userId" = %(user)s
+       AND coalesce(metadata->>'messageId', '') <> %(mid)s
+     ORDER BY "createdAt" DESC, id DESC LIMIT %(limit)s) h) AS history,
+  (SELECT json_agg(o) FROM (
+     SELECT {CHAT_COLUMNS} FROM chat_messages
+     WHERE "botInstanceId" = %(instance)s AND metadata->>'messageId' = %(mid)s) o) AS own
+FROM ({_LOAD_BOT}) q
+"""
+
+_INSERT_ROW = """INSERT INTO chat_messages (id, "botInstanceId", "userId", role, content, metadata, "responseTime",
+                                           "tokensUsed", "createdAt", "updatedAt")"""
+_SAVE = f"""SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0));
+WITH existing AS (
+  SELECT {CHAT_COLUMNS} FROM chat_messages WHERE "botInstanceId" = %(instance)s AND metadata->>'messageId' = %(mid)s),
+user_row AS ({_INSERT_ROW}
+  SELECT %(uid1)s, %(instance)s, %(user)s, 'user', %(text)s, %(umeta)s, NULL, NULL, %(received)s, %(received)s
+  WHERE NOT EXISTS (SELECT 1 FROM existing) RETURNING {CHAT_COLUMNS}),
+bot_row AS ({_INSERT_ROW}
+  SELECT %(uid2)s, %(instance)s, %(user)s, 'bot', %(reply)s, %(rmeta)s, %(ms)s, %(tokens)s, %(at)s, %(at)s
+  WHERE NOT EXISTS (SELECT 1 FROM existing) RETURNING {CHAT_COLUMNS}),
+touched AS (UPDATE bot_instances SET "updatedAt" = now() WHERE id = %(instance)s AND NOT EXISTS (SELECT 1 FROM existing))
+SELECT true AS created, * FROM user_row UNION ALL SELECT true, * FROM bot_row
+UNION ALL SELECT false, * FROM existing"""
+
 
 @dataclass(frozen=True)
 class BotContext:
@@ -131,23 +167,28 @@ class Store:
             self._idle.append(conn)
 
     @contextmanager
-    def transaction(self, write: bool = True) -> Iterator[psycopg2.extras.RealDictCursor]:
-        """A pooled connection: one transaction when ``write``, else autocommit (reads skip BEGIN/COMMIT trips).
+    def cursor(self, autocommit: bool = True) -> Iterator[psycopg2.extras.RealDictCursor]:
+        """A cursor on a pooled connection. Autocommit by default: every statement string is its own implicit
+        transaction (a string of several statements runs as one), with no BEGIN/COMMIT round trips; with
+        ``autocommit=False`` the block is one transaction, committed at its end.
 
         A transient failure (server gone, timeout, serialization clash) becomes ``TransientError``; a connection
         that failed is closed, never reused.
         """
         try:
             conn = self._getconn()
-            conn.autocommit = not write
+            conn.autocommit = autocommit
         except _TRANSIENT as exc:
             raise TransientError(
                 errors.DATABASE_UNAVAILABLE, f"cannot connect to PostgreSQL: {_one_line(exc)}"
             ) from exc
         broken = False
         try:
-            # `with conn` would open a transaction even in autocommit mode (psycopg2 >= 2.9): only for writes.
-            with conn if write else nullcontext(), conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            # `with conn` would open a transaction even in autocommit mode (psycopg2 >= 2.9).
+            with (
+                nullcontext() if autocommit else conn,
+                conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur,
+            ):
                 yield cur
         except _TRANSIENT as exc:
             broken = conn.closed != 0 or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
@@ -157,66 +198,44 @@ class Store:
 
     def ping(self) -> None:
         """Raise TransientError unless the database answers."""
-        with self.transaction(write=False) as cur:
+        with self.cursor() as cur:
             cur.execute("SELECT 1")
 
     # ---- loading -------------------------------------------------------------------------------------------
 
     def load_context(self, msg: Message) -> BotContext:
-        """Bot (owned by the user, active), prompts, tools, instance (found or created), history, earlier save.
-
-        Two or three round trips in autocommit: every statement stands alone (the instance insert is idempotent).
-        """
-        with self.transaction(write=False) as cur:
-            cur.execute(_LOAD_BOT, {"bot": msg.bot_id, "user": msg.user_id, "instance": msg.instance_id})
-            row = cur.fetchone()
-            if row is None or str(row["userId"]) != msg.user_id:
-                # The same answer for "no such bot" and "not yours": ids of other users' bots are not revealed.
-                raise MessageError(errors.BOT_NOT_FOUND, f"bot {msg.bot_id} not found for this user")
-            if row["user"] is None:
-                raise MessageError(errors.USER_NOT_FOUND, f"user {msg.user_id} not found")
-            if not row["isActive"]:
-                raise MessageError(errors.BOT_INACTIVE, f"bot {msg.bot_id} is not active")
-            instance_id = self._instance(cur, msg, row["instance"])
-            history, saved = self._conversation(cur, instance_id, msg.message_id)
-        row = dict(row)
-        user, prompts, tools = row.pop("user"), row.pop("prompts"), row.pop("tools")
-        row.pop("instance")
-        return BotContext(row, user, prompts, tools, instance_id, history, saved)
-
-    @staticmethod
-    def _instance(cur: psycopg2.extensions.cursor, msg: Message, found: dict[str, Any] | None) -> str:
+        """Bot (owned by the user, active), prompts, tools, instance (found or created), history, earlier save:
+        one statement, one round trip."""
         if msg.instance_id:
-            if found is None or found["botId"] != msg.bot_id or found["userId"] != msg.user_id:
-                raise MessageError(
-                    errors.INSTANCE_NOT_FOUND, f"instance {msg.instance_id} is not an instance of this bot and user"
-                )
-            return msg.instance_id
-        instance_id = str(uuid.uuid5(INSTANCE_NAMESPACE, f"{msg.bot_id}:{msg.user_id}:{msg.message_id}"))
-        cur.execute(
-            """INSERT INTO bot_instances (id, "botId", "userId", status, "lastStartedAt", "createdAt", "updatedAt")
-               VALUES (%s, %s, %s, 'running', now(), now(), now()) ON CONFLICT (id) DO NOTHING""",
-            (instance_id, msg.bot_id, msg.user_id),
-        )
-        return instance_id
-
-    def _conversation(self, cur: psycopg2.extensions.cursor, instance_id: str, message_id: str) -> tuple[list, Any]:
-        """The last HISTORY_LIMIT messages (oldest first, this message's own rows excluded), and this message's own
-        rows if an earlier attempt saved them: one query."""
-        cur.execute(
-            f"""(SELECT false AS own, {CHAT_COLUMNS} FROM chat_messages
-                 WHERE "botInstanceId" = %(instance)s AND coalesce(metadata->>'messageId', '') <> %(mid)s
-                 ORDER BY "createdAt" DESC, id DESC LIMIT %(limit)s)
-                UNION ALL
-                (SELECT true AS own, {CHAT_COLUMNS} FROM chat_messages
-                 WHERE "botInstanceId" = %(instance)s AND metadata->>'messageId' = %(mid)s)""",
-            {"instance": instance_id, "mid": message_id, "limit": self.cfg.history_limit},
-        )
-        rows = cur.fetchall()
-        history = [
-            {"role": r["role"], "content": r["content"], "createdAt": r["createdAt"]} for r in rows if not r["own"]
-        ]
-        return history[::-1], _pair([r for r in rows if r["own"]])
+            instance_id = msg.instance_id
+        else:
+            instance_id = str(uuid.uuid5(INSTANCE_NAMESPACE, f"{msg.bot_id}:{msg.user_id}:{msg.message_id}"))
+        params = {
+            "bot": msg.bot_id,
+            "user": msg.user_id,
+            "instance": instance_id,
+            "create": msg.instance_id is None,
+            "mid": msg.message_id,
+            "limit": self.cfg.history_limit,
+        }
+        with self.cursor() as cur:
+            cur.execute(_LOAD, params)
+            row = cur.fetchone()
+        if row is None or str(row["userId"]) != msg.user_id:
+            # The same answer for "no such bot" and "not yours": ids of other users' bots are not revealed.
+            raise MessageError(errors.BOT_NOT_FOUND, f"bot {msg.bot_id} not found for this user")
+        if row["user"] is None:
+            raise MessageError(errors.USER_NOT_FOUND, f"user {msg.user_id} not found")
+        if not row["isActive"]:
+            raise MessageError(errors.BOT_INACTIVE, f"bot {msg.bot_id} is not active")
+        found = row["instance"]
+        if msg.instance_id and (found is None or found["botId"] != msg.bot_id or found["userId"] != msg.user_id):
+            raise MessageError(
+                errors.INSTANCE_NOT_FOUND, f"instance {msg.instance_id} is not an instance of this bot and user"
+            )
+        bot = {k: v for k, v in row.items() if k not in ("user", "prompts", "tools", "instance", "history", "own")}
+        own = _pair([_chat_row(r) for r in row["own"] or []])
+        return BotContext(bot, row["user"], row["prompts"], row["tools"], instance_id, row["history"], own)
 
     # ---- saving --------------------------------------------------------------------------------------------
 
@@ -231,44 +250,50 @@ class Store:
         user_meta: dict[str, Any],
         reply_meta: dict[str, Any],
     ) -> tuple[dict[str, Any], dict[str, Any], bool]:
-        """Write both rows in one transaction; returns (user row, reply row, created). Idempotent by message id.
+        """Write both rows atomically; returns (user row, reply row, created). Idempotent by message id.
 
-        The advisory lock serialises two attempts of the same message (say, a worker presumed dead that is still
-        finishing); the second one finds the first one's rows and returns them.
+        One round trip: an advisory lock keyed by the message id, then one statement that inserts both rows and
+        touches the instance unless rows with this message id exist, and returns whichever rows there are. Both
+        statements run as one implicit transaction. The lock serialises two attempts of the same message (say, a
+        worker presumed dead that is still finishing): the second one gets the first one's rows.
         """
-        with self.transaction() as cur:
-            # Two statements, one round trip: lock, then look for an earlier save.
-            cur.execute(
-                f"""SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0));
-                    SELECT {CHAT_COLUMNS} FROM chat_messages
-                    WHERE "botInstanceId" = %(instance)s AND metadata->>'messageId' = %(mid)s""",
-                {"key": "botworker:" + msg.message_id, "instance": instance_id, "mid": msg.message_id},
-            )
-            existing = _pair(cur.fetchall())
-            if existing:
-                return existing[0], existing[1], False
-            cur.execute(
-                f"""UPDATE bot_instances SET "updatedAt" = now() WHERE id = %s;
-                    INSERT INTO chat_messages (id, "botInstanceId", "userId", role, content, metadata,
-                                               "responseTime", "tokensUsed", "createdAt", "updatedAt")
-                    VALUES (%s, %s, %s, 'user', %s, %s, NULL, NULL, %s, %s),
-                           (%s, %s, %s, 'bot', %s, %s, %s, %s, %s, %s)
-                    RETURNING {CHAT_COLUMNS}""",
-                (
-                    instance_id,
-                    str(uuid.uuid4()), instance_id, msg.user_id, msg.text, psycopg2.extras.Json(user_meta),
-                    msg.received_at, msg.received_at,
-                    str(uuid.uuid4()), instance_id, msg.user_id, reply_text, psycopg2.extras.Json(reply_meta),
-                    response_ms, tokens_used, reply_at, reply_at,
-                ),
-            )  # fmt: skip
-            user_row, bot_row = _pair(cur.fetchall()) or ({}, {})
-        return user_row, bot_row, True
+        params = {
+            "key": "botworker:" + msg.message_id,
+            "instance": instance_id,
+            "mid": msg.message_id,
+            "user": msg.user_id,
+            "uid1": str(uuid.uuid4()),
+            "text": msg.text,
+            "umeta": psycopg2.extras.Json(user_meta),
+            "received": msg.received_at,
+            "uid2": str(uuid.uuid4()),
+            "reply": reply_text,
+            "rmeta": psycopg2.extras.Json(reply_meta),
+            "ms": response_ms,
+            "tokens": tokens_used,
+            "at": reply_at,
+        }
+        with self.cursor() as cur:
+            cur.execute(_SAVE, params)
+            rows = cur.fetchall()
+        pair = _pair([_chat_row(r) for r in rows])
+        if pair is None:
+            raise TransientError(errors.DATABASE_UNAVAILABLE, f"message {msg.message_id}: rows not found after saving")
+        return pair[0], pair[1], bool(rows[0]["created"])
+
+
+def _chat_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A chat_messages row as the events carry it: timestamps as the API shows them, uuids as strings."""
+    out = {k: v for k, v in row.items() if k != "created"}
+    for key in ("createdAt", "updatedAt"):
+        if isinstance(out.get(key), str):  # from json_agg: ISO text without the 'Z'
+            out[key] = datetime.fromisoformat(out[key])
+    return jsonable(out)
 
 
 def _pair(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(user row, reply row) as JSON-ready dicts, if both are there."""
-    by_role = {r["role"]: jsonable({k: v for k, v in r.items() if k != "own"}) for r in rows}
+    """(user row, reply row), if both are there."""
+    by_role = {r["role"]: r for r in rows}
     if "user" in by_role and "bot" in by_role:
         return by_role["user"], by_role["bot"]
     return None

@@ -67,7 +67,7 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
 
 
 def _list(ctx: ToolContext, select: str, order: str) -> dict[str, Any]:
-    with ctx.store.transaction(write=False) as cur:
+    with ctx.store.cursor() as cur:
         cur.execute(
             f"SELECT count(*) OVER () AS total, q.* FROM ({select}) q ORDER BY {order} LIMIT {LIMIT}",
             {"user": ctx.user_id},
@@ -78,7 +78,7 @@ def _list(ctx: ToolContext, select: str, order: str) -> dict[str, Any]:
 
 
 def _user_info(ctx: ToolContext) -> dict[str, Any]:
-    with ctx.store.transaction(write=False) as cur:
+    with ctx.store.cursor() as cur:
         cur.execute(
             'SELECT id, email, "firstName", "lastName", role, "isActive", "createdAt" FROM users WHERE id = %s',
             (ctx.user_id,),
@@ -100,7 +100,7 @@ def _search(ctx: ToolContext, query: str) -> dict[str, Any]:
         parts.append(
             f"(SELECT '{kind}' AS kind, x.id, x.name, x.description FROM {source} AND ({where}) LIMIT {LIMIT})"
         )
-    with ctx.store.transaction(write=False) as cur:
+    with ctx.store.cursor() as cur:
         cur.execute(" UNION ALL ".join(parts), {"user": ctx.user_id, "pattern": pattern})
         rows = cur.fetchall()
     items = [jsonable(dict(r)) for r in rows[:LIMIT]]
@@ -108,7 +108,7 @@ def _search(ctx: ToolContext, query: str) -> dict[str, Any]:
 
 
 def _counts(ctx: ToolContext) -> dict[str, int]:
-    with ctx.store.transaction(write=False) as cur:
+    with ctx.store.cursor() as cur:
         cur.execute(
             """SELECT
                  (SELECT count(*) FROM models WHERE "userId" = %(user)s) AS models,
