@@ -187,24 +187,29 @@ class Fleet:
         return self.log_path.read_text(errors="replace")
 
 
+def process_env(servers: Servers, **env: str) -> dict[str, str]:
+    """The environment of a botworker process under test: the test servers, fast settings, this checkout."""
+    return {
+        **os.environ,
+        "REDIS_URL": servers.redis_url,
+        "DATABASE_URL": servers.database_url,
+        **FAST,
+        **env,
+        "PYTHONPATH": str(ROOT),
+    }
+
+
 @pytest.fixture
-def start_fleet(servers: Servers, r: redis.Redis, tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
+def spawn(servers: Servers, r: redis.Redis, tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
+    """Start any command line as a fleet (stderr to a log file); stopped (SIGQUIT, then SIGKILL) at teardown."""
     started: list[Fleet] = []
 
-    def start(procs: int = 2, wait: bool = True, args: tuple[str, ...] = (), **env: str) -> Fleet:
+    def start(argv: list[str], **env: str) -> Fleet:
         log_path = tmp_path / f"fleet-{len(started)}.log"
-        full_env = {
-            **os.environ,
-            "REDIS_URL": servers.redis_url,
-            "DATABASE_URL": servers.database_url,
-            **FAST,
-            **env,
-            "PYTHONPATH": str(ROOT),
-        }
         with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen(
-                [sys.executable, "-m", "botworker", "run", "--procs", str(procs), "--env-file", "", *args],
-                env=full_env,
+                argv,
+                env=process_env(servers, **env),
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
                 text=True,
@@ -212,8 +217,6 @@ def start_fleet(servers: Servers, r: redis.Redis, tmp_path: Path) -> Iterator[Ca
             )
         fleet = Fleet(proc, r, log_path)
         started.append(fleet)
-        if wait:
-            fleet.wait_workers(procs)
         return fleet
 
     yield start
@@ -225,6 +228,20 @@ def start_fleet(servers: Servers, r: redis.Redis, tmp_path: Path) -> Iterator[Ca
             except subprocess.TimeoutExpired:
                 fleet.proc.kill()
                 fleet.proc.wait()
+
+
+@pytest.fixture
+def start_fleet(spawn: Callable[..., Fleet]) -> Callable[..., Fleet]:
+    """`python -m botworker run --procs N` with fast settings (plus **env); waits for N ready workers."""
+
+    def start(procs: int = 2, wait: bool = True, args: tuple[str, ...] = (), **env: str) -> Fleet:
+        argv = [sys.executable, "-m", "botworker", "run", "--procs", str(procs), "--env-file", "", *args]
+        fleet = spawn(argv, **env)
+        if wait:
+            fleet.wait_workers(procs)
+        return fleet
+
+    return start
 
 
 @contextmanager
