@@ -129,6 +129,12 @@ SETTINGS: dict[str, Setting] = {
     "db_statement_timeout": Setting(
         "DB_STATEMENT_TIMEOUT", _float(0.1, 3600), 30.0, "PostgreSQL statement timeout (s)"
     ),
+    "db_prepare": Setting(
+        "DB_PREPARE",
+        _bool,
+        True,
+        "prepare the per-message statements once per connection (turn off behind PgBouncer in transaction mode)",
+    ),
     "redis_timeout": Setting(
         "REDIS_TIMEOUT", _float(0.5, 300), 5.0, "Redis socket timeout (s), on top of the BLMOVE wait"
     ),
@@ -174,6 +180,7 @@ class Config:
     db_pool_size: int
     db_connect_timeout: int
     db_statement_timeout: float
+    db_prepare: bool
     redis_timeout: float
     sandbox_root: str
     sandbox_uid: int
@@ -259,6 +266,7 @@ def load_config(
         db_pool_size=values["db_pool_size"],
         db_connect_timeout=values["db_connect_timeout"],
         db_statement_timeout=values["db_statement_timeout"],
+        db_prepare=values["db_prepare"],
         redis_timeout=values["redis_timeout"],
         sandbox_root=values["sandbox_root"],
         sandbox_uid=values["sandbox_uid"],

@@ -100,6 +100,42 @@ touched AS (UPDATE bot_instances SET "updatedAt" = now() WHERE id = %(instance)s
 SELECT true AS created, * FROM user_row UNION ALL SELECT true, * FROM bot_row
 UNION ALL SELECT false, * FROM existing"""
 
+# The two statements every message runs are prepared once per connection (DB_PREPARE): PostgreSQL then neither
+# parses nor plans them again, which is most of its work per message. name -> (statement, parameters and types).
+_PREPARED: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "botworker_load": (
+        _LOAD,
+        [("instance", "uuid"), ("create", "boolean"), ("bot", "uuid"), ("user", "uuid"), ("mid", "text"),
+         ("limit", "integer")],
+    ),
+    "botworker_save": (
+        _SAVE.split(";", 1)[1],  # the statement after the advisory lock
+        [("instance", "uuid"), ("mid", "text"), ("user", "uuid"), ("uid1", "uuid"), ("text", "text"),
+         ("umeta", "jsonb"), ("received", "timestamptz"), ("uid2", "uuid"), ("reply", "text"), ("rmeta", "jsonb"),
+         ("ms", "integer"), ("tokens", "integer"), ("at", "timestamptz")],
+    ),
+}  # fmt: skip
+
+
+def _prepare_sql() -> str:
+    """PREPARE statements for a new connection: each %(name)s becomes its $n."""
+    out = []
+    for name, (sql, params) in _PREPARED.items():
+        for i, (param, _) in enumerate(params, 1):
+            sql = sql.replace(f"%({param})s", f"${i}")
+        out.append(f"PREPARE {name} ({', '.join(t for _, t in params)}) AS {sql}")
+    return ";\n".join(out)
+
+
+def _execute(name: str) -> str:
+    """The EXECUTE of a prepared statement, with psycopg2 placeholders for its parameters."""
+    return f"EXECUTE {name} (" + ", ".join(f"%({p})s" for p, _ in _PREPARED[name][1]) + ")"
+
+
+_PREPARE = _prepare_sql()
+_LOAD_PREPARED = _execute("botworker_load")
+_SAVE_PREPARED = _SAVE.split(";", 1)[0] + ";\n" + _execute("botworker_save")
+
 
 @dataclass(frozen=True)
 class BotContext:
@@ -158,7 +194,12 @@ class Store:
             conn = self._idle.pop()
             if not conn.closed:
                 return conn
-        return psycopg2.connect(**self._connect_args)
+        conn = psycopg2.connect(**self._connect_args)
+        if self.cfg.db_prepare:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(_PREPARE)
+        return conn
 
     def _putconn(self, conn: psycopg2.extensions.connection, broken: bool) -> None:
         if broken or conn.closed or len(self._idle) >= self.cfg.db_pool_size:
@@ -219,7 +260,7 @@ class Store:
             "limit": self.cfg.history_limit,
         }
         with self.cursor() as cur:
-            cur.execute(_LOAD, params)
+            cur.execute(_LOAD_PREPARED if self.cfg.db_prepare else _LOAD, params)
             row = cur.fetchone()
         if row is None or str(row["userId"]) != msg.user_id:
             # The same answer for "no such bot" and "not yours": ids of other users' bots are not revealed.
@@ -274,7 +315,7 @@ class Store:
             "at": reply_at,
         }
         with self.cursor() as cur:
-            cur.execute(_SAVE, params)
+            cur.execute(_SAVE_PREPARED if self.cfg.db_prepare else _SAVE, params)
             rows = cur.fetchall()
         pair = _pair([_chat_row(r) for r in rows])
         if pair is None:

@@ -271,3 +271,24 @@ def test_malformed_payloads(make_worker, r, raw: str, code: str) -> None:
     [event] = events(r, ERRORS)
     assert event["code"] == code and event["messageId"]
     assert r.llen(MESSAGES) == 0 and r.llen(worker.queue.processing) == 0
+
+
+def test_without_prepared_statements_the_flow_is_the_same(make_worker, r, db, bot: Bot) -> None:
+    """DB_PREPARE=false (PgBouncer in transaction mode) sends the same statements unprepared."""
+    worker = make_worker(DB_PREPARE="false")
+    payload = bot.message("list my models")
+    push(r, payload)
+    push(r, {**payload, "messageId": payload["messageId"] + "-2", "message": "who am i"})
+    worker.run_once()
+    worker.run_once()
+    first, second = events(r, RESPONSES)
+    assert "churn, sentiment, vision" in first["botResponse"]["content"]
+    assert "Ada Lovelace" in second["botResponse"]["content"]
+    assert len(rows_for(db, payload["messageId"])) == 2
+    with worker.store.cursor() as cur:  # the worker's own (pooled) connection prepared nothing
+        cur.execute("SELECT count(*) AS n FROM pg_prepared_statements")
+        assert cur.fetchone()["n"] == 0
+    prepared = make_worker(1)
+    with prepared.store.cursor() as cur:
+        cur.execute("SELECT name FROM pg_prepared_statements ORDER BY name")
+        assert [row["name"] for row in cur.fetchall()] == ["botworker_load", "botworker_save"]
