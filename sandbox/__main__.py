@@ -21,6 +21,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import re
 import resource
@@ -28,6 +29,7 @@ import shutil
 import signal
 import socket
 import sys
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,8 @@ class Server:
         rid = req.get("id")
         try:
             kind = req.get("kind")
+            if not isinstance(kind, str):
+                raise Refused("`kind` must be a string")
             if kind == "ping":
                 return {"id": rid, "ok": True, **self.hello()}
             if self.unavailable:
@@ -121,6 +125,9 @@ class Server:
             return reply
         except (Refused, shell.ShellRefused, files.FileRefused) as exc:
             return {"id": rid, "ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug of ours must cost one request, not the sandbox process
+            traceback.print_exc(file=sys.stderr)
+            return {"id": rid, "ok": False, "error": f"sandbox internal error: {type(exc).__name__}"}
 
     def _script(self, req: dict[str, Any], limits: dict[str, Any], scope: str | None) -> dict[str, Any]:
         source, params = req.get("source"), req.get("params") or {}
@@ -130,11 +137,15 @@ class Server:
         reply = _parse_result(out)
         if reply is None:
             return {"ok": False, "error": _death(out, "script"), **_meta(out)}
-        return {**reply, **_meta(out)}
+        # The script's own print collector may have cut its output too: either cut makes the reply truncated.
+        return {**reply, **_meta(out), "truncated": bool(reply.get("truncated")) or out.truncated}
 
     def _shell(self, req: dict[str, Any], limits: dict[str, Any], scope: str | None) -> dict[str, Any]:
-        path, argv = shell.build_argv(req.get("command"), req.get("params") or {})
-        env = shell.build_env(req.get("secret_env"))
+        params, secret = req.get("params") or {}, req.get("secret_env")
+        if not isinstance(params, dict) or not (secret is None or isinstance(secret, dict)):
+            raise Refused("`params` and `secret_env` must be objects")
+        path, argv = shell.build_argv(req.get("command"), params)
+        env = shell.build_env(secret)
         cwd = _cwd(req.get("cwd"), scope)
         out = self._run(shell.exec_job(path, argv, env, None if self.weak else cwd), scope, limits)
         ok = out.exit_code == 0 and out.killed is None
@@ -186,8 +197,10 @@ def _limits(asked: Any) -> dict[str, Any]:
     if not isinstance(asked, dict):
         raise Refused("limits must be an object")
     for key, value in asked.items():
-        if key not in limits or isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if key not in limits or isinstance(value, bool) or not isinstance(value, (int, float)):
             raise Refused(f"invalid limit {key!r}")
+        if math.isnan(value) or value < policy.MIN_LIMITS.get(key, 1):  # infinity is clamped just below
+            raise Refused(f"limit {key!r} must be a number of at least {policy.MIN_LIMITS.get(key, 1)}")
         limits[key] = min(value, policy.MAX_LIMITS[key])
     return limits
 
@@ -315,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
             if "before a frame" not in str(exc):
                 print(f"sandbox: bad request frame, closing: {exc}", file=sys.stderr)
             return 0
-        write_frame(1, server.handle(request))
+        reply = server.handle(request)
+        try:
+            write_frame(1, reply)
+        except ProtocolError as exc:  # a reply over the frame limit: say so instead of dying
+            write_frame(1, {"id": reply.get("id"), "ok": False, "error": f"sandbox reply too large: {exc}"})
 
 
 if __name__ == "__main__":

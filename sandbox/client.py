@@ -10,6 +10,7 @@ call starts a fresh one.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .policy import DEFAULT_LIMITS, MAX_LIMITS
-from .protocol import ProtocolError, read_frame, write_frame
+from .protocol import ProtocolError, encode_frame, read_frame, write_frame
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 _BOOT = (
@@ -75,7 +76,13 @@ class SandboxClient:
             raise SandboxError(f"sandbox unavailable: {self.hello.get('error')}")
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
         request = {**request, "id": next(self._ids)}
+        try:
+            encode_frame(request)  # a request that cannot be sent is the caller's problem, not the sandbox's
+        except ProtocolError as exc:
+            raise SandboxError(f"request cannot be sent: {exc}") from None
         wall = (request.get("limits") or {}).get("wall_seconds", DEFAULT_LIMITS["wall_seconds"])
+        if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall):
+            wall = DEFAULT_LIMITS["wall_seconds"]  # the sandbox refuses it; only our own wait needs a bound
         deadline = time.monotonic() + min(float(wall), float(MAX_LIMITS["wall_seconds"])) + MARGIN
         try:
             write_frame(self.proc.stdin.fileno(), request, deadline)

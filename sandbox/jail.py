@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import landlock, seccomp
-from .policy import DEVICES, ETC_FILES, FILES_DIR, HOSTNAME, READ_ONLY_BINDS, SYMLINKS, WORK_DIR
+from .policy import DEVICES, ETC_FILES, FILES_DIR, HIDDEN_PATHS, HOSTNAME, READ_ONLY_BINDS, SYMLINKS, WORK_DIR
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -50,7 +50,10 @@ SECURE_ALL_LOCKED_NOROOT = 0x2F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and
 _CAP_VERSION_3 = 0x20080522
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
-EXIT_SETUP_FAILED = 125  # the jail could not be built; the reason is on the runner's stderr
+EXIT_SETUP_FAILED = 125
+MAX_RESULT_BYTES = (
+    1 << 20
+)  # a script's or file operation's JSON result; more is dropped (and then not JSON)  # the jail could not be built; the reason is on the runner's stderr
 Job = Callable[[int], None]  # runs inside the jail with the result pipe's fd; returns or execs
 
 
@@ -111,10 +114,12 @@ def run(job: Job, paths: Paths, uid: int, gid: int, limits: dict[str, Any], weak
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     res_r, res_w = os.pipe2(os.O_CLOEXEC)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    sandbox_pid = os.getpid()
     keeper = os.fork()
     if keeper == 0:  # pragma: no cover - runs in the child
         # As the host's root, runs switch to the jail uid; unprivileged, they enter a user namespace of their own.
-        _child(job, paths, uid if os.geteuid() == 0 else None, gid, limits, weak, (out_w, err_w, res_w, pid_w))
+        host_uid = uid if os.geteuid() == 0 else None
+        _child(job, paths, host_uid, gid, limits, weak, (out_w, err_w, res_w, pid_w), sandbox_pid)
     for fd in (out_w, err_w, res_w, pid_w):
         os.close(fd)
     outcome = Outcome()
@@ -133,7 +138,7 @@ def _collect(
     """Read the pipes until every writer is gone, killing the tree at the deadline; then reap the keeper."""
     cap = int(limits["output_bytes"])
     buffers = {out_r: bytearray(), err_r: bytearray(), res_r: bytearray(), pid_r: bytearray()}
-    caps = {out_r: cap, err_r: cap, res_r: 8 << 20, pid_r: 32}
+    caps = {out_r: cap, err_r: cap, res_r: MAX_RESULT_BYTES, pid_r: 32}
     poller = select.poll()
     for fd in buffers:
         poller.register(fd, select.POLLIN)
@@ -143,7 +148,7 @@ def _collect(
         left = deadline - time.monotonic()
         if left <= 0:
             o.killed = "wall_time"
-            _kill(_victim(buffers[pid_r], keeper))
+            _kill(_victim(buffers[pid_r], keeper), keeper)
             break
         for fd, _ in poller.poll(min(left, 1.0) * 1000):
             chunk = os.read(fd, 65536)
@@ -157,7 +162,7 @@ def _collect(
             buffers[fd] += chunk[: max(room, 0)]
         victim = _victim(buffers[pid_r], keeper)
     if o.killed:
-        _kill(victim)
+        _kill(victim, keeper)
     _, status = os.waitpid(keeper, 0)
     o.exit_code = os.waitstatus_to_exitcode(status)
     o.stdout, o.stderr, o.result = bytes(buffers[out_r]), bytes(buffers[err_r]), bytes(buffers[res_r])
@@ -169,16 +174,27 @@ def _victim(pid_bytes: bytearray, keeper: int) -> int:
     return int(text) if text.isdigit() else keeper
 
 
-def _kill(pid: int) -> None:
+def _kill(pid: int, group: int) -> None:
+    """Kill the namespace's init (which takes the namespace down) and the keeper's process group: init is in it
+    from its fork until the end, so even an init not yet armed with its parent-death signal dies here."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 # ---- inside the child processes -------------------------------------------------------------------------------
 
 
 def _child(
-    job: Job, paths: Paths, uid: int, gid: int, limits: dict, weak: bool, fds: tuple[int, int, int, int]
+    job: Job,
+    paths: Paths,
+    uid: int | None,
+    gid: int,
+    limits: dict,
+    weak: bool,
+    fds: tuple[int, int, int, int],
+    sandbox_pid: int,
 ) -> None:
     """The keeper. Never returns."""
     _, err_w, _, pid_w = fds
@@ -186,7 +202,14 @@ def _child(
     try:
         os.setsid()
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != sandbox_pid:
+            os._exit(code)  # the sandbox process died before the parent-death signal was armed
+        # Nothing of the sandbox process's wiring stays open here: not its protocol pipes, not anything else.
+        devnull = os.open("/dev/null", os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
         os.dup2(err_w, 2)  # setup errors go to the run's stderr
+        _close_all_but(*fds)
         if weak:
             _runner(job, paths, uid, gid, limits, weak, fds)
         outer_uid, outer_gid = os.geteuid(), os.getegid()
@@ -199,9 +222,14 @@ def _child(
             Path("/proc/self/setgroups").write_text("deny")
             Path("/proc/self/uid_map").write_text(f"0 {outer_uid} 1")
             Path("/proc/self/gid_map").write_text(f"0 {outer_gid} 1")
+        # init must not outlive us: it arms its parent-death signal, then checks this pipe, whose write end only
+        # we hold: end-of-file means we died before the signal was armed.
+        alive_r, alive_w = os.pipe()
         init = os.fork()
         if init == 0:
-            _init(job, paths, uid, gid, limits, fds)
+            os.close(alive_w)
+            _init(job, paths, uid, gid, limits, fds, alive_r)
+        os.close(alive_r)
         os.write(pid_w, str(init).encode())
         _, status = os.waitpid(init, 0)
         code = os.waitstatus_to_exitcode(status)
@@ -211,11 +239,20 @@ def _child(
     os._exit(code)
 
 
-def _init(job: Job, paths: Paths, uid: int | None, gid: int, limits: dict, fds: tuple[int, int, int, int]) -> None:
+def _init(
+    job: Job, paths: Paths, uid: int | None, gid: int, limits: dict, fds: tuple[int, int, int, int], alive: int
+) -> None:
     """pid 1 of the run's namespaces: build the root, start the runner, reap until it is gone. Never returns."""
     code = EXIT_SETUP_FAILED
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.set_blocking(alive, False)
+        try:
+            if os.read(alive, 1) == b"":
+                os._exit(code)  # the keeper died before our parent-death signal was armed
+        except BlockingIOError:
+            pass  # the keeper is alive (and from now on its death kills us)
+        os.close(alive)
         _build_root(paths, uid, gid, limits)
         _check(_libc.sethostname(HOSTNAME.encode(), len(HOSTNAME)), "sethostname")
         runner = os.fork()
@@ -244,6 +281,8 @@ def _build_root(paths: Paths, uid: int | None, gid: int, limits: dict) -> None:
         os.makedirs(target)
         _mount(host, target, None, MS_BIND | MS_REC)
         _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for hidden in HIDDEN_PATHS:
+        _mount("tmpfs", root + hidden, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
     for name, to in SYMLINKS.items():
         os.symlink(to, f"{root}/{name}")
     os.makedirs(f"{root}/etc")
@@ -352,6 +391,15 @@ def _set_limits(limits: dict) -> None:
         value = int(limits[key])
         resource.setrlimit(which, (value, value))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _close_all_but(*keep: int) -> None:
+    """Close every descriptor above 2 except ``keep``."""
+    low = 3
+    for fd in sorted(k for k in keep if k > 2):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 16)
 
 
 def _report(text: str) -> None:

@@ -25,9 +25,12 @@ MAX_LIMITS: dict[str, int | float] = {
     "processes": 64,
     "file_bytes": 64 << 20,
     "open_files": 256,
-    "output_bytes": 1 << 20,
+    "output_bytes": 512 << 10,  # x2 streams, x6 for JSON escapes of control bytes: stays under MAX_FRAME_BYTES
     "tmp_bytes": 64 << 20,
 }
+
+MIN_LIMITS: dict[str, float] = {"wall_seconds": 0.1, "cpu_seconds": 1, "memory_bytes": 32 << 20, "processes": 1,
+                                 "open_files": 16, "output_bytes": 1, "tmp_bytes": 1 << 20, "file_bytes": 1}  # fmt: skip
 
 MAX_FRAME_BYTES = 8 << 20  # the largest request or response frame on the pipes
 MAX_ARGV_BYTES = 64 << 10  # total size of a shell command's argv
@@ -72,11 +75,20 @@ SHELL_PROGRAMS: dict[str, tuple[str, str]] = {
 # The environment of a shell command, built from nothing (plus one secret variable when the tool names one).
 SHELL_ENV: dict[str, str] = {"PATH": "/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/work", "TZ": "UTC"}
 SECRET_ENV_NAME = r"[A-Z][A-Z0-9_]{0,63}"  # a secret's variable name must match this
-FORBIDDEN_ENV_NAMES = frozenset({"PATH", "HOME", "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "IFS"})
+# ... and must not be one that changes how programs or the C library behave (loader, locale, charset conversion,
+# resolver, allocator, temp dir) or one of SHELL_ENV's.
+FORBIDDEN_ENV_NAMES = frozenset({
+    "PATH", "HOME", "IFS", "ENV", "BASH_ENV", "SHELL", "TMPDIR", "TZ", "TZDIR", "LANG", "LANGUAGE", "NLSPATH",
+    "GCONV_PATH", "LOCPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN", "PYTHONPATH", "PYTHONHOME",
+})  # fmt: skip
+FORBIDDEN_ENV_PREFIXES: tuple[str, ...] = ("LD_", "LC_", "MALLOC_", "GLIBC_", "PYTHON")
 
 # ---- the jail's file system --------------------------------------------------------------------------------
 # Host directories bind-mounted read-only (nosuid, nodev) into the jail. Everything else of the host is absent.
 READ_ONLY_BINDS: tuple[str, ...] = ("/usr",)
+# Covered by an empty read-only tmpfs inside those binds: locally installed software and its configuration
+# (credentials in /usr/local/etc, for instance) are none of a run's business.
+HIDDEN_PATHS: tuple[str, ...] = ("/usr/local",)
 SYMLINKS: dict[str, str] = {"bin": "usr/bin", "lib": "usr/lib", "lib64": "usr/lib64", "sbin": "usr/bin"}
 DEVICES: tuple[str, ...] = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
 # /etc inside the jail: these files only, with this content (no host users, no host name, no resolver).

@@ -34,7 +34,11 @@ class FrameTimeout(ProtocolError):
 
 
 def encode_frame(message: dict[str, Any], limit: int = MAX_FRAME_BYTES) -> bytes:
-    payload = json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    # ASCII escapes: a lone surrogate in a string (possible in JSON input) still makes a valid frame.
+    try:
+        payload = json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii")
+    except ValueError as exc:
+        raise ProtocolError(f"message cannot be encoded: {exc}") from None
     if len(payload) > limit:
         raise ProtocolError(f"frame of {len(payload)} bytes exceeds the {limit}-byte limit")
     return _HEADER.pack(len(payload)) + payload
@@ -43,8 +47,8 @@ def encode_frame(message: dict[str, Any], limit: int = MAX_FRAME_BYTES) -> bytes
 def decode_payload(payload: bytes) -> dict[str, Any]:
     try:
         message = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"frame is not UTF-8 JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame is not UTF-8 JSON: {type(exc).__name__}") from None
     if not isinstance(message, dict):
         raise ProtocolError("frame is not a JSON object")
     return message

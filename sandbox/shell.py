@@ -16,7 +16,14 @@ import re
 import shlex
 from typing import Any
 
-from .policy import FORBIDDEN_ENV_NAMES, MAX_ARGV_BYTES, SECRET_ENV_NAME, SHELL_ENV, SHELL_PROGRAMS
+from .policy import (
+    FORBIDDEN_ENV_NAMES,
+    FORBIDDEN_ENV_PREFIXES,
+    MAX_ARGV_BYTES,
+    SECRET_ENV_NAME,
+    SHELL_ENV,
+    SHELL_PROGRAMS,
+)
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -67,7 +74,8 @@ def build_env(secret: dict[str, str] | None) -> dict[str, str]:
     """The fixed environment, plus the one secret variable a tool may name."""
     env = dict(SHELL_ENV)
     for key, value in (secret or {}).items():
-        if not re.fullmatch(SECRET_ENV_NAME, key) or key in FORBIDDEN_ENV_NAMES or key.startswith("LD_"):
+        forbidden = key in FORBIDDEN_ENV_NAMES or key.startswith(FORBIDDEN_ENV_PREFIXES)
+        if not isinstance(key, str) or not re.fullmatch(SECRET_ENV_NAME, key) or forbidden:
             raise ShellRefused(f"secret variable name {key!r} is not allowed")
         if not isinstance(value, str) or "\x00" in value:
             raise ShellRefused("secret value must be a string without NUL bytes")

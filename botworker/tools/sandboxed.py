@@ -7,11 +7,12 @@ The worker never runs these itself: it sends the tool's configuration and the ca
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 from sandbox.client import SandboxError
-from sandbox.policy import MAX_LIMITS
+from sandbox.policy import MAX_LIMITS, MIN_LIMITS
 
 from ..message import ToolCall
 from . import ToolContext, ToolFailure
@@ -86,11 +87,11 @@ def _limits(config: dict[str, Any]) -> dict[str, Any]:
     timeout = config.get("timeout")
     if timeout is None:
         return {}
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
         raise ToolFailure("`timeout` must be a positive number of seconds")
     # Tool configs of the platform give timeouts in milliseconds when they are large (the seed used 30000).
     seconds = timeout / 1000 if timeout > 300 else timeout
-    return {"wall_seconds": min(float(seconds), float(MAX_LIMITS["wall_seconds"]))}
+    return {"wall_seconds": min(max(float(seconds), MIN_LIMITS["wall_seconds"]), MAX_LIMITS["wall_seconds"])}
 
 
 def _failure(reply: dict[str, Any]) -> str:

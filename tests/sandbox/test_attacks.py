@@ -1,0 +1,600 @@
+"""Attacks through the public path: ``SandboxClient`` -> the sandbox process -> a confined run.
+
+One client (one sandbox process) serves the whole module; it is started *after* a canary variable is put in this
+process's environment and next to a host file holding a secret, and every reply is checked for both and for host
+``/etc/passwd`` lines. Each ``test_cant_*`` tries one technique. After every test no process of the jail's uid may
+be left. Liveness bounds only (answered within the wall limit + 5 s), never performance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from sandbox import policy
+from sandbox.client import SandboxClient, SandboxError
+
+UID = GID = 150_000
+CANARY = f"sandbox-canary-{uuid.uuid4().hex}"
+HOST_SECRET = f"host-secret-{uuid.uuid4().hex}"
+SLACK = 5.0  # seconds a reply may take beyond its wall limit (start-up, teardown, pipes)
+JAIL_PASSWD = policy.ETC_FILES["passwd"].format(uid=UID, gid=GID)
+# Lines of the host's passwd that the jail's synthetic one does not have (e.g. "root:x:0:0:root:/root:/bin/bash").
+HOST_PASSWD_LINES = [line for line in Path("/etc/passwd").read_text().splitlines() if line and line not in JAIL_PASSWD][
+    :5
+]
+MARKER = "\n[... output truncated ...]"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the full jail is built by a root-run sandbox (as in CI)")
+
+
+# ---- fixtures and helpers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="sandbox-attacks-"))
+    path.chmod(0o755)
+    (path / "host-secret.txt").write_text(HOST_SECRET)  # a host file right next to the sandbox's own state
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(root: Path) -> Iterator[SandboxClient]:
+    previous = os.environ.get("SANDBOX_CANARY")
+    os.environ["SANDBOX_CANARY"] = CANARY  # set before the sandbox process starts: it must never see it
+    sandbox = SandboxClient(root, UID, GID)
+    try:
+        hello = sandbox.start()
+        assert hello["ok"] and not hello["weak"], hello
+        yield sandbox
+    finally:
+        sandbox.close()
+        if previous is None:
+            os.environ.pop("SANDBOX_CANARY", None)
+        else:
+            os.environ["SANDBOX_CANARY"] = previous
+
+
+def _leftovers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == UID]
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_behind(client: SandboxClient, root: Path) -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 3.0  # a killed namespace takes a moment to disappear
+    while (left := _leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        described = [(p.pid, p.info["uids"].real, p.ppid()) for p in left]
+        _kill_runs(root, left)
+        pytest.fail(f"processes of the jail uid outlived the run: {described}")
+
+
+def _kill_runs(root: Path, left: list[psutil.Process]) -> None:
+    """Clean up after a failure: kill the leftovers' parents forked from our sandbox (they take their namespace)."""
+    for proc in left:
+        try:
+            parent = proc.parent()
+            if parent is not None and str(root) in " ".join(parent.cmdline()):
+                parent.kill()
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+def _assert_no_leak(reply: dict[str, Any]) -> None:
+    text = json.dumps(reply, ensure_ascii=False)
+    assert CANARY not in text, "the worker's environment leaked into a reply"
+    assert HOST_SECRET not in text, "a host file leaked into a reply"
+    for line in HOST_PASSWD_LINES:
+        assert line not in text, f"host /etc/passwd leaked into a reply: {line!r}"
+
+
+def ask(client: SandboxClient, request: dict[str, Any]) -> dict[str, Any]:
+    """One request through the client: answered within its wall limit + SLACK, and nothing of the host in it."""
+    limits = request.get("limits") or {}
+    wall = min(
+        float(limits.get("wall_seconds", policy.DEFAULT_LIMITS["wall_seconds"])), policy.MAX_LIMITS["wall_seconds"]
+    )
+    started = time.monotonic()
+    reply = client.call(request)
+    elapsed = time.monotonic() - started
+    assert elapsed < wall + SLACK, f"answered after {elapsed:.1f}s with a {wall}s wall limit"
+    _assert_no_leak(reply)
+    return reply
+
+
+def script(client: SandboxClient, source: str, params: dict[str, Any] | None = None, **limits: Any) -> dict[str, Any]:
+    request: dict[str, Any] = {"kind": "script", "source": source, "params": params or {}}
+    if limits:
+        request["limits"] = limits
+    return ask(client, request)
+
+
+def shell(client: SandboxClient, command: str, params: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return ask(client, {"kind": "shell", "command": command, "params": params or {}, **extra})
+
+
+def file_op(client: SandboxClient, op: str, path: Any, scope: Any = "bot", **extra: Any) -> dict[str, Any]:
+    return ask(client, {"kind": "file", "op": op, "path": path, "scope": scope, **extra})
+
+
+def refused(reply: dict[str, Any]) -> bool:
+    """Refused by the sandbox process before anything was forked (no run metadata in the reply)."""
+    return reply["ok"] is False and bool(reply.get("error")) and "exit_code" not in reply
+
+
+def still_serving(client: SandboxClient) -> None:
+    reply = script(client, "result = 6 * 7")
+    assert reply["ok"] and reply["result"] == 42, reply
+
+
+# ---- the process boundary ----------------------------------------------------------------------------------
+
+
+def test_cant_find_the_worker_environment_in_the_sandbox_process(client: SandboxClient) -> None:
+    assert client.proc is not None
+    environ = Path(f"/proc/{client.proc.pid}/environ").read_bytes()
+    assert CANARY.encode() not in environ and b"SANDBOX_CANARY" not in environ
+    fd_dir = f"/proc/{client.proc.pid}/fd"
+    # No inherited descriptors but its two pipes and stderr (the worker's own, shared on purpose for log lines).
+    assert sorted(int(fd) for fd in os.listdir(fd_dir)) == [0, 1, 2]
+    assert os.readlink(f"{fd_dir}/0").startswith("pipe:") and os.readlink(f"{fd_dir}/1").startswith("pipe:")
+    assert "SANDBOX_CANARY" not in Path(f"/proc/{client.proc.pid}/cmdline").read_text()
+
+
+# ---- scripts: the RestrictedPython escapes -----------------------------------------------------------------
+
+SCRIPT_ESCAPES = {
+    # the subclasses walk, written out and with computed names
+    "subclasses_walk": "result = [c.__name__ for c in ().__class__.__base__.__subclasses__()]",
+    "subclasses_computed": "o = getattr(getattr((), '__cla' + 'ss__'), '__ba' + 'se__')\nresult = getattr(o, '__subcl' + 'asses__')()",
+    "getattr_computed_dunder": "n = '_' * 2 + 'class' + '_' * 2\nresult = getattr((), n)",
+    "getattr_function_globals": "def f():\n    pass\nresult = getattr(f, '_' * 2 + 'globals' + '_' * 2)['__builtins__']",
+    "getattr_str_subclass_name": "class S(str):\n    pass\nresult = getattr((), S('__class__'))",
+    "getattr_reduce_ex": "result = getattr((), '__reduce' + '_ex__')(2)",
+    "guarded_type_internals": "result = getattr(dict, '_ty' + 'pe')",
+    "lambda_default_getattr": "f = lambda g=getattr: g((), '__class__')\nresult = f()",
+    "sorted_key_getattr": "result = sorted(['__class__'], key=lambda n: getattr((), n))",
+    "map_getattr": "result = list(map(getattr, [()], ['__class__']))",
+    # format strings walking attributes
+    "format_attribute": "result = '{0.__class__.__base__.__subclasses__}'.format(())",
+    "format_map": "result = '{x.__class__}'.format_map({'x': ()})",
+    "format_unbound": "result = str.format('{0.__class__}', ())",
+    "format_via_getattr": "f = getattr('{0.__class__}', 'for' + 'mat')\nresult = f(())",
+    "format_via_getattr_on_str": "f = getattr(str, 'format')\nresult = f('{0.__class__}', ())",
+    "format_generator_frame": "def g():\n    yield 1\nresult = '{0.gi_frame.f_globals}'.format(g())",
+    "fstring_attribute": "x = ()\nresult = f'{x.__class__}'",
+    "string_formatter": "import string\nresult = string.Formatter().vformat('{0.__class__}', [()], {})",
+    # frames of generators, coroutines, async generators and tracebacks
+    "generator_frame": "def g():\n    yield 1\nresult = g().gi_frame.f_back.f_globals",
+    "generator_frame_getattr": "def g():\n    yield 1\nresult = getattr(getattr(g(), 'gi_' + 'frame'), 'f_globals')",
+    "generator_code": "def g():\n    yield 1\nresult = getattr(g(), 'gi_code')",
+    "generator_yieldfrom": "def g():\n    yield 1\ndef h():\n    yield from g()\nx = h()\nnext(x)\nresult = getattr(x, 'gi_yieldfrom')",
+    "coroutine_frame": "async def c():\n    pass\nresult = c().cr_frame.f_globals",
+    "async_generator_frame": "async def g():\n    yield 1\nresult = g().ag_frame.f_globals",
+    "traceback_frame": "try:\n    1 / 0\nexcept Exception as e:\n    result = e.__traceback__.tb_frame.f_globals",
+    "traceback_getattr": "try:\n    1 / 0\nexcept Exception as e:\n    tb = getattr(e, '__trace' + 'back__')\n    result = getattr(getattr(tb, 'tb_frame'), 'f_globals')",
+    "exception_context": "try:\n    1 / 0\nexcept Exception as e:\n    result = getattr(e, '__con' + 'text__')",
+    "attribute_error_obj": "try:\n    params.nope\nexcept AttributeError as e:\n    result = e.obj",
+    "attribute_error_obj_getattr": "try:\n    params.nope\nexcept AttributeError as e:\n    result = getattr(e, 'o' + 'bj')",
+    # real modules behind the proxies
+    "json_codecs": "import json\nresult = json.codecs.sys.modules['os'].environ",
+    "re_enum": "import re\nresult = re.enum.sys.modules",
+    "datetime_sys": "import datetime\nresult = datetime.sys.modules",
+    "statistics_sys": "import statistics\nresult = statistics.sys.modules",
+    "collections_sys": "import collections\nresult = collections.sys.modules",
+    "random_os": "import random\nresult = getattr(random, '_' + 'os').environ",
+    "functools_partial": "import functools\nresult = functools.partial",
+    "proxy_getattr_dunder": "import math\nresult = getattr(math, '__getattr__')",
+    # imports
+    "from_json_import_decoder": "from json import decoder\nresult = decoder.scanstring",
+    "from_collections_import_abc": "from collections import abc",
+    "import_os_path": "import os.path\nresult = os.path.exists('/')",
+    "import_json_decoder": "import json.decoder",
+    "dunder_import": "result = __import__('os').environ",
+    "builtins_import": "result = __builtins__['__import__']('os')",
+    "import_builtins": "import builtins\nresult = builtins.open('/etc/passwd').read()",
+    "import_importlib": "import importlib\nresult = importlib.import_module('os')",
+    "import_os": "import os\nresult = dict(os.environ)",
+    "import_sys": "import sys\nresult = list(sys.modules)",
+    "import_ctypes": "import ctypes",
+    "import_socket": "import socket",
+    "operator_attrgetter": "import operator\nresult = operator.attrgetter('__class__')(())",
+    "from_operator_attrgetter": "from operator import attrgetter\nresult = attrgetter('__class__')(())",
+    # builtins that are not there
+    "open": "result = open('/etc/passwd').read()",
+    "eval": "result = eval('1')",
+    "exec": "exec('result = 1')",
+    "compile": "result = compile('1', 'x', 'eval')",
+    "globals": "result = list(globals())",
+    "vars": "result = vars()",
+    "type": "result = type(())",
+    "print_to_a_file": "print('x', file=params)",
+    "json_object_hook": "import json\nresult = json.loads('{}', object_hook=print)",
+}
+
+
+@pytest.mark.parametrize("source", list(SCRIPT_ESCAPES.values()), ids=list(SCRIPT_ESCAPES))
+def test_cant_escape_a_script(client: SandboxClient, source: str) -> None:
+    reply = script(client, source, {"a": 1})
+    assert reply["ok"] is False and "result" not in reply, reply
+    assert reply["error"].startswith(("compile_error: ", "runtime_error: ")), reply
+
+
+# ---- scripts: resources ------------------------------------------------------------------------------------
+
+
+def test_cant_loop_past_the_cpu_limit(client: SandboxClient) -> None:
+    reply = script(client, "while True:\n    pass", cpu_seconds=1, wall_seconds=10)
+    assert reply["ok"] is False and reply["killed"] is None and reply["exit_code"] == 128 + signal.SIGKILL, reply
+    assert "killed" in reply["error"]
+    still_serving(client)
+
+
+@pytest.mark.parametrize("source", ["x = 'x' * 10 ** 10", "x = [0] * 10 ** 9", "x = 'y' * (300 << 20)"])
+def test_cant_allocate_past_the_memory_limit(client: SandboxClient, source: str) -> None:
+    reply = script(client, source)
+    assert reply["ok"] is False and "MemoryError" in reply["error"], reply
+    still_serving(client)
+
+
+def test_cant_recurse_the_runner_down(client: SandboxClient) -> None:
+    reply = script(client, "def f(n):\n    return f(n + 1)\nresult = f(0)")
+    assert reply["ok"] is False and "RecursionError" in reply["error"] and reply["exit_code"] == 0, reply
+
+
+def test_cant_flood_the_output_of_a_script(client: SandboxClient) -> None:
+    reply = script(client, "for i in range(100000):\n    print('x' * 99)", output_bytes=4096)
+    assert reply["ok"] is True, reply
+    assert len(reply["stdout"]) <= 4096 + len(MARKER) and reply["stdout"].endswith(MARKER)
+
+
+def test_cant_hide_a_truncated_print_flood(client: SandboxClient) -> None:
+    reply = script(client, "for i in range(100000):\n    print('x' * 99)", output_bytes=4096)
+    assert reply["stdout"].endswith(MARKER) and reply["truncated"] is True, {**reply, "stdout": "..."}
+
+
+@pytest.mark.parametrize("source", ["result = 'x' * 10 ** 6", "result = [[0] * 1000] * 1000", "result = {1: 2}"])
+def test_cant_return_a_huge_or_foreign_result(client: SandboxClient, source: str) -> None:
+    reply = script(client, source)
+    assert reply["ok"] is False and reply["error"].startswith("result_error: ") and "result" not in reply, reply
+
+
+def test_cant_outlast_the_wall_clock_with_a_high_cpu_limit(client: SandboxClient) -> None:
+    reply = script(client, "while True:\n    pass", cpu_seconds=30, wall_seconds=1)
+    assert reply["ok"] is False and reply["killed"] == "wall_time" and "wall-clock" in reply["error"], reply
+    still_serving(client)
+
+
+def test_cant_raise_limits_past_the_maximum(client: SandboxClient) -> None:
+    reply = script(client, "while True:\n    pass", cpu_seconds=10**9, wall_seconds=1)
+    assert reply["killed"] == "wall_time", reply
+    for bad in ({"nope": 1}, {"wall_seconds": -1}, {"wall_seconds": 0}, {"cpu_seconds": True}, {"memory_bytes": "1"}):
+        assert refused(ask(client, {"kind": "script", "source": "result = 1", "params": {}, "limits": bad})), bad
+
+
+def test_cant_crash_the_sandbox_with_unencodable_text(client: SandboxClient) -> None:
+    """A lone surrogate (valid in a JSON string escape, not in UTF-8) in params or content."""
+    assert client.proc is not None
+    pid = client.proc.pid
+    for request in (
+        {"kind": "script", "source": "result = params['a']", "params": {"a": "\ud800"}},
+        {"kind": "file", "op": "write", "path": "s.txt", "content": "\udcff", "scope": "bot"},
+        {"kind": "shell", "command": "echo {{a}}", "params": {"a": "\udcff"}},
+    ):
+        try:
+            reply = ask(client, request)
+        except (SandboxError, ValueError):  # the client refuses to encode it; nothing reached the sandbox
+            continue
+        assert reply["ok"] is False or "\ud800" not in json.dumps(reply), reply
+    assert client.proc is not None and client.proc.pid == pid
+    still_serving(client)
+
+
+# ---- shell: argv injection -----------------------------------------------------------------------------------
+
+INJECTED_VALUES = [
+    "x; cat /etc/passwd",
+    "$(cat /etc/passwd)",
+    "`cat /etc/passwd`",
+    "a | cat /etc/passwd",
+    "a && cat /etc/passwd",
+    "a\ncat /etc/passwd",
+    "*",
+    "/etc/*",
+    "--help",
+    "-v",
+    "$HOME ${PATH}",
+    "a'b\"c\\",
+    "> /files/x",
+    "%s%n%x",
+]
+
+
+@pytest.mark.parametrize("value", INJECTED_VALUES)
+def test_cant_inject_through_a_parameter(client: SandboxClient, value: str) -> None:
+    reply = shell(client, "printf %s {{a}}", {"a": value})
+    assert reply["ok"] is True and reply["stdout"] == value, reply
+
+
+@pytest.mark.parametrize(
+    ("command", "stdout"),
+    [
+        ("echo hi; cat /etc/passwd", "hi; cat /etc/passwd\n"),
+        ("echo $(cat /etc/passwd)", "$(cat /etc/passwd)\n"),
+        ("echo `id`", "`id`\n"),
+        ("echo a | cat /etc/passwd", "a | cat /etc/passwd\n"),
+        ("echo a && cat /etc/passwd", "a && cat /etc/passwd\n"),
+        ("echo a\ncat /etc/passwd", "a cat /etc/passwd\n"),
+        ("echo $HOME $PATH", "$HOME $PATH\n"),
+        ("echo *", "*\n"),
+        ("echo a > /work/x", "a > /work/x\n"),
+    ],
+)
+def test_cant_inject_through_the_command_line(client: SandboxClient, command: str, stdout: str) -> None:
+    reply = shell(client, command)
+    assert reply["ok"] is True and reply["stdout"] == stdout, reply
+
+
+def test_cant_see_host_files_through_an_option_like_parameter(client: SandboxClient) -> None:
+    reply = shell(client, "cat {{f}}", {"f": "--help"})
+    assert reply["ok"] is True and reply["stdout"].startswith("Usage: cat")
+    reply = shell(client, "cat {{f}}", {"f": "/etc/passwd"})
+    assert reply["ok"] is True and reply["stdout"] == JAIL_PASSWD, reply  # the jail's own two users
+
+
+HOST_PATHS = ["/etc/shadow", "/proc/self/environ", "/proc/1/environ", "/root/.bashrc", "/home", "/var/log/syslog",
+              "/sys/kernel/hostname", "/etc/hostname/../shadow", "{root}/host-secret.txt"]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", HOST_PATHS)
+@pytest.mark.parametrize("command", ["cat {{f}}", "date -f {{f}}", "sort --files0-from={{f}}", "base64 {{f}}"])
+def test_cant_read_host_files_with_a_program(client: SandboxClient, root: Path, command: str, path: str) -> None:
+    reply = shell(client, command, {"f": path.format(root=root)})
+    assert reply["ok"] is False and reply["stdout"] == "", reply
+    assert "No such file or directory" in reply["stderr"] or "Not a directory" in reply["stderr"], reply
+
+
+def test_cant_grep_the_host_file_system(client: SandboxClient) -> None:
+    reply = shell(client, "grep -r root /")
+    assert reply["stdout"] == "", reply  # Landlock: the jail's root cannot even be listed
+    reply = shell(client, "grep -r root /etc")
+    lines = reply["stdout"].splitlines()
+    assert lines and all(line.startswith(("/etc/passwd:", "/etc/group:")) for line in lines), reply
+
+
+def test_cant_list_the_host_root(client: SandboxClient) -> None:
+    reply = shell(client, "ls -la /")
+    names = {line.split()[-1] for line in reply["stdout"].splitlines()[1:] if line.split()}
+    jail = {".", "..", "usr", "bin", "lib", "lib64", "sbin", "etc", "dev", "work", "tmp"}
+    assert names <= jail, names
+    reply = shell(client, "ls /etc /dev")
+    assert reply["ok"] and set(reply["stdout"].split()) == {"/etc:", "/dev:", *policy.ETC_FILES,
+                                                             *(d.rsplit("/", 1)[1] for d in policy.DEVICES)}  # fmt: skip
+
+
+def test_cant_set_the_clock(client: SandboxClient) -> None:
+    reply = shell(client, "date -s {{d}}", {"d": "2000-01-01"})
+    assert reply["ok"] is False and "Operation not permitted" in reply["stderr"], reply
+    assert time.time() > 1_700_000_000
+
+
+def test_cant_flood_the_output_of_a_program(client: SandboxClient) -> None:
+    reply = shell(client, "cat /dev/zero", limits={"output_bytes": 4096, "wall_seconds": 1.5})
+    assert reply["ok"] is False and reply["truncated"] is True and reply["killed"] == "wall_time", {
+        **reply,
+        "stdout": "...",
+    }
+    assert len(reply["stdout"]) <= 4096
+    reply = shell(client, "head -c 100000000 /dev/urandom", limits={"output_bytes": 4096})
+    assert reply["truncated"] is True and len(reply["stdout"].encode("utf-8", "surrogatepass")) <= 3 * 4096
+    still_serving(client)
+
+
+def test_cant_block_forever(client: SandboxClient) -> None:
+    reply = shell(client, "tail -f /dev/null", limits={"wall_seconds": 1})
+    assert reply["ok"] is False and reply["killed"] == "wall_time", reply
+    still_serving(client)
+
+
+def test_cant_exhaust_memory_with_a_program(client: SandboxClient) -> None:
+    reply = shell(client, "sort /dev/zero", limits={"wall_seconds": 5})
+    assert reply["ok"] is False, reply  # "memory exhausted" (address-space limit) or the wall clock, never the host
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["sh -c id", "bash -c id", "python3 -c 1", "env", "find / -name x", "xargs echo", "awk 1", "sed p",
+     "/usr/bin/echo hi", "./echo hi", "../usr/bin/echo hi", "usr/bin/echo hi", "ECHO hi", "'echo hi'", "timeout 1 echo",
+     "nohup echo", "setsid echo", "busybox echo", "perl -e 1", "tee /files/x", "cp /etc/passwd /work/x",
+     "ln -s / /work/x", "mount", "{{p}} hi", "", "   "],
+)  # fmt: skip
+def test_cant_run_a_program_off_the_allowlist(client: SandboxClient, command: str) -> None:
+    assert refused(shell(client, command, {"p": "echo"}))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "LD_ANYTHING", "PATH", "HOME", "IFS", "PYTHONPATH", "ld_preload",
+     "path", "Path", "1ABC", "A-B", "A B", "", "A" * 65, "A=B"],
+)  # fmt: skip
+def test_cant_inject_an_environment_variable(client: SandboxClient, name: str) -> None:
+    assert refused(shell(client, "echo hi", secret_env={name: "/files/evil.so"}))
+
+
+def test_cant_smuggle_more_than_one_or_a_bad_secret(client: SandboxClient) -> None:
+    assert refused(shell(client, "echo hi", secret_env={"A": "1", "B": "2"}))
+    assert refused(shell(client, "echo hi", secret_env={"A": "x\x00y"}))
+    assert refused(shell(client, "echo hi", secret_env={"A": 1}))
+    for name in ("BASH_ENV", "GCONV_PATH", "LOCPATH", "GLIBC_TUNABLES", "LC_ALL", "TZ", "LD_PRELOAD", "path"):
+        assert refused(shell(client, "echo hi", secret_env={name: "/files/evil"})), name
+    reply = shell(client, "echo hi", secret_env={"API_TOKEN": "t0k3n"})
+    assert reply["ok"] and reply["stdout"] == "hi\n", reply
+
+
+@pytest.mark.parametrize("where", ["/work", "/tmp"])
+def test_cant_leave_state_for_the_next_run(client: SandboxClient, where: str) -> None:
+    reply = shell(client, "sort -o {{f}} /etc/passwd", {"f": f"{where}/left"})
+    assert reply["ok"], reply
+    reply = shell(client, "cat {{f}}", {"f": f"{where}/left"})
+    assert reply["ok"] is False and "No such file" in reply["stderr"], reply
+
+
+@pytest.mark.parametrize(
+    "target", ["/etc/passwd", "/etc/new", "/usr/new", "/new", "/dev/new", "/bin/new", "/files/new"]
+)
+def test_cant_write_outside_the_writable_mounts(client: SandboxClient, target: str) -> None:
+    reply = shell(client, "sort -o {{f}} /etc/group", {"f": target})
+    assert reply["ok"] is False, reply
+    reply = shell(client, "cat {{f}}", {"f": target})
+    assert "sandbox:x:" not in reply["stdout"] or target == "/etc/passwd", reply
+    assert shell(client, "cat /etc/passwd")["stdout"] == JAIL_PASSWD
+
+
+@pytest.mark.parametrize("cwd", ["/files/../..", "/files/a/../../..", "..", "x\x00y", "a" * 5000, 7])
+def test_cant_escape_through_the_working_directory(client: SandboxClient, cwd: Any) -> None:
+    assert refused(shell(client, "ls", cwd=cwd, scope="bot"))
+
+
+def test_cant_use_a_working_directory_without_a_scope_or_outside_files(client: SandboxClient) -> None:
+    assert refused(shell(client, "ls", cwd="/files"))
+    reply = shell(client, "ls", cwd="/etc", scope="bot")  # means /files/etc: not there
+    assert reply["ok"] is False and "/files/etc" in reply["error"], reply
+
+
+def test_cant_crash_the_sandbox_with_a_reply_over_the_frame_cap(client: SandboxClient) -> None:
+    cap = int(policy.MAX_LIMITS["output_bytes"])
+    # 17 valid (empty) lines print the 65000-byte format each (control characters: 6 bytes each in JSON) -> stdout
+    # fills its cap; then one invalid line of backslashes comes back doubled in date's error -> stderr fills its cap.
+    content = "\n" * 17 + "\\" * (cap - 18) + "\n"
+    assert file_op(client, "write", "dates.txt", "flood", content=content)["ok"]
+    assert client.proc is not None
+    pid = client.proc.pid
+    reply = shell(client, "date -f /files/dates.txt {{fmt}}", {"fmt": "+" + "\x01" * 65000}, scope="flood",
+                  limits={"output_bytes": cap})  # fmt: skip
+    assert reply["truncated"] is True and client.proc is not None and client.proc.pid == pid
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["..", "../x", "a/../../x", "/../x", "./../x", "a/./../../x", "x/..", "x\x00y", "a" * 5000]
+)
+@pytest.mark.parametrize("op", ["read", "write", "list", "exists"])
+def test_cant_traverse_out_of_files(client: SandboxClient, op: str, path: str) -> None:
+    assert refused(file_op(client, op, path, content="x"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/passwd",
+        "/etc/shadow",
+        "/proc/self/environ",
+        "/dev/zero",
+        "dev/zero",
+        "/usr/bin/ls",
+        "{root}/host-secret.txt",
+    ],
+)
+def test_cant_read_outside_files_with_an_absolute_path(client: SandboxClient, root: Path, path: str) -> None:
+    reply = file_op(client, "read", path.format(root=root))
+    assert reply["ok"] is False and "no such file" in reply["error"] and "content" not in reply, reply
+
+
+def test_cant_read_a_directory_or_a_too_long_name(client: SandboxClient) -> None:
+    assert file_op(client, "write", "dir/inner.txt", content="x")["ok"]
+    reply = file_op(client, "read", "dir")
+    assert reply["ok"] is False and "not a regular file" in reply["error"], reply
+    reply = file_op(client, "read", "a" * 300)
+    assert reply["ok"] is False and "too long" in reply["error"].lower(), reply
+    reply = file_op(client, "write", "dir/inner.txt/deeper", content="x")
+    assert reply["ok"] is False and "not a directory" in reply["error"], reply
+    reply = file_op(client, "write", "dir", content="x")
+    assert reply["ok"] is False, reply
+
+
+def test_cant_write_more_than_the_cap(client: SandboxClient, root: Path) -> None:
+    big = "x" * (policy.MAX_FILE_BYTES + 1)
+    assert refused(file_op(client, "write", "big.txt", content=big))
+    assert not (root / "files" / "bot" / "big.txt").exists()
+    reply = file_op(client, "write", "big.txt", content=big[:-1])
+    assert reply["ok"] and reply["written"] == policy.MAX_FILE_BYTES, reply
+    host = root / "files" / "bot" / "big.txt"
+    assert host.stat().st_size == policy.MAX_FILE_BYTES and host.stat().st_uid == UID
+    reply = file_op(
+        client, "write", "wide.txt", content="é" * (policy.MAX_FILE_BYTES // 2 + 1)
+    )  # bytes, not characters
+    assert refused(reply)
+
+
+def test_cant_list_more_than_the_scope(client: SandboxClient) -> None:
+    assert file_op(client, "write", "listed.txt", "lister", content="x")["ok"]
+    reply = file_op(client, "list", "/", "lister")
+    assert reply["ok"] and [e["name"] for e in reply["entries"]] == ["listed.txt"], reply
+
+
+@pytest.mark.parametrize(
+    "scope", ["../x", "a/b", "/etc", "", ".", "..", "a b", "a" * 65, "é", "x\x00", 123, ["a"], {"a": 1}, True]
+)
+def test_cant_name_a_scope_outside_files(client: SandboxClient, root: Path, scope: Any) -> None:
+    before = sorted(p.name for p in root.iterdir()), sorted(p.name for p in (root / "files").iterdir())
+    assert refused(file_op(client, "write", "x.txt", scope, content="x"))
+    assert refused(shell(client, "echo hi", scope=scope))
+    assert refused(ask(client, {"kind": "script", "source": "result = 1", "params": {}, "scope": scope}))
+    after = sorted(p.name for p in root.iterdir()), sorted(p.name for p in (root / "files").iterdir())
+    assert after == before
+
+
+def test_cant_use_file_operations_without_a_scope(client: SandboxClient) -> None:
+    assert refused(ask(client, {"kind": "file", "op": "list", "path": "/"}))
+
+
+@pytest.mark.parametrize("op", ["delete", "chmod", "symlink", "", None, ["read"]])
+def test_cant_use_an_unknown_file_operation(client: SandboxClient, op: Any) -> None:
+    assert refused(file_op(client, op, "x.txt", content="x"))
+
+
+@pytest.mark.parametrize("content", [123, None, ["x"], {"a": 1}])
+def test_cant_write_content_that_is_not_text(client: SandboxClient, content: Any) -> None:
+    assert refused(file_op(client, "write", "c.txt", content=content))
+
+
+def test_cant_see_another_scopes_files(client: SandboxClient) -> None:
+    assert file_op(client, "write", "mine.txt", "alice", content="alice's")["ok"]
+    assert file_op(client, "read", "mine.txt", "alice")["content"] == "alice's"
+    reply = file_op(client, "read", "mine.txt", "bob")
+    assert reply["ok"] is False and "content" not in reply, reply
+    assert file_op(client, "exists", "mine.txt", "bob")["exists"] is False
+    assert all(e["name"] != "mine.txt" for e in file_op(client, "list", "/", "bob")["entries"])
+    reply = shell(client, "cat /files/mine.txt", scope="bob")
+    assert reply["ok"] is False and "No such file" in reply["stderr"], reply
+    reply = shell(client, "cat /files/mine.txt")  # no scope: no /files at all
+    assert reply["ok"] is False and "No such file" in reply["stderr"], reply
+    reply = shell(client, "cat mine.txt", cwd="/files", scope="alice")
+    assert reply["ok"] and reply["stdout"] == "alice's", reply
+
+
+def test_cant_reach_special_files_through_files(client: SandboxClient) -> None:
+    assert file_op(client, "write", "zero", content="not a device")["ok"]
+    reply = file_op(client, "read", "zero")
+    assert reply["ok"] and reply["content"] == "not a device" and reply["size"] == 12, reply
+    for path in ("/dev/zero", "dev/urandom", "/proc/self/mem"):
+        reply = file_op(client, "exists", path)
+        assert reply.get("exists") is False or (reply["ok"] is False and "no such file" in reply["error"]), reply
