@@ -324,8 +324,7 @@ def _runner(
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.set_inheritable(res_w, False)
-        os.closerange(3, res_w)
-        os.closerange(res_w + 1, 65536)
+        _close_all_but(res_w)
         os.chdir(str(paths.work) if weak else WORK_DIR)
         os.environ.clear()  # the job sees no environment; programs get theirs explicitly from shell.build_env
         _set_limits(limits)
