@@ -5,7 +5,7 @@
 
 Builds the worker exactly as a forked worker does (``Worker.init_process``: its Redis client, ``Store`` pool,
 ``ReliableQueue`` and ``Pipeline``), pre-fills ``bot_messages`` and calls ``run_once()`` once per message, so the
-measured path is BLMOVE -> begin -> load_context -> find_exchange -> detect/tools -> reply -> save_exchange ->
+measured path is BLMOVE -> begin -> load_context -> detect/tools -> reply -> save_exchange ->
 finish, with no supervisor and no other worker competing. Three passes over fresh messages:
 
 1. timing: wall time per message, split by step (the steps' methods are wrapped with timers), every SQL statement
@@ -44,6 +44,7 @@ import redis  # noqa: E402
 from throughput import Servers, machine_line, new_bot, payload, servers, text_for  # noqa: E402
 
 import botworker.pipeline  # noqa: E402
+import botworker.store as store_module  # noqa: E402
 from botworker.config import load_config  # noqa: E402
 from botworker.logs import setup_logging  # noqa: E402
 from botworker.queue import ERRORS, MESSAGES, RESPONSES, STATUS  # noqa: E402
@@ -127,7 +128,6 @@ STEPS = (
     ("queue", "begin", "redis: begin (attempts, done?)"),
     ("queue", "finish", "redis: finish (ack + LPUSH/PUBLISH events)"),
     ("store", "load_context", "pg: load_context"),
-    ("store", "find_exchange", "pg: find_exchange"),
     ("store", "save_exchange", "pg: save_exchange"),
 )
 NESTED = "tool dispatch (incl. its SQL)"
@@ -135,7 +135,7 @@ NESTED = "tool dispatch (incl. its SQL)"
 
 def instrument(worker: Worker) -> list[str]:
     """Wrap the steps with timers; returns the labels of what was wrapped."""
-    # Store.transaction asks for psycopg2.extras.RealDictCursor by attribute at call time: swap in the timed one.
+    # Store.cursor asks for psycopg2.extras.RealDictCursor by attribute at call time: swap in the timed one.
     psycopg2.extras.RealDictCursor = TimedCursor  # type: ignore[misc]
     wrapped = []
     for owner, method, label in STEPS:
@@ -192,7 +192,7 @@ def cpu_of(pid: int | None) -> float:
 
 
 def backend_pid(worker: Worker) -> int:
-    with worker.store.transaction() as cur:
+    with worker.store.cursor() as cur:
         cur.execute("SELECT pg_backend_pid() AS pid")
         return int(cur.fetchone()["pid"])
 
@@ -207,8 +207,10 @@ def explain(srv: Servers, repeat: int = 20) -> list[tuple[str, float, float]]:
     conn = psycopg2.connect(srv.database_url, options="-c timezone=UTC")
     try:
         cur = conn.cursor()
+        cur.execute(store_module._PREPARE)  # the worker EXECUTEs prepared statements: prepare them here too
+        conn.commit()
         for kind, sql in SAMPLES.items():
-            for part in re.split(r";\s*(?=SELECT|INSERT|UPDATE|WITH)", sql.decode()):
+            for part in re.split(r";\s*(?=SELECT|INSERT|UPDATE|WITH|EXECUTE)", sql.decode()):
                 if "INSERT INTO chat_messages" in part:  # new row ids, or the primary key clashes with the real rows
                     part = _UUID_TUPLE.sub(lambda _: f"('{uuid.uuid4()}'", part)
                 plans, execs = [], []
