@@ -10,9 +10,11 @@ Process tree of one run (the sandbox process never runs untrusted code itself)::
                                             └─ fork ──▶ runner (pid 2): rlimits, setgroups/setgid/setuid to the
                                                         jail uid, no-new-privs, Landlock, seccomp, then the job
 
-The sandbox process kills init (SIGKILL) at the wall-clock deadline: that one kill takes the whole namespace
-down, including children that called setsid or double-forked. Stdout and stderr of the runner come back on
-pipes, capped; a script's or file operation's result comes back as JSON on a third pipe.
+The sandbox process kills init and the keeper's process group (SIGKILL) at the wall-clock deadline: that takes the
+whole namespace down, including children that called setsid or double-forked. Stdout and stderr of the runner
+come back on pipes, capped; a script's or file operation's result comes back as JSON on a third pipe. When the
+sandbox process is not root, the keeper also unshares a user namespace (our uid becomes 0 inside, with every
+capability dropped in the runner); Linux calls are wrapped in linux.py.
 
 ``weak=True`` (the development flag) skips the namespaces and the new root: the runner is forked directly and
 confined with uid, no-new-privs, rlimits and seccomp only, in its work directory. Never for production.
@@ -21,8 +23,6 @@ confined with uid, no-new-privs, rlimits and seccomp only, in its work directory
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import os
 import resource
 import select
@@ -34,31 +34,36 @@ from pathlib import Path
 from typing import Any
 
 from . import landlock, seccomp
+from .linux import (
+    CLONE_NEWUSER,
+    LIBC,
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    NAMESPACES,
+    PR_SET_DUMPABLE,
+    PR_SET_NO_NEW_PRIVS,
+    PR_SET_PDEATHSIG,
+    JailError,
+    check,
+    close_all_but,
+    drop_capabilities,
+    effective_capabilities,
+    mount,
+    pivot_root,
+    prctl,
+)
 from .policy import DEVICES, ETC_FILES, FILES_DIR, HIDDEN_PATHS, HOSTNAME, READ_ONLY_BINDS, SYMLINKS, WORK_DIR
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
-NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
-PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 28, 47, 4
-SECURE_ALL_LOCKED_NOROOT = 0x2F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
-_CAP_VERSION_3 = 0x20080522
-_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
-
-EXIT_SETUP_FAILED = 125
-MAX_RESULT_BYTES = (
-    1 << 20
-)  # a script's or file operation's JSON result; more is dropped (and then not JSON)  # the jail could not be built; the reason is on the runner's stderr
+EXIT_SETUP_FAILED = 125  # the jail could not be built; the reason is on the runner's stderr
+MAX_RESULT_BYTES = 1 << 20  # a script's or file operation's JSON result; more is dropped (and then not JSON)
 Job = Callable[[int], None]  # runs inside the jail with the result pipe's fd; returns or execs
-
-
-class JailError(Exception):
-    """The jail could not be built on this machine."""
 
 
 @dataclass(frozen=True)
@@ -82,29 +87,6 @@ class Outcome:
     killed: str | None = None  # "wall_time" when the deadline passed
     duration_ms: int = 0
     layers: dict[str, Any] = field(default_factory=dict)
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise JailError(f"{what}: {os.strerror(err)} ({errno.errorcode.get(err, err)})")
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    _check(
-        _libc.mount(
-            source.encode() if source else None,
-            target.encode(),
-            fstype.encode() if fstype else None,
-            ctypes.c_ulong(flags),
-            data.encode() if data else None,
-        ),
-        f"mount {source or fstype} on {target}",
-    )
-
-
-def _prctl(option: int, arg: int) -> None:
-    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
 
 
 def run(job: Job, paths: Paths, uid: int, gid: int, limits: dict[str, Any], weak: bool = False) -> Outcome:
@@ -201,7 +183,7 @@ def _child(
     code = EXIT_SETUP_FAILED
     try:
         os.setsid()
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != sandbox_pid:
             os._exit(code)  # the sandbox process died before the parent-death signal was armed
         # Nothing of the sandbox process's wiring stays open here: not its protocol pipes, not anything else.
@@ -209,16 +191,16 @@ def _child(
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.dup2(err_w, 2)  # setup errors go to the run's stderr
-        _close_all_but(*fds)
+        close_all_but(*fds)
         if weak:
             _runner(job, paths, uid, gid, limits, weak, fds)
         outer_uid, outer_gid = os.geteuid(), os.getegid()
-        _check(_libc.unshare(NAMESPACES | (0 if uid is not None else CLONE_NEWUSER)), "unshare(namespaces)")
+        check(LIBC.unshare(NAMESPACES | (0 if uid is not None else CLONE_NEWUSER)), "unshare(namespaces)")
         if uid is None:
             # Our own uid and gid become 0 inside: capabilities over the new namespaces only, none on the host.
             # (The sandbox process is non-dumpable, which would make our own /proc files root's: undo that here;
             # the runner sets it again before any untrusted code.)
-            _prctl(PR_SET_DUMPABLE, 1)
+            prctl(PR_SET_DUMPABLE, 1)
             Path("/proc/self/setgroups").write_text("deny")
             Path("/proc/self/uid_map").write_text(f"0 {outer_uid} 1")
             Path("/proc/self/gid_map").write_text(f"0 {outer_gid} 1")
@@ -245,7 +227,7 @@ def _init(
     """pid 1 of the run's namespaces: build the root, start the runner, reap until it is gone. Never returns."""
     code = EXIT_SETUP_FAILED
     try:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         os.set_blocking(alive, False)
         try:
             if os.read(alive, 1) == b"":
@@ -254,7 +236,7 @@ def _init(
             pass  # the keeper is alive (and from now on its death kills us)
         os.close(alive)
         _build_root(paths, uid, gid, limits)
-        _check(_libc.sethostname(HOSTNAME.encode(), len(HOSTNAME)), "sethostname")
+        check(LIBC.sethostname(HOSTNAME.encode(), len(HOSTNAME)), "sethostname")
         runner = os.fork()
         if runner == 0:
             _runner(job, paths, uid, gid, limits, False, fds)
@@ -273,16 +255,16 @@ def _init(
 
 def _build_root(paths: Paths, uid: int | None, gid: int, limits: dict) -> None:
     """A tmpfs root holding only what policy.py lists, then pivot_root into it and drop the host's root."""
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
     root = str(paths.root)
-    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     for host in READ_ONLY_BINDS:
         target = root + host
         os.makedirs(target)
-        _mount(host, target, None, MS_BIND | MS_REC)
-        _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        mount(host, target, None, MS_BIND | MS_REC)
+        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     for hidden in HIDDEN_PATHS:
-        _mount("tmpfs", root + hidden, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
+        mount("tmpfs", root + hidden, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
     for name, to in SYMLINKS.items():
         os.symlink(to, f"{root}/{name}")
     os.makedirs(f"{root}/etc")
@@ -293,22 +275,21 @@ def _build_root(paths: Paths, uid: int | None, gid: int, limits: dict) -> None:
     os.makedirs(f"{root}/dev")
     for dev in DEVICES:
         Path(root + dev).touch()
-        _mount(dev, root + dev, None, MS_BIND)
-        _mount(None, root + dev, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
+        mount(dev, root + dev, None, MS_BIND)
+        mount(None, root + dev, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
     data_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     binds = [(str(paths.work), WORK_DIR)] + ([(str(paths.files), FILES_DIR)] if paths.files else [])
     for host, inside in binds:
         os.makedirs(root + inside)
-        _mount(host, root + inside, None, MS_BIND)
-        _mount(None, root + inside, None, MS_REMOUNT | MS_BIND | data_flags)
+        mount(host, root + inside, None, MS_BIND)
+        mount(None, root + inside, None, MS_REMOUNT | MS_BIND | data_flags)
     os.makedirs(f"{root}/tmp")
-    _mount("tmpfs", f"{root}/tmp", "tmpfs", data_flags, f"size={int(limits['tmp_bytes'])},mode=1777")
-    _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    mount("tmpfs", f"{root}/tmp", "tmpfs", data_flags, f"size={int(limits['tmp_bytes'])},mode=1777")
+    mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     # pivot_root(".", "."): the old root ends up stacked on the new one; detaching it leaves only the jail.
     os.chdir(root)
-    nr = _SYS_PIVOT_ROOT[os.uname().machine]
-    _check(_libc.syscall(nr, b".", b"."), "pivot_root")
-    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    pivot_root(".", ".")
+    check(LIBC.umount2(b".", MNT_DETACH), "umount old root")
     os.chdir("/")
 
 
@@ -324,7 +305,7 @@ def _runner(
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.set_inheritable(res_w, False)
-        _close_all_but(res_w)
+        close_all_but(res_w)
         os.chdir(str(paths.work) if weak else WORK_DIR)
         os.environ.clear()  # the job sees no environment; programs get theirs explicitly from shell.build_env
         _set_limits(limits)
@@ -337,11 +318,11 @@ def _runner(
         else:
             # The sandbox itself is unprivileged: inside the jail we are uid 0 of our own user namespace (the host
             # sees the worker's uid); empty every capability set so that uid 0 grants nothing even there.
-            _drop_capabilities()
+            drop_capabilities()
         if effective_capabilities() != 0:
             raise JailError("capabilities remain after dropping privileges")
-        _prctl(PR_SET_DUMPABLE, 0)
-        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        prctl(PR_SET_DUMPABLE, 0)
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
         if not weak:
             # /dev holds only the bind-mounted devices of policy.DEVICES, on a read-only root: nothing to create.
             landlock.restrict(writable=(WORK_DIR, FILES_DIR, "/tmp", "/dev"), readable=("/etc",))
@@ -352,31 +333,6 @@ def _runner(
     except BaseException as exc:
         _report(f"{'sandbox setup failed' if code == EXIT_SETUP_FAILED else 'run failed'}: {exc}")
     os._exit(code)
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-
-def effective_capabilities() -> int:
-    header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
-    _check(_libc.capget(ctypes.byref(header), data), "capget")
-    return data[0].effective | data[1].effective << 32 | data[0].permitted | data[1].permitted << 32
-
-
-def _drop_capabilities() -> None:
-    """Empty every capability set, for good: bounding set, ambient set, and securebits so uid 0 grants nothing."""
-    for cap in range(64):
-        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
-            _check(-1, f"drop capability {cap} from the bounding set")
-    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    _check(_libc.prctl(PR_SET_SECUREBITS, SECURE_ALL_LOCKED_NOROOT, 0, 0, 0), "securebits")
-    header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
-    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 def _set_limits(limits: dict) -> None:
@@ -390,15 +346,6 @@ def _set_limits(limits: dict) -> None:
         value = int(limits[key])
         resource.setrlimit(which, (value, value))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def _close_all_but(*keep: int) -> None:
-    """Close every descriptor above 2 except ``keep``."""
-    low = 3
-    for fd in sorted(k for k in keep if k > 2):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 16)
 
 
 def _report(text: str) -> None:

@@ -1,0 +1,88 @@
+"""Thin ctypes wrappers for the Linux calls the jail needs and Python does not expose (3.11): mount, unshare,
+pivot_root, prctl, capabilities. Each failure raises ``JailError`` naming the call and the errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
+NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 28, 47, 4
+SECURE_ALL_LOCKED_NOROOT = 0x2F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
+_CAP_VERSION_3 = 0x20080522
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+
+class JailError(Exception):
+    """The jail could not be built on this machine."""
+
+
+def check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise JailError(f"{what}: {os.strerror(err)} ({errno.errorcode.get(err, err)})")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    check(
+        LIBC.mount(
+            source.encode() if source else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {source or fstype} on {target}",
+    )
+
+
+def prctl(option: int, arg: int) -> None:
+    check(LIBC.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    check(LIBC.syscall(_SYS_PIVOT_ROOT[os.uname().machine], new_root.encode(), put_old.encode()), "pivot_root")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def effective_capabilities() -> int:
+    header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
+    check(LIBC.capget(ctypes.byref(header), data), "capget")
+    return data[0].effective | data[1].effective << 32 | data[0].permitted | data[1].permitted << 32
+
+
+def drop_capabilities() -> None:
+    """Empty every capability set, for good: bounding set, ambient set, and securebits so uid 0 grants nothing."""
+    for cap in range(64):
+        if LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+            check(-1, f"drop capability {cap} from the bounding set")
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    check(LIBC.prctl(PR_SET_SECUREBITS, SECURE_ALL_LOCKED_NOROOT, 0, 0, 0), "securebits")
+    header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
+    check(LIBC.capset(ctypes.byref(header), data), "capset")
+
+
+def close_all_but(*keep: int) -> None:
+    """Close every descriptor above 2 except ``keep``."""
+    low = 3
+    for fd in sorted(k for k in keep if k > 2):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 16)
