@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import files, jail, policy, script, shell
+from . import files, jail, policy, script, seccomp, shell
 from .protocol import ProtocolError, read_frame, write_frame
 
 _SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -64,6 +64,7 @@ class Server:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
             (self.root / sub).chmod(mode)
         script.warm_up()
+        seccomp.prepare()  # assembled once here, inherited by every run
         files.operate("/", "exists", "x")
         self.probe()
 

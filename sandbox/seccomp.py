@@ -104,17 +104,28 @@ def build_program(machine: str | None = None) -> list[tuple[int, int, int, int]]
     return prog
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_compiled: dict[str, ctypes.Array[ctypes.c_char]] = {}  # machine -> the filter, assembled once per process
+
+
+def prepare(machine: str | None = None) -> None:
+    """Assemble the filter now (the sandbox process does this once, before it forks any run)."""
+    machine = machine or platform.machine()
+    if machine not in _compiled:
+        raw = b"".join(struct.pack("=HBBI", *ins) for ins in build_program(machine))
+        _compiled[machine] = ctypes.create_string_buffer(raw, len(raw))
+
+
 def install(machine: str | None = None) -> None:
     """Install the filter on the calling thread (and its future children). Needs no-new-privs set first."""
-    prog = build_program(machine)
-    raw = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
-    buf = ctypes.create_string_buffer(raw, len(raw))
-
-    class _SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    fprog = _SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+    machine = machine or platform.machine()
+    prepare(machine)
+    buf = _compiled[machine]
+    fprog = _SockFprog(len(buf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if _LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         err = ctypes.get_errno()
         raise SeccompUnavailable(f"prctl(PR_SET_SECCOMP) failed: {errno.errorcode.get(err, err)}")
