@@ -55,7 +55,7 @@ class Pipeline:
         responder: Responder,
         tick: Callable[[], None] = lambda: None,
         clock: Callable[[], datetime] = utcnow,
-        sandbox: Callable[[], SandboxClient] | None = None,
+        sandbox: SandboxClient | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store

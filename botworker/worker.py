@@ -161,7 +161,7 @@ class Worker:
         except SandboxError as exc:
             log.error("worker %s: sandbox failed to start (retried at the first sandboxed tool): %s", self.wid, exc)
         self.pipeline = Pipeline(
-            self.cfg, self.store, make_responder(self.cfg), tick=self.heartbeat.beat, sandbox=lambda: self.sandbox
+            self.cfg, self.store, make_responder(self.cfg), tick=self.heartbeat.beat, sandbox=self.sandbox
         )
 
     def _close(self) -> None:

@@ -35,7 +35,7 @@ class ToolContext:
     tools: list[dict[str, Any]]
     store: Store
     cfg: Config
-    sandbox: Callable[[], SandboxClient] | None = None  # this worker's sandbox process (shell, script, file tools)
+    sandbox: SandboxClient | None = None  # this worker's sandbox process (shell, script, file tools)
 
 
 Runner = Callable[[ToolCall, dict[str, Any], ToolContext], Any]

@@ -33,7 +33,7 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
     if ctx.sandbox is None:
         raise ToolFailure("this worker has no sandbox configured")
     try:
-        reply = ctx.sandbox().call(request)
+        reply = ctx.sandbox.call(request)
     except SandboxError as exc:
         raise ToolFailure(str(exc)) from None
     if not reply.get("ok"):
