@@ -20,5 +20,15 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["botworker", "botworker.*", "sandbox", "sandbox.*"]),
     install_requires=requirements,
-    entry_points={"console_scripts": ["botworker = botworker.__main__:main"]},
+    entry_points={
+        "console_scripts": ["botworker = botworker.__main__:main"],
+        # Tool families: a third-party package adds a tool type by declaring one more entry point in this group.
+        "botworker.tools": [
+            "platform = botworker.tools.platform",
+            "http = botworker.tools.http",
+            "database = botworker.tools.database",
+            "sandboxed = botworker.tools.sandboxed",
+            "workflow = botworker.tools.workflow",
+        ],
+    },
 )

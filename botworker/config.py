@@ -8,7 +8,9 @@ bounds, help), which is also what the README's configuration table is checked ag
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -71,6 +73,24 @@ def _bool(raw: str) -> bool:
     raise ValueError("must be 1/0, true/false, yes/no or on/off")
 
 
+def _hosts(raw: str) -> tuple[str, ...]:
+    """Comma-separated CIDRs/addresses or host names (``*.example.com`` matches subdomains)."""
+    out = []
+    for item in (x.strip().lower().rstrip(".") for x in raw.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+            continue
+        except ValueError:
+            pass
+        name = item[2:] if item.startswith("*.") else item
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?)*", name):
+            raise ValueError(f"{item!r} is neither a CIDR nor a host name")
+        out.append(item)
+    return tuple(out)
+
+
 def _url(*schemes: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip()
@@ -99,6 +119,58 @@ SETTINGS: dict[str, Setting] = {
     "db_password": Setting("DB_PASSWORD", _str, "", "PostgreSQL password (never logged)"),
     "db_name": Setting("DB_NAME", _str, "botplatform", "PostgreSQL database"),
     "gemini_key": Setting("GEMINI_KEY", _str, "", "Gemini API key; unset: the offline responder answers"),
+    "gemini_base_url": Setting(
+        "GEMINI_BASE_URL", _url("http", "https"), "", "Gemini API base URL (a proxy, a test server); empty: Google's"
+    ),
+    "gemini_timeout": Setting("GEMINI_TIMEOUT", _float(1, 600), 30.0, "timeout (s) of one Gemini request"),
+    "gemini_model": Setting(
+        "GEMINI_MODEL", _str, "", "model for every bot; empty: the bot's `model` column (default gemini-2.5-flash)"
+    ),
+    "llm_max_rounds": Setting("LLM_MAX_ROUNDS", _int(1, 20), 5, "function-calling rounds per reply, then it answers"),
+    "llm_max_attempts": Setting(
+        "LLM_MAX_ATTEMPTS", _int(1, 10), 4, "attempts of one Gemini request on 429/5xx/timeouts (back-off, jitter)"
+    ),
+    "llm_deadline": Setting(
+        "LLM_DEADLINE", _float(1, 3600), 60.0, "total time (s) for one reply: all rounds and retries"
+    ),
+    "llm_history_tokens": Setting(
+        "LLM_HISTORY_TOKENS", _int(0, 10**6), 8000, "token budget of the conversation history sent (oldest out)"
+    ),
+    "encryption_key": Setting(
+        "ENCRYPTION_KEY", _str, "", "the platform's key for `secrets.encryptedValue` (never logged); unset: no secrets"
+    ),
+    "http_allowed_hosts": Setting(
+        "HTTP_ALLOWED_HOSTS",
+        _hosts,
+        (),
+        "CIDRs and host names (`*.corp.example`) tools may reach although private/loopback/link-local",
+    ),
+    "http_timeout": Setting("HTTP_TIMEOUT", _float(0.1, 600), 10.0, "default timeout (s) of an HTTP tool call"),
+    "http_max_timeout": Setting("HTTP_MAX_TIMEOUT", _float(0.1, 600), 60.0, "cap on an HTTP tool's own `timeout`"),
+    "http_max_response_bytes": Setting(
+        "HTTP_MAX_RESPONSE_BYTES", _int(1024, 64 << 20), 1 << 20, "largest HTTP tool response body read"
+    ),
+    "db_tool_timeout": Setting("DB_TOOL_TIMEOUT", _float(0.1, 600), 10.0, "statement timeout (s) of database tools"),
+    "db_tool_max_rows": Setting("DB_TOOL_MAX_ROWS", _int(1, 100000), 100, "rows a database tool returns at most"),
+    "db_tool_role": Setting(
+        "DB_TOOL_ROLE",
+        _str,
+        "",
+        "role database tools on the platform database run as (`SET LOCAL ROLE`); empty: the worker's own",
+    ),
+    "tool_max_attempts": Setting(
+        "TOOL_MAX_ATTEMPTS", _int(1, 10), 3, "attempts of a retryable tool call (idempotent, or opted in)"
+    ),
+    "tool_retry_delay": Setting("TOOL_RETRY_DELAY", _float(0, 60), 0.5, "first tool retry back-off (s); doubles"),
+    "tool_retry_after_max": Setting(
+        "TOOL_RETRY_AFTER_MAX", _float(0, 600), 30.0, "longest `Retry-After` (s) honoured; longer ones end the call"
+    ),
+    "tool_result_budget": Setting(
+        "TOOL_RESULT_BUDGET", _int(256, 1 << 20), 4000, "bytes of one tool result the LLM sees (and metadata keeps)"
+    ),
+    "tool_results_budget": Setting(
+        "TOOL_RESULTS_BUDGET", _int(256, 4 << 20), 12000, "bytes of all tool results of a message the LLM sees"
+    ),
     "procs": Setting("WORKER_PROCS", _int(1, 256), 2, "worker processes (flag --procs)"),
     "max_message_bytes": Setting(
         "MAX_MESSAGE_BYTES", _int(1, 1 << 20), 16384, "longest accepted `message` (UTF-8 bytes)"
@@ -166,6 +238,26 @@ class Config:
     redis_url: str
     database_url: str
     gemini_key: str
+    gemini_base_url: str
+    gemini_timeout: float
+    gemini_model: str
+    llm_max_rounds: int
+    llm_max_attempts: int
+    llm_deadline: float
+    llm_history_tokens: int
+    encryption_key: str
+    http_allowed_hosts: tuple[str, ...]
+    http_timeout: float
+    http_max_timeout: float
+    http_max_response_bytes: int
+    db_tool_timeout: float
+    db_tool_max_rows: int
+    db_tool_role: str
+    tool_max_attempts: int
+    tool_retry_delay: float
+    tool_retry_after_max: float
+    tool_result_budget: int
+    tool_results_budget: int
     procs: int
     max_message_bytes: int
     max_attempts: int
@@ -197,7 +289,7 @@ class Config:
             if f.name == "sources":
                 continue
             value = getattr(self, f.name)
-            if f.name == "gemini_key":
+            if f.name in ("gemini_key", "encryption_key"):
                 value = "set" if value else "unset"
             elif f.name in ("redis_url", "database_url"):
                 value = redact_url(value)
@@ -248,33 +340,13 @@ def load_config(
             f"WORKER_TIMEOUT={values['worker_timeout']:g} (from {sources['worker_timeout']}) is invalid: it must be "
             f"longer than POP_TIMEOUT + 1 = {values['pop_timeout'] + 1:g} seconds"
         )
+    own = {f.name for f in fields(Config)} - {"sources", "redis_url", "database_url", "node_name"}
     return Config(
         redis_url=values["redis_url"] or _redis_url(values),
         database_url=values["database_url"] or _database_url(values),
-        gemini_key=values["gemini_key"],
-        procs=values["procs"],
-        max_message_bytes=values["max_message_bytes"],
-        max_attempts=values["max_attempts"],
-        retry_delay=values["retry_delay"],
-        history_limit=values["history_limit"],
-        pop_timeout=values["pop_timeout"],
-        graceful_timeout=values["graceful_timeout"],
-        worker_timeout=values["worker_timeout"],
-        boot_timeout=values["boot_timeout"],
-        node_ttl=values["node_ttl"],
-        max_requests=values["max_requests"],
-        db_pool_size=values["db_pool_size"],
-        db_connect_timeout=values["db_connect_timeout"],
-        db_statement_timeout=values["db_statement_timeout"],
-        db_prepare=values["db_prepare"],
-        redis_timeout=values["redis_timeout"],
-        sandbox_root=values["sandbox_root"],
-        sandbox_uid=values["sandbox_uid"],
-        sandbox_gid=values["sandbox_gid"],
-        sandbox_allow_weak=values["sandbox_allow_weak"],
         node_name=values["node_name"] or socket.gethostname(),
-        log_level=values["log_level"],
         sources=sources,
+        **{name: values[name] for name in own},
     )
 
 

@@ -5,8 +5,9 @@ Exceptions::
     BotworkerError                 base of everything raised on purpose
     ├── ConfigError                an invalid setting; names the variable (exit EXIT_CONFIG)
     ├── BootError                  Redis or PostgreSQL unreachable past the boot window (exit EXIT_BOOT)
-    └── MessageError               this message cannot be processed; carries a ``code`` for ``bot_errors``
-        └── TransientError         the infrastructure failed (database down...): retry the message later
+    ├── MessageError               this message cannot be processed; carries a ``code`` for ``bot_errors``
+    │   └── TransientError         the infrastructure failed (database down...): retry the message later
+    └── LLMError                   the language model failed (after its retries): apology reply + ``bot_errors``
 
 Inside the pipeline a ``MessageError`` ends the message with one ``bot_errors`` event (and, where a reply can
 still be given, a fallback reply); a ``TransientError`` puts the message back for another attempt, until
@@ -34,6 +35,16 @@ BOT_INACTIVE = "bot_inactive"
 INSTANCE_NOT_FOUND = "instance_not_found"
 USER_NOT_FOUND = "user_not_found"
 TOOL_FAILED = "tool_failed"
+TOOL_DENIED = "tool_denied"
+TOOL_INVALID_PARAMS = "tool_invalid_params"
+TOOL_UNSUPPORTED = "tool_unsupported"
+LLM_RATE_LIMITED = "llm_rate_limited"
+LLM_QUOTA_EXCEEDED = "llm_quota_exceeded"
+LLM_SAFETY_BLOCKED = "llm_safety_blocked"
+LLM_INVALID_KEY = "llm_invalid_key"
+LLM_TIMEOUT = "llm_timeout"
+LLM_UNAVAILABLE = "llm_unavailable"
+LLM_BAD_REQUEST = "llm_bad_request"
 DATABASE_UNAVAILABLE = "database_unavailable"
 DEAD_LETTERED = "dead_lettered"
 INTERNAL_ERROR = "internal_error"
@@ -47,6 +58,16 @@ ERROR_CODES: dict[str, str] = {
     INSTANCE_NOT_FOUND: "instanceId does not name an instance of this bot and user",
     USER_NOT_FOUND: "userId names no user",
     TOOL_FAILED: "a tool call failed; the reply explains it (sent as well)",
+    TOOL_DENIED: "a tool may not run for this user (owner, requiresAuth, roles); the reply says why",
+    TOOL_INVALID_PARAMS: "a tool's parameters are missing or invalid (declared parameters, placeholders, SQL shape)",
+    TOOL_UNSUPPORTED: "the tool's type is not run by this worker (workflow_action, or no plugin for the type)",
+    LLM_RATE_LIMITED: "Gemini answered 429 until the retries ran out; the apology reply is sent",
+    LLM_QUOTA_EXCEEDED: "the Gemini key's quota is used up (429 naming a quota); the apology reply is sent",
+    LLM_SAFETY_BLOCKED: "Gemini blocked the prompt or the answer for safety; the apology reply is sent",
+    LLM_INVALID_KEY: "Gemini refused the key (401/403, or 400 API_KEY_INVALID)",
+    LLM_TIMEOUT: "Gemini did not answer within GEMINI_TIMEOUT / LLM_DEADLINE",
+    LLM_UNAVAILABLE: "Gemini failed with 5xx or could not be reached, retries exhausted",
+    LLM_BAD_REQUEST: "Gemini refused the request (400) or sent a response that cannot be used",
     DATABASE_UNAVAILABLE: "PostgreSQL failed while processing; the message is retried",
     DEAD_LETTERED: "the message failed MAX_ATTEMPTS times; it is in bot_messages:dead",
     INTERNAL_ERROR: "an unexpected error in the worker (a bug); see the worker log",
@@ -76,3 +97,15 @@ class MessageError(BotworkerError):
 
 class TransientError(MessageError):
     """The infrastructure failed, not the message: put it back and try again later."""
+
+
+class LLMError(BotworkerError):
+    """The language model gave no usable answer (its retries spent). The message still gets an apology reply
+    and one ``bot_errors`` event with ``code`` (one of the ``llm_*`` codes)."""
+
+    def __init__(self, code: str, error: str, tokens_used: int = 0, extra: dict[str, object] | None = None) -> None:
+        super().__init__(error)
+        self.code = code
+        self.error = error
+        self.tokens_used = tokens_used
+        self.extra = extra or {}

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from .config import Config
 from .message import Message, Reply, ToolResult
 from .store import BotContext
+from .tools.dispatch import ToolRunner
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ _KIND_WORDS = {
 class Responder(Protocol):
     """Produces the bot's reply for one message."""
 
-    def reply(self, ctx: BotContext, msg: Message, results: Sequence[ToolResult]) -> Reply: ...
+    def reply(self, ctx: BotContext, msg: Message, results: Sequence[ToolResult], tools: ToolRunner) -> Reply:
+        """``results``: the calls detection made; ``tools`` runs more (function calling) and records them."""
+        ...
 
 
 def system_prompt(ctx: BotContext) -> str:
@@ -48,7 +51,9 @@ def estimate_tokens(*texts: str) -> int:
 class OfflineResponder:
     """Deterministic replies without a language model."""
 
-    def reply(self, ctx: BotContext, msg: Message, results: Sequence[ToolResult]) -> Reply:
+    def reply(
+        self, ctx: BotContext, msg: Message, results: Sequence[ToolResult], tools: ToolRunner | None = None
+    ) -> Reply:
         name = ctx.bot.get("displayName") or ctx.bot.get("name") or "this bot"
         if results:
             text = "\n".join(describe(r) for r in results)

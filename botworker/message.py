@@ -43,21 +43,25 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class ToolResult:
-    """What one tool call produced. ``ok=False`` carries a human-readable ``error``; never an exception."""
+    """What one tool call produced. ``ok=False`` carries a human-readable ``error`` and its ``code``; never an
+    exception. ``attempts`` counts retries of transient failures."""
 
     call: ToolCall
     ok: bool
     data: Any = None
     error: str | None = None
     duration_ms: int = 0
+    attempts: int = 1
+    code: str | None = None
 
     def summary(self) -> dict[str, Any]:
-        """The outcome as stored in the reply's metadata."""
+        """The outcome as stored in the reply's metadata (``tools.budget.summary`` clips large results)."""
         out: dict[str, Any] = {
             "tool": self.call.name,
             "type": self.call.type,
             "ok": self.ok,
             "durationMs": self.duration_ms,
+            "attempts": self.attempts,
         }
         if self.call.operation:
             out["operation"] = self.call.operation
@@ -67,6 +71,7 @@ class ToolResult:
             out["result"] = self.data
         else:
             out["error"] = self.error
+            out["code"] = self.code or "tool_failed"
         return out
 
 

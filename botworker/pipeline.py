@@ -2,6 +2,7 @@
 
     load bot, prompts, tools, instance, history ─▶ already saved? (a retry) ─▶ replay the saved rows
                                                  └▶ detect tool calls ─▶ run them ─▶ reply ─▶ save both rows
+                                                                          (the responder may run more: function calling)
 
 Expected failures are ``MessageError``s raised by the steps (unknown bot, bad instance...) or failed
 ``ToolResult``s (a failing tool still gets a reply, plus a ``tool_failed`` error event). Nothing here catches
@@ -21,10 +22,13 @@ from sandbox.client import SandboxClient
 from . import errors
 from .config import Config
 from .detect import detect
+from .errors import LLMError
 from .llm import Responder
-from .message import Message, ToolResult
+from .message import Message, Reply
 from .store import Store
-from .tools import ToolContext, dispatch
+from .tools import Family, ToolContext, budget, outbound, registry
+from .tools.dispatch import ToolRunner
+from .tools.secrets import Secrets
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,10 @@ class Outcome:
     error_code: str | None = None
     error: str | None = None
     replayed: bool = False
+
+
+# The reply saved and sent when the language model fails (the seed's apology); the error event says why.
+APOLOGY = "I'm sorry, but I encountered an error while generating a response. Please try again."
 
 
 def utcnow() -> datetime:
@@ -56,11 +64,16 @@ class Pipeline:
         tick: Callable[[], None] = lambda: None,
         clock: Callable[[], datetime] = utcnow,
         sandbox: SandboxClient | None = None,
+        families: dict[str, Family] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.responder = responder
         self.sandbox = sandbox
+        self.families = registry.default() if families is None else families
+        # One HTTP session per worker process: connections are reused across messages, each pinned to an
+        # address the outbound policy checked.
+        self.http = outbound.session(outbound.OutboundPolicy(cfg.http_allowed_hosts))
         self.tick = tick  # called between steps: the worker's heartbeat
         self.clock = clock
 
@@ -70,34 +83,37 @@ class Pipeline:
             log.info("message %s was already saved by an earlier attempt: replaying its reply", msg.message_id)
             return _outcome(ctx.instance_id, *ctx.saved, replayed=True)
 
-        calls = detect(msg.text, ctx.tools)
-        tool_ctx = ToolContext(msg.user_id, ctx.bot, ctx.tools, self.store, self.cfg, self.sandbox)
-        results: list[ToolResult] = []
-        for call in calls:
-            log.info(
-                "🔧 Tool detected: %s (%s)", call.name, call.type + (f"/{call.operation}" if call.operation else "")
-            )
-            log.info("📝 Extracted params: %s", _short(call.params))
-            self.tick()
-            result = dispatch(call, tool_ctx)
-            if not result.ok:
-                log.warning("tool %s failed: %s", call.name, result.error)
-            results.append(result)
+        secrets = Secrets(self.store, self.cfg.encryption_key, msg.user_id)
+        tool_ctx = ToolContext(
+            msg.user_id, ctx.bot, ctx.tools, self.store, self.cfg, self.sandbox, ctx.user, self.http, secrets
+        )
+        runner = ToolRunner(tool_ctx, self.families, self.tick)
+        for call in detect(msg.text, ctx.tools):
+            log.info("📝 Extracted params for %s: %s", call.name, _short(call.params))
+            runner.run(call)
 
         self.tick()
-        reply = self.responder.reply(ctx, msg, results)
+        llm_error: dict[str, str] | None = None
+        try:
+            reply = self.responder.reply(ctx, msg, list(runner.results), runner)
+        except LLMError as exc:
+            log.warning("message %s: the language model failed (%s): %s", msg.message_id, exc.code, exc.error)
+            reply = Reply(APOLOGY, str(exc.extra.get("model") or "unknown"), exc.tokens_used, dict(exc.extra))
+            llm_error = {"code": exc.code, "message": exc.error}
         reply_at = self.clock()
         metadata = {
             "messageId": msg.message_id,
             "model": reply.model,
-            "toolCalls": [r.summary() for r in results],
+            "toolCalls": [budget.summary(r, self.cfg.tool_result_budget) for r in runner.results],
             **reply.extra,
         }
+        if llm_error:
+            metadata["error"] = llm_error
         response_ms = max(0, int((reply_at - msg.received_at).total_seconds() * 1000))
         user_row, bot_row, _ = self.store.save_exchange(
             msg,
             ctx.instance_id,
-            reply.text,
+            secrets.redact(reply.text),  # a model quoting a tool's output cannot quote a secret it never saw; still
             reply_at,
             reply.tokens_used,
             response_ms,
@@ -108,13 +124,18 @@ class Pipeline:
 
 
 def _outcome(instance_id: str, user_row: dict[str, Any], bot_row: dict[str, Any], replayed: bool = False) -> Outcome:
-    """Derive the tool_failed error from the saved metadata, so a replay reports exactly what the first run did."""
-    calls = (bot_row.get("metadata") or {}).get("toolCalls") or []
+    """Derive the error event from the saved metadata, so a replay reports exactly what the first run did: the
+    language model's failure if there was one, else the failed tool calls."""
+    metadata = bot_row.get("metadata") or {}
+    llm_error = metadata.get("error")
+    if isinstance(llm_error, dict) and llm_error.get("code"):
+        return Outcome(instance_id, user_row, bot_row, llm_error["code"], str(llm_error.get("message")), replayed)
+    calls = metadata.get("toolCalls") or []
     failed = [c for c in calls if not c.get("ok")]
     if not failed:
         return Outcome(instance_id, user_row, bot_row, replayed=replayed)
     error = "; ".join(f"tool {c.get('tool')} failed: {c.get('error')}" for c in failed)
-    return Outcome(instance_id, user_row, bot_row, errors.TOOL_FAILED, error, replayed)
+    return Outcome(instance_id, user_row, bot_row, failed[0].get("code") or errors.TOOL_FAILED, error, replayed)
 
 
 def _short(params: dict[str, Any], limit: int = 200) -> str:

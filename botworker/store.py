@@ -171,6 +171,7 @@ class Store:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._idle: list[psycopg2.extensions.connection] = []
+        self._tool_conn: psycopg2.extensions.connection | None = None
         self._connect_args: dict[str, Any] = {
             "dsn": cfg.database_url,
             "connect_timeout": cfg.db_connect_timeout,
@@ -187,6 +188,29 @@ class Store:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
+        if self._tool_conn is not None:
+            self._tool_conn.close()
+            self._tool_conn = None
+
+    @contextmanager
+    def tool_connection(self) -> Iterator[psycopg2.extensions.connection]:
+        """The connection database tools run on, in autocommit mode: one of its own, never the pool's, so a tool's
+        statement cannot leave state (a session advisory lock, say) where the worker's own statements run. After
+        each use open transactions are rolled back and session advisory locks released. psycopg2 errors pass
+        through untranslated: the tool reports them."""
+        conn = self._tool_conn
+        if conn is None or conn.closed:
+            conn = self._tool_conn = psycopg2.connect(**{**self._connect_args, "application_name": "botworker-tool"})
+            conn.autocommit = True
+        try:
+            yield conn
+        finally:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("ROLLBACK; SELECT pg_advisory_unlock_all()")
+            except psycopg2.Error:
+                conn.close()
+                self._tool_conn = None
 
     def _getconn(self) -> psycopg2.extensions.connection:
         """An idle pooled connection, or a new one. (Single-threaded process: a plain list is the pool.)"""

@@ -39,6 +39,7 @@ from .config import Config
 from .errors import ConfigError
 from .logs import set_role, setup_logging
 from .queue import NODE_PREFIX, STATUS, processing_key, recover_orphans, requeue_list
+from .tools import registry as tool_registry
 from .worker import Heartbeat, Worker
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,13 @@ class Supervisor:
             self.cfg.redis_url, socket_timeout=self.cfg.redis_timeout, socket_connect_timeout=self.cfg.redis_timeout
         )
         log.info("supervisor %s starting %d worker(s); config %s", self.node_id, self.target, self.cfg.redacted())
+        try:
+            # Loaded before the fork (imports only, nothing opened): a broken plugin stops us here, not per message.
+            families = tool_registry.default()
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            return errors.EXIT_CONFIG
+        log.info("tool types: %s", ", ".join(sorted(families)))
         self._probe_sandbox()
         self._maintain(force=True)
         while True:

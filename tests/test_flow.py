@@ -190,7 +190,7 @@ def test_failing_tool_gets_a_reply_and_an_error_event(make_worker, r, db, bot: B
     worker.run_once()
     [reply] = events(r, RESPONSES)
     [error] = events(r, ERRORS)
-    assert error["code"] == errors.TOOL_FAILED and "not supported" in error["error"]
+    assert error["code"] == errors.TOOL_UNSUPPORTED and "not supported" in error["error"]
     assert error["instanceId"] == reply["instanceId"] and error["messageId"] == payload["messageId"]
     assert "could not run deploy" in reply["botResponse"]["content"]
     [call] = reply["botResponse"]["metadata"]["toolCalls"]

@@ -1,74 +1,75 @@
-"""Tool families and dispatch: ``dispatch(call, ctx)`` runs one tool call and always returns a ``ToolResult``.
+"""Tools: the vocabulary every tool family shares (``ToolFailure``, ``ToolContext``, the ``Family`` shape).
 
-Each family is one module exposing ``TYPES`` (the ``bot_tools.type`` values it runs) and ``run(call, tool, ctx)``,
-which returns JSON-able data or raises ``ToolFailure`` with a reason a user can read. ``dispatch`` is the one place
-that turns any exception into a failed result, so a broken tool never takes the message down with it.
+A family is any object (usually a module) with ``TYPES`` (the ``bot_tools.type`` values it runs), ``run(call, tool,
+ctx)`` returning JSON-able data or raising ``ToolFailure``, and optionally ``retryable(tool) -> bool`` (its calls
+are idempotent and may be retried on transient failures). Families are found through the ``botworker.tools``
+entry-point group (``registry.py``), built-in ones included; ``dispatch.py`` runs a call through permissions,
+parameter validation, retries and redaction and always returns a ``ToolResult``.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sandbox.client import SandboxClient
-
+from .. import errors
 from ..config import Config
-from ..message import ToolCall, ToolResult
+from ..message import ToolCall
 from ..store import Store
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import requests
+
+    from sandbox.client import SandboxClient
+
+    from .secrets import Secrets
 
 
 class ToolFailure(Exception):
-    """A tool call failed for a reason worth showing to the user (not a bug)."""
+    """A tool call failed for a reason worth showing to the user (not a bug).
+
+    ``transient``: the same call may well succeed if retried (a timeout, a 503...); ``retry_after``: the seconds
+    the other side asked us to wait. ``code`` is the bot_errors code the failure maps to.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        code: str = errors.TOOL_FAILED,
+        transient: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.transient = transient
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
 class ToolContext:
-    """What a tool may use: the asking user (the only scope tools run in), the bot, the database, settings."""
+    """What a tool may use for one message: the asking user (the only scope tools run in), the bot, the
+    database, settings, and this worker's sandbox, HTTP session and the message's secrets."""
 
     user_id: str
     bot: dict[str, Any]
     tools: list[dict[str, Any]]
     store: Store
     cfg: Config
-    sandbox: SandboxClient | None = None  # this worker's sandbox process (shell, script, file tools)
+    sandbox: SandboxClient | None = None
+    user: dict[str, Any] | None = None  # the users row (role, isActive) of user_id
+    http: requests.Session | None = None  # pinned to the outbound policy (tools/outbound.py)
+    secrets: Secrets | None = None
 
 
-Runner = Callable[[ToolCall, dict[str, Any], ToolContext], Any]
+class Family(Protocol):
+    """The shape of a tool family (a module or any object)."""
+
+    TYPES: tuple[str, ...]
+
+    def run(self, call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any: ...
 
 
-def _builtin_registry() -> dict[str, Runner]:
-    from . import platform, sandboxed, workflow
-
-    registry: dict[str, Runner] = {}
-    for family in (platform, sandboxed, workflow):
-        for tool_type in family.TYPES:
-            registry[tool_type] = family.run
-    return registry
-
-
-REGISTRY: dict[str, Runner] = _builtin_registry()
-
-
-def dispatch(call: ToolCall, ctx: ToolContext, registry: dict[str, Runner] | None = None) -> ToolResult:
-    """Run one call; failures of any kind come back as ``ToolResult(ok=False, error=...)``."""
-    started = time.monotonic()
-    tool = next((t for t in ctx.tools if str(t["id"]) == call.tool_id), None)
-    runner = (registry or REGISTRY).get(call.type)
-    try:
-        if tool is None:
-            raise ToolFailure(f"tool {call.name} is not an active tool of this bot")
-        if runner is None:
-            raise ToolFailure(f"tool type {call.type!r} is not supported by this worker")
-        data = runner(call, tool, ctx)
-        ok, error = True, None
-    except ToolFailure as exc:
-        data, ok, error = None, False, str(exc)
-    except Exception as exc:  # the tool boundary: a bug in one tool is that call's failure, not the message's
-        log.exception("tool %s (%s) raised", call.name, call.type)
-        data, ok, error = None, False, f"internal error in tool {call.name}: {type(exc).__name__}"
-    return ToolResult(call, ok, data, error, int((time.monotonic() - started) * 1000))
+def config_of(tool: dict[str, Any]) -> dict[str, Any]:
+    """The tool's ``config`` object (an empty one when it is missing or not an object)."""
+    config = tool.get("config")
+    return config if isinstance(config, dict) else {}

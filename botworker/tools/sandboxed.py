@@ -15,18 +15,25 @@ from sandbox.client import SandboxError
 from sandbox.policy import MAX_LIMITS, MIN_LIMITS
 
 from ..message import ToolCall
-from . import ToolContext, ToolFailure
+from . import ToolContext, ToolFailure, config_of
 
 TYPES = ("shell_command", "custom_script", "file_operation")
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
-    config = tool.get("config") if isinstance(tool.get("config"), dict) else {}
+    config = config_of(tool)
     if call.type == "custom_script":
         request = _script(config, call.params)
     elif call.type == "shell_command":
         request = _shell(config, call.params)
+        secret_id = config.get("secretId") or config.get("githubSecretId")
+        if secret_id:
+            if ctx.secrets is None:
+                raise ToolFailure("secrets are not available here")
+            secret = ctx.secrets.get(secret_id)
+            # One environment variable named by the secret's `key`; the sandbox checks the name against its policy.
+            request["secret_env"] = {str(secret.key): secret.value}
     else:
         request = _file(config, call.params)
     request["scope"] = str(ctx.bot["id"])
@@ -52,8 +59,6 @@ def _shell(config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     command = config.get("command")
     if not isinstance(command, str) or not command.strip():
         raise ToolFailure("shell_command tool has no `command` in its config")
-    if config.get("secretId") or config.get("githubSecretId"):
-        raise ToolFailure("shell_command tools with a secret are not supported by this worker yet")
     request: dict[str, Any] = {"kind": "shell", "command": command, "params": params, "limits": _limits(config)}
     if config.get("cwd"):
         request["cwd"] = str(config["cwd"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import errors
 from ..message import ToolCall
 from . import ToolContext, ToolFailure
 
@@ -13,5 +14,6 @@ TYPES = ("workflow_action",)
 def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
     action = (tool.get("config") or {}).get("workflowActionId")
     raise ToolFailure(
-        f"workflow actions are not supported by this worker (tool {call.name}, action {action or 'unset'})"
+        f"workflow actions are not supported by this worker (tool {call.name}, action {action or 'unset'})",
+        errors.TOOL_UNSUPPORTED,
     )

@@ -1,0 +1,63 @@
+"""What of a tool result reaches the LLM (and the reply's metadata): JSON text within a byte budget.
+
+Each result gets at most ``per_tool`` bytes and all of a message's results together at most ``total``; text over
+budget is cut at a UTF-8 character boundary and ends with a marker saying how much was left out. Results are
+redacted before they get here (``dispatch``), so nothing in this module sees a secret.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from ..message import ToolResult
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """``text`` in at most ``max_bytes`` UTF-8 bytes (marker included), never cut inside a character."""
+    raw = text.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return text
+    marker = f"…[truncated {len(raw)} bytes to {max_bytes}]"
+    keep = max(0, max_bytes - len(marker.encode("utf-8")))
+    # errors="ignore" drops only the partial character at the cut: bytes [0, keep) may end inside one.
+    return raw[:keep].decode("utf-8", errors="ignore") + marker
+
+
+def as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def for_llm(results: Sequence[ToolResult], per_tool: int, total: int) -> list[dict[str, Any]]:
+    """One entry per result: ``{"tool", "ok", "result" | "error"}`` with texts clipped to the budgets."""
+    left = total
+    out: list[dict[str, Any]] = []
+    for result in results:
+        entry: dict[str, Any] = {"tool": result.call.name, "ok": result.ok}
+        if result.call.operation:
+            entry["operation"] = result.call.operation
+        key, text = ("result", as_text(result.data)) if result.ok else ("error", str(result.error))
+        budget = min(per_tool, left)
+        entry[key] = clip(text, budget) if budget > 0 else "[left out: the tool results budget is used up]"
+        left -= len(entry[key].encode("utf-8"))
+        out.append(entry)
+    return out
+
+
+def for_metadata(data: Any, per_tool: int) -> tuple[Any, bool]:
+    """(the data itself if its JSON fits ``per_tool`` bytes, else the clipped JSON text; whether it was clipped)."""
+    text = as_text(data)
+    if len(text.encode("utf-8")) <= per_tool:
+        return data, False
+    return clip(text, per_tool), True
+
+
+def summary(result: ToolResult, per_tool: int) -> dict[str, Any]:
+    """``result.summary()`` for the reply's metadata, its data clipped to ``per_tool`` bytes."""
+    out = result.summary()
+    if result.ok:
+        out["result"], clipped = for_metadata(result.data, per_tool)
+        if clipped:
+            out["resultTruncated"] = True
+    return out

@@ -1,0 +1,186 @@
+"""``database_query`` tools: one SQL statement from the tool's config, with the call's parameters bound.
+
+Config: ``{"query", "type"?: "select" | "insert" | "update" | "delete", "secretId"?, "retry"?, "maxAttempts"?}``.
+- ``sql.py`` turns ``{{name}}`` placeholders into bound parameters and refuses anything but one statement, before
+  the server sees it; the statement's first keyword must fit the type (``select`` tools: SELECT, WITH, VALUES,
+  TABLE);
+- ``select`` tools run in a READ ONLY transaction (so a data-modifying CTE or function fails) and are rolled back;
+  write types only when the config says so, in their own transaction, committed;
+- every statement gets ``statement_timeout`` = DB_TOOL_TIMEOUT and at most DB_TOOL_MAX_ROWS rows come back;
+- on the platform database the statement runs as DB_TOOL_ROLE when set (``SET LOCAL ROLE``): the operator's way to
+  keep tool authors away from tables such as ``users`` and ``secrets``;
+- with ``secretId`` the connection string is that secret's value, and its host must pass the outbound policy
+  (connections go to the checked address through libpq's ``hostaddr``).
+Results: ``{"columns", "rows": [{column: value}], "rowCount", "truncated"}``, values made JSON-able.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import math
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+from psycopg2 import sql as pgsql
+
+from .. import errors
+from ..message import ToolCall
+from . import ToolContext, ToolFailure, config_of, outbound
+from .sql import SqlRefused, prepare
+
+TYPES = ("database_query",)
+KINDS = {
+    "select": ("select", "with", "values", "table"),
+    "insert": ("insert",),
+    "update": ("update",),
+    "delete": ("delete",),
+}
+_TRANSIENT = (psycopg2.errors.SerializationFailure, psycopg2.errors.DeadlockDetected)
+
+
+def retryable(tool: dict[str, Any]) -> bool:
+    return str(config_of(tool).get("type") or "select").lower() == "select"
+
+
+def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
+    config = config_of(tool)
+    kind = str(config.get("type") or "select").lower()
+    if kind not in KINDS:
+        raise ToolFailure(f"database_query type {kind!r} is not one of {', '.join(KINDS)}", errors.TOOL_INVALID_PARAMS)
+    query = config.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise ToolFailure("database_query tool has no `query` in its config")
+    try:
+        prepared = prepare(query, call.params)
+    except SqlRefused as exc:
+        raise ToolFailure(f"query refused: {exc}", errors.TOOL_INVALID_PARAMS) from None
+    if prepared.kind not in KINDS[kind]:
+        raise ToolFailure(
+            f"a {kind} tool may only run {' / '.join(k.upper() for k in KINDS[kind])} statements, "
+            f"not {prepared.kind.upper()}",
+            errors.TOOL_INVALID_PARAMS,
+        )
+    secret_id = config.get("secretId") or config.get("githubSecretId")
+    try:
+        with _connection(ctx, secret_id) as (conn, platform):
+            with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+                # One round trip frames the statement. standard_conforming_strings is forced on because sql.py
+                # splits statements the way a server with it on reads them.
+                setup = pgsql.SQL(
+                    "BEGIN {mode}; SET LOCAL statement_timeout = {ms}; SET LOCAL standard_conforming_strings = on"
+                ).format(
+                    mode=pgsql.SQL("READ ONLY" if kind == "select" else "READ WRITE"),
+                    ms=pgsql.Literal(int(ctx.cfg.db_tool_timeout * 1000)),
+                )
+                if platform and ctx.cfg.db_tool_role:
+                    setup += pgsql.SQL("; SET LOCAL ROLE {}").format(pgsql.Identifier(ctx.cfg.db_tool_role))
+                cur.execute(setup)
+                cur.execute(prepared.sql, prepared.params)
+                result = _rows(cur, ctx.cfg.db_tool_max_rows)
+                if kind != "select":
+                    cur.execute("COMMIT")  # a select's transaction is rolled back when the connection is handed back
+            return result
+    except psycopg2.errors.QueryCanceled:
+        raise ToolFailure(f"the query took longer than {ctx.cfg.db_tool_timeout:g}s and was cancelled") from None
+    except _TRANSIENT as exc:
+        raise ToolFailure(f"the query failed: {_pgerror(exc)}", transient=True) from None
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        raise ToolFailure(f"the database is unreachable: {_pgerror(exc)}", transient=True) from None
+    except psycopg2.errors.ReadOnlySqlTransaction:
+        raise ToolFailure("this select tool may not modify data (read-only transaction)", errors.TOOL_DENIED) from None
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        raise ToolFailure(f"permission denied: {_pgerror(exc)}", errors.TOOL_DENIED) from None
+    except psycopg2.Error as exc:
+        raise ToolFailure(f"the query failed: {_pgerror(exc)}") from None
+
+
+@contextmanager
+def _connection(ctx: ToolContext, secret_id: Any) -> Iterator[tuple[psycopg2.extensions.connection, bool]]:
+    """(connection in autocommit mode, whether it is the platform database). Our own BEGIN/ROLLBACK frame the
+    statement, so a failure in the middle leaves nothing open: the connection is closed rather than reused."""
+    if not secret_id:
+        with ctx.store.tool_connection() as conn:
+            yield conn, True
+        return
+    if ctx.secrets is None:
+        raise ToolFailure("secrets are not available here")
+    dsn = ctx.secrets.get(secret_id).value
+    try:
+        parsed = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        raise ToolFailure(
+            "the secret's value is not a PostgreSQL connection string", errors.TOOL_INVALID_PARAMS
+        ) from None
+    ctx.secrets.remember(str(parsed.get("password") or ""))
+    host = str(parsed.get("host") or "")
+    if not host or "," in host:
+        raise ToolFailure("the secret's connection string must name exactly one host", errors.TOOL_INVALID_PARAMS)
+    try:
+        address = outbound.pin_dsn_host(
+            outbound.OutboundPolicy(ctx.cfg.http_allowed_hosts), host, int(parsed.get("port") or 5432)
+        )
+    except outbound.OutboundDenied as exc:
+        raise ToolFailure(f"database host {host} is not allowed: {exc}", errors.TOOL_DENIED) from None
+    except OSError as exc:
+        raise ToolFailure(f"cannot resolve database host {host}: {exc}", transient=True) from None
+    conn = psycopg2.connect(
+        dsn, hostaddr=address, connect_timeout=ctx.cfg.db_connect_timeout, application_name="botworker-tool"
+    )
+    try:
+        conn.autocommit = True
+        yield conn, False
+    finally:
+        conn.close()
+
+
+def _rows(cur: psycopg2.extras.RealDictCursor, limit: int) -> dict[str, Any]:
+    if cur.description is None:  # INSERT/UPDATE/DELETE without RETURNING
+        return {"columns": [], "rows": [], "rowCount": cur.rowcount, "truncated": False}
+    columns = [c.name for c in cur.description]
+    rows = cur.fetchmany(limit + 1)
+    truncated = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "columns": columns,
+        "rows": [{k: jsonable(v) for k, v in row.items()} for row in rows],
+        "rowCount": cur.rowcount if cur.rowcount >= 0 else len(rows),
+        "truncated": truncated,
+    }
+
+
+def jsonable(value: Any) -> Any:
+    """A column value as JSON: numbers stay numbers (non-finite ones become text), times ISO 8601, bytes base64."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return str(value)
+        return int(value) if value == value.to_integral_value() and abs(value) < 2**53 else float(value)
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, (bytes, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return str(value)
+
+
+def _pgerror(exc: psycopg2.Error) -> str:
+    text = (exc.pgerror or str(exc) or type(exc).__name__).strip()
+    return " ".join(text.splitlines()[:1])[:300]

@@ -1,0 +1,174 @@
+"""Running tool calls: ``dispatch(call, ctx)`` always returns a ``ToolResult``; ``ToolRunner`` runs a message's calls.
+
+One call, in order: the tool must be one of the bot's active tools and its type known -> the user must be allowed
+(``access.py``) -> its parameters must fit the declaration (``params.py``) -> the family runs it; a transient
+failure is retried with back-off (``Retry-After`` honoured up to TOOL_RETRY_AFTER_MAX) when the call is
+idempotent or the tool opts in -> every secret revealed on the way is redacted from the result and the error.
+
+``dispatch`` is the tool boundary: any exception becomes a failed result, so a broken tool never takes the message
+down. The one exception let through is ``TransientError`` (the platform database is down): the message is then
+retried as a whole, which beats answering "internal error".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .. import errors
+from ..errors import TransientError
+from ..message import ToolCall, ToolResult
+from ..retry import backoff
+from . import Family, ToolContext, ToolFailure, access, config_of, params, registry
+from .secrets import SecretError
+
+log = logging.getLogger(__name__)
+
+
+def max_attempts(family: Family, tool: dict[str, Any], ctx: ToolContext) -> int:
+    """1 unless the call may be retried: ``retry: false`` never; ``maxAttempts: n`` or ``retry: true`` opt in;
+    otherwise the family says whether the tool's calls are idempotent (GET/HEAD, select)."""
+    config = config_of(tool)
+    if config.get("retry") is False:
+        return 1
+    wanted = config.get("maxAttempts")
+    if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 1:
+        return min(wanted, 10)
+    retryable: Callable[[dict[str, Any]], bool] | None = getattr(family, "retryable", None)
+    if config.get("retry") is True or (retryable is not None and retryable(tool)):
+        return ctx.cfg.tool_max_attempts
+    return 1
+
+
+def dispatch(
+    call: ToolCall,
+    ctx: ToolContext,
+    families: dict[str, Family] | None = None,
+    tick: Callable[[], None] = lambda: None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ToolResult:
+    """Run one call; failures of any kind come back as ``ToolResult(ok=False, error=..., code=...)``."""
+    started = time.monotonic()
+    families = registry.default() if families is None else families
+    tool = next((t for t in ctx.tools if str(t["id"]) == call.tool_id), None)
+    attempts = 0
+    data: Any = None
+    error: str | None = None
+    code: str | None = None
+    try:
+        if tool is None:
+            raise ToolFailure(f"tool {call.name} is not an active tool of this bot", errors.TOOL_DENIED)
+        family = families.get(call.type)
+        if family is None:
+            raise ToolFailure(f"tool type {call.type!r} is not supported by this worker", errors.TOOL_UNSUPPORTED)
+        reason = access.denial(tool, ctx.bot, ctx.user or {"id": ctx.user_id}, ctx.user_id)
+        if reason:
+            raise ToolFailure(reason, errors.TOOL_DENIED)
+        try:
+            call = dataclasses.replace(call, params=params.validate(tool, call.params))
+        except params.InvalidParams as exc:
+            raise ToolFailure(str(exc), errors.TOOL_INVALID_PARAMS) from None
+        limit = max_attempts(family, tool, ctx)
+        while True:
+            attempts += 1
+            try:
+                data = family.run(call, tool, ctx)
+                break
+            except ToolFailure as exc:
+                if not exc.transient or attempts >= limit:
+                    raise
+                wait = _wait(exc, attempts, ctx)
+                log.info(
+                    "tool %s: attempt %d failed (%s); retrying in %.2fs", call.name, attempts, _safe(ctx, exc), wait
+                )
+                tick()
+                sleep(wait)
+    except (ToolFailure, SecretError) as exc:
+        data, error, code = None, str(exc), exc.code
+    except TransientError:
+        raise
+    except Exception as exc:  # the tool boundary: a bug in one tool is that call's failure, not the message's
+        # The traceback is formatted and redacted here: it may quote a secret (a header, a DSN) in a message.
+        log.error("tool %s (%s) raised:\n%s", call.name, call.type, _safe(ctx, traceback.format_exc()))
+        data, error, code = None, f"internal error in tool {call.name}: {type(exc).__name__}", errors.TOOL_FAILED
+    if ctx.secrets is not None:
+        data, error = ctx.secrets.redact(data), ctx.secrets.redact(error)
+    ok = error is None
+    return ToolResult(call, ok, data, error, int((time.monotonic() - started) * 1000), max(attempts, 1), code)
+
+
+def _wait(exc: ToolFailure, attempts: int, ctx: ToolContext) -> float:
+    if exc.retry_after is None:
+        return backoff(attempts, ctx.cfg.tool_retry_delay, ctx.cfg.tool_retry_after_max)
+    if exc.retry_after > ctx.cfg.tool_retry_after_max:
+        # Retrying sooner than asked would only be refused again; waiting longer would hold the message.
+        raise ToolFailure(
+            f"{exc} (the server asks to retry after {exc.retry_after:g}s; TOOL_RETRY_AFTER_MAX is "
+            f"{ctx.cfg.tool_retry_after_max:g}s)",
+            exc.code,
+        ) from None
+    return exc.retry_after
+
+
+def _safe(ctx: ToolContext, value: Any) -> str:
+    text = str(value)
+    return ctx.secrets.redact(text) if ctx.secrets is not None else text
+
+
+class ToolRunner:
+    """Runs the tool calls of one message, detected ones and those a language model asks for by name, through
+    ``dispatch``; keeps every result in order (they all go into the reply's metadata)."""
+
+    def __init__(
+        self,
+        ctx: ToolContext,
+        families: dict[str, Family] | None = None,
+        tick: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.ctx = ctx
+        self.families = registry.default() if families is None else families
+        self.tick = tick
+        self.results: list[ToolResult] = []
+        self._by_name: dict[str, dict[str, Any]] = {}
+        for tool in ctx.tools:
+            name = params.function_name(tool)
+            while name in self._by_name:  # two tools with one name: the later one gets a suffix
+                name = f"{name[:60]}_{len(self._by_name)}"
+            self._by_name[name] = tool
+
+    def run(self, call: ToolCall) -> ToolResult:
+        log.info("🔧 Tool: %s (%s)", call.name, call.type + (f"/{call.operation}" if call.operation else ""))
+        self.tick()
+        result = dispatch(call, self.ctx, self.families, self.tick)
+        if not result.ok:
+            log.warning("tool %s failed (%s): %s", call.name, result.code, result.error)
+        self.results.append(result)
+        return result
+
+    def declarations(self) -> list[dict[str, Any]]:
+        """Function declarations of the tools this user may run here (denied or unknown types are not offered)."""
+        out = []
+        user = self.ctx.user or {"id": self.ctx.user_id}
+        for name, tool in self._by_name.items():
+            if tool.get("type") not in self.families or access.denial(tool, self.ctx.bot, user, self.ctx.user_id):
+                continue
+            out.append({**params.declaration(tool), "name": name})
+        return out
+
+    def call_function(self, name: str, args: dict[str, Any] | None) -> ToolResult:
+        """Run the tool a model called ``name`` with ``args``; an unknown name is a failed result, not an error."""
+        args = dict(args or {})
+        tool = self._by_name.get(name)
+        if tool is None:
+            call = ToolCall("", name, "unknown", None, args)
+            result = ToolResult(call, False, None, f"there is no tool named {name!r}", 0, 1, errors.TOOL_DENIED)
+            self.results.append(result)
+            return result
+        operation = None
+        if tool.get("type") == "mcp_tool":
+            operation = str(args.pop("operation", "") or "") or None
+        return self.run(ToolCall(str(tool["id"]), tool["name"], tool["type"], operation, args))

@@ -1,0 +1,127 @@
+"""Secrets: decrypt a ``secrets`` row for the one tool call that needs it, and redact its value from everything else.
+
+The platform stores ``encryptedValue`` as ``hex(iv):hex(ciphertext)``: AES-256-CBC with PKCS#7 padding, the key
+being scrypt(ENCRYPTION_KEY, salt "salt", 32 bytes, N=16384, r=8, p=1), Node.js's ``crypto.scryptSync`` defaults.
+The key is derived once per process (scrypt is slow on purpose: ~50 ms).
+
+A secret is used only if it belongs to the message's user and is active; otherwise the answer is "not found", the
+same as for an id that does not exist, so ids of other users' secrets reveal nothing. Every value decrypted while
+a message is handled is remembered by that message's ``Secrets``, and ``redact`` replaces it (raw, URL-encoded,
+JSON-escaped or base64) in whatever is about to leave the tool call: results, errors, logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from cryptography.hazmat.primitives import padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .. import errors
+from ..store import Store
+
+REDACTED = "[redacted]"
+_SELECT = """SELECT id, name, key, "encryptedValue", type, provider FROM secrets
+             WHERE id = %(id)s AND "userId" = %(user)s AND "isActive" """
+
+
+class SecretError(Exception):
+    """A secret cannot be used; ``str()`` is safe to show (it never contains the value)."""
+
+    code = errors.TOOL_FAILED
+
+
+@functools.lru_cache(maxsize=4)
+def derive_key(passphrase: str) -> bytes:
+    """The AES-256 key Node's ``scryptSync(passphrase, 'salt', 32)`` gives."""
+    return hashlib.scrypt(passphrase.encode(), salt=b"salt", n=16384, r=8, p=1, dklen=32, maxmem=64 << 20)
+
+
+def decrypt(encrypted: str, key: bytes) -> str:
+    """``hex(iv):hex(ciphertext)`` -> the UTF-8 plaintext; ValueError if it is malformed or the key is wrong."""
+    iv_hex, sep, ct_hex = encrypted.strip().partition(":")
+    iv, ciphertext = bytes.fromhex(iv_hex), bytes.fromhex(ct_hex)
+    if not sep or len(iv) != 16 or not ciphertext or len(ciphertext) % 16:
+        raise ValueError("not hex(iv):hex(ciphertext) with a 16-byte iv")
+    decryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
+    padded = decryptor.update(ciphertext) + decryptor.finalize()
+    unpadder = padding.PKCS7(128).unpadder()
+    return (unpadder.update(padded) + unpadder.finalize()).decode("utf-8")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A decrypted secret. ``value`` is kept out of ``repr`` so a stray log line cannot print it."""
+
+    id: str
+    name: str
+    key: str
+    type: str | None
+    provider: str | None
+    value: str = field(repr=False)
+
+
+class Secrets:
+    """The secrets of one message's user: fetched on demand, remembered for redaction."""
+
+    def __init__(self, store: Store, encryption_key: str, user_id: str) -> None:
+        self._store = store
+        self._passphrase = encryption_key
+        self._user_id = user_id
+        self._needles: list[str] = []
+
+    def get(self, secret_id: Any) -> Secret:
+        """The active secret ``secret_id`` of this user, decrypted, or SecretError."""
+        try:
+            sid = str(uuid.UUID(str(secret_id)))
+        except ValueError:
+            raise SecretError(f"secret {str(secret_id)[:60]!r} not found") from None
+        if not self._passphrase:
+            raise SecretError("this worker cannot use secrets: ENCRYPTION_KEY is not set")
+        with self._store.cursor() as cur:
+            cur.execute(_SELECT, {"id": sid, "user": self._user_id})
+            row = cur.fetchone()
+        if row is None:
+            raise SecretError(f"secret {sid} not found (or not active) for this user")
+        try:
+            value = decrypt(str(row["encryptedValue"]), derive_key(self._passphrase))
+        except ValueError:
+            raise SecretError(f"secret {sid} cannot be decrypted (does ENCRYPTION_KEY match the platform's?)") from None
+        self.remember(value)
+        return Secret(sid, row["name"], row["key"], row["type"], row["provider"], value)
+
+    def remember(self, value: str) -> None:
+        """Redact ``value`` (and its usual encodings) from now on."""
+        if not value:
+            return
+        variants = {value, quote(value, safe=""), json.dumps(value)[1:-1], base64.b64encode(value.encode()).decode()}
+        for variant in sorted(variants, key=len, reverse=True):
+            if variant and variant not in self._needles:
+                self._needles.append(variant)
+        self._needles.sort(key=len, reverse=True)  # longest first: a value inside another is replaced inside it
+
+    @property
+    def used(self) -> bool:
+        return bool(self._needles)
+
+    def redact(self, value: Any) -> Any:
+        """``value`` with every remembered secret replaced by ``[redacted]``, in strings, keys and nested data."""
+        if not self._needles:
+            return value
+        if isinstance(value, str):
+            for needle in self._needles:
+                if needle in value:
+                    value = value.replace(needle, REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {self.redact(k): self.redact(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.redact(v) for v in value]
+        return value
