@@ -195,7 +195,7 @@ def process_env(servers: Servers, **env: str) -> dict[str, str]:
         "DATABASE_URL": servers.database_url,
         **FAST,
         **env,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT)) if p),
     }
 
 

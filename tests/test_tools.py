@@ -5,6 +5,7 @@ and test_tool_units.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -370,3 +371,20 @@ def test_workflow_actions_are_answered_unsupported(
     assert worker.run_once()
     [error] = events(r, ERRORS)
     assert error["code"] == errors.TOOL_UNSUPPORTED and "not supported by this worker" in error["error"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the sandbox as root (CI does)")
+def test_shell_secret_is_one_environment_variable(
+    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker
+) -> None:
+    value = "sh-" + uuid.uuid4().hex
+    good = add_secret(db, bot.user_id, value, key="API_TOKEN")
+    evil = add_secret(db, bot.user_id, "/tmp/x.so", key="LD_PRELOAD")
+    add_tool(db, bot, "greet", "shell_command", {"command": "echo {{who}}", "secretId": good})
+    add_tool(db, bot, "preload", "shell_command", {"command": "echo hi", "secretId": evil})
+    reply, errs = ask(r, worker, bot, f"run greet who={value} and then preload")
+    greet, preload = calls_of(reply)
+    assert greet["ok"] and greet["result"]["stdout"].strip() == "[redacted]"  # the secret, echoed back
+    assert not preload["ok"] and "LD_PRELOAD" in preload["error"] and "not allowed" in preload["error"]
+    assert greet["params"] == {"who": "[redacted]"}
+    assert value not in json.dumps(reply) + json.dumps(errs)  # the reply row (the user's own message aside)

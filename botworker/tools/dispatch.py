@@ -95,8 +95,9 @@ def dispatch(
         # The traceback is formatted and redacted here: it may quote a secret (a header, a DSN) in a message.
         log.error("tool %s (%s) raised:\n%s", call.name, call.type, _safe(ctx, traceback.format_exc()))
         data, error, code = None, f"internal error in tool {call.name}: {type(exc).__name__}", errors.TOOL_FAILED
-    if ctx.secrets is not None:
+    if ctx.secrets is not None and ctx.secrets.used:
         data, error = ctx.secrets.redact(data), ctx.secrets.redact(error)
+        call = dataclasses.replace(call, params=ctx.secrets.redact(call.params))
     ok = error is None
     return ToolResult(call, ok, data, error, int((time.monotonic() - started) * 1000), max(attempts, 1), code)
 
