@@ -340,6 +340,13 @@ def load_config(
             f"WORKER_TIMEOUT={values['worker_timeout']:g} (from {sources['worker_timeout']}) is invalid: it must be "
             f"longer than POP_TIMEOUT + 1 = {values['pop_timeout'] + 1:g} seconds"
         )
+    # One blocking call must fit in a heartbeat interval, or the supervisor would kill a worker that is only waiting.
+    for name in ("http_max_timeout", "db_tool_timeout", "gemini_timeout"):
+        if values[name] >= values["worker_timeout"]:
+            raise ConfigError(
+                f"{SETTINGS[name].env}={values[name]:g} (from {sources[name]}) is invalid: it must be shorter than "
+                f"WORKER_TIMEOUT={values['worker_timeout']:g}"
+            )
     own = {f.name for f in fields(Config)} - {"sources", "redis_url", "database_url", "node_name"}
     return Config(
         redis_url=values["redis_url"] or _redis_url(values),

@@ -100,6 +100,13 @@ def seed(dsn: str, user_id: str = DEMO_USER, bot_id: str = DEMO_BOT, email: str 
                    ON CONFLICT (id) DO NOTHING""",
                 (rid("tool-shell"), psycopg2.extras.Json({"command": "echo Hello, {{param1}}!", "timeout": 5}), bot_id),
             )
+            # A database tool: one read-only statement, the user's choice bound as a parameter.
+            cur.execute(
+                """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
+                   VALUES (%s, 'app_status', 'Application status', 'Counts your applications in a status',
+                           'database_query', %s, %s) ON CONFLICT (id) DO NOTHING""",
+                (rid("tool-db"), psycopg2.extras.Json(_app_status(user_id)), bot_id),
+            )
             for name, display in (
                 ("sentiment", "Sentiment classifier"),
                 ("churn", "Churn predictor"),
@@ -121,6 +128,15 @@ def seed(dsn: str, user_id: str = DEMO_USER, bot_id: str = DEMO_BOT, email: str 
     return user_id, bot_id
 
 
+def _app_status(user_id: str) -> dict[str, Any]:
+    return {
+        "query": 'SELECT count(*) AS applications FROM applications WHERE "userId" = '
+        f"'{user_id}' AND status = '{{{{status}}}}'",
+        "type": "select",
+        "parameters": {"status": {"type": "string", "enum": ["draft", "published"], "default": "published"}},
+    }
+
+
 WORD_COUNT = """\
 text = params.get("param1", "")
 words = text.split()
@@ -136,6 +152,7 @@ DEMO_MESSAGES = [
     "who am i",
     'run the word counter on "the quick brown fox jumps"',
     'ask the greeter to greet "Ada"',
+    "check the application status status=draft",
 ]
 
 

@@ -66,7 +66,7 @@ TYPE_WORDS = {
 }
 _GENERIC = {"the", "a", "an", "my", "tool", "of", "for", "to", "and"}
 _ACTION = re.compile(
-    r"\b(?:call|run|use|execute|exec|query|fetch|get|check|read|write|save|list|invoke|trigger|hit|ask|start|look)\b",
+    r"\b(?:call|run|use|execute|exec|query|fetch|check|read|write|save|list|invoke|trigger|hit|ask|start)\b",
     re.IGNORECASE,
 )
 
@@ -127,7 +127,9 @@ def tool_params(text: str, tool: dict[str, Any]) -> dict[str, Any]:
     rest = text
     for name in list(wanted):
         match = re.search(
-            rf"(?<![\w-]){re.escape(name)}\s*(?:=|:)\s*(?:\"([^\"]*)\"|'([^']*)'|([^\s,;]+))", rest, re.IGNORECASE
+            rf"(?<![\w-]){re.escape(name)}\s*(?:=|:)\s*(?:\"([^\"]*)\"|'([^']*)'|([^\s,;]+))",
+            _URL.sub(lambda m: " " * len(m.group()), rest),  # same offsets, but nothing inside a URL matches
+            re.IGNORECASE,
         )
         if match:
             params[name] = next(g for g in match.groups() if g is not None)

@@ -6,6 +6,7 @@ Pure functions (the randomness and the clock are parameters), so tests can pin t
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -23,7 +24,7 @@ def retry_after(value: str | None, now: Callable[[], float] = time.time) -> floa
     if not value:
         return None
     text = value.strip()
-    if text.isdigit():
+    if re.fullmatch(r"[0-9]+", text):  # not str.isdigit(): that accepts "²", which float() refuses
         return float(text)
     try:
         when = parsedate_to_datetime(text)

@@ -170,6 +170,7 @@ class Worker:
         except redis.RedisError as exc:
             log.warning("worker %s could not unregister its processing list: %s", self.wid, exc)
         self.sandbox.close()
+        self.pipeline.http.close()
         self.store.close()
         self.redis.close()
 

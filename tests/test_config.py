@@ -93,3 +93,11 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 def test_redact_url() -> None:
     assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     assert redact_url("postgresql://u@h/d") == "postgresql://u@h/d"
+
+
+def test_a_single_blocking_call_must_fit_in_the_worker_timeout() -> None:
+    with pytest.raises(ConfigError, match=r"HTTP_MAX_TIMEOUT=200.*WORKER_TIMEOUT=120"):
+        load_config(environ={"HTTP_MAX_TIMEOUT": "200"}, env_file=None)
+    assert (
+        load_config(environ={"HTTP_MAX_TIMEOUT": "200", "WORKER_TIMEOUT": "300"}, env_file=None).http_max_timeout == 200
+    )

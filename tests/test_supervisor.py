@@ -382,7 +382,7 @@ def test_silent_worker_is_killed_and_its_message_answered_once(
 ) -> None:
     """A worker whose heartbeat stops for WORKER_TIMEOUT (blocked mid-message) is SIGKILLed and replaced; the message
     goes to another worker and, once it can proceed, is answered exactly once with exactly 2 rows."""
-    fleet = start_fleet(2, WORKER_TIMEOUT="2")
+    fleet = start_fleet(2, WORKER_TIMEOUT="2", HTTP_MAX_TIMEOUT="1", DB_TOOL_TIMEOUT="1", GEMINI_TIMEOUT="1")
     msg = bot.message("list my models")
     mid = msg["messageId"]
     with advisory_lock(db, mid):

@@ -13,6 +13,9 @@ from typing import Any
 
 from ..message import ToolResult
 
+LEFT_OUT = "[left out: the tool results budget is used up]"
+_MIN_USEFUL = 80  # bytes: below this a clipped result would be mostly its marker
+
 
 def clip(text: str, max_bytes: int) -> str:
     """``text`` in at most ``max_bytes`` UTF-8 bytes (marker included), never cut inside a character."""
@@ -39,8 +42,12 @@ def for_llm(results: Sequence[ToolResult], per_tool: int, total: int) -> list[di
             entry["operation"] = result.call.operation
         key, text = ("result", as_text(result.data)) if result.ok else ("error", str(result.error))
         budget = min(per_tool, left)
-        entry[key] = clip(text, budget) if budget > 0 else "[left out: the tool results budget is used up]"
-        left -= len(entry[key].encode("utf-8"))
+        if budget >= _MIN_USEFUL or len(text.encode("utf-8")) <= budget:
+            entry[key] = clip(text, budget)
+            left -= len(entry[key].encode("utf-8"))
+        else:  # too little left to show anything but a marker: say so, and spend nothing more
+            entry[key] = LEFT_OUT
+            left = 0
         out.append(entry)
     return out
 

@@ -62,9 +62,12 @@ def dispatch(
     try:
         if tool is None:
             raise ToolFailure(f"tool {call.name} is not an active tool of this bot", errors.TOOL_DENIED)
-        family = families.get(call.type)
-        if family is None:
-            raise ToolFailure(f"tool type {call.type!r} is not supported by this worker", errors.TOOL_UNSUPPORTED)
+        # The family is chosen by the tool row's type, whatever the call claims.
+        family = families.get(str(tool.get("type")))
+        if family is None or call.type != tool.get("type"):
+            raise ToolFailure(
+                f"tool type {tool.get('type')!r} is not supported by this worker", errors.TOOL_UNSUPPORTED
+            )
         reason = access.denial(tool, ctx.bot, ctx.user or {"id": ctx.user_id}, ctx.user_id)
         if reason:
             raise ToolFailure(reason, errors.TOOL_DENIED)
@@ -138,7 +141,7 @@ class ToolRunner:
         for tool in ctx.tools:
             name = params.function_name(tool)
             while name in self._by_name:  # two tools with one name: the later one gets a suffix
-                name = f"{name[:60]}_{len(self._by_name)}"
+                name = f"{name[:56]}_{len(self._by_name)}"
             self._by_name[name] = tool
 
     def run(self, call: ToolCall) -> ToolResult:

@@ -108,6 +108,10 @@ def _check_header(name: str, value: str) -> None:
         raise ToolFailure(
             f"header {name} would contain a line break or NUL: refused (header injection)", errors.TOOL_INVALID_PARAMS
         )
+    try:
+        (name + value).encode("latin-1")  # what HTTP/1.1 header bytes can carry; requests would fail later
+    except UnicodeEncodeError:
+        raise ToolFailure(f"header {name} must be Latin-1 text", errors.TOOL_INVALID_PARAMS) from None
 
 
 def fill_body(template: Any, values: Mapping[str, Any]) -> tuple[bytes | None, str | None]:

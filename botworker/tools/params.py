@@ -38,7 +38,15 @@ def declared(tool: Mapping[str, Any]) -> dict[str, dict[str, Any]] | None:
     if not isinstance(raw, dict) or not raw:
         return None
     if raw.get("type") == "object" and isinstance(raw.get("properties"), dict):
-        required = set(raw.get("required") or [])
+        listed = raw.get("required")
+        # An owner's config may say `"required": "city"` or something odd: read what can be read, never raise.
+        required = (
+            {listed}
+            if isinstance(listed, str)
+            else {str(n) for n in listed if isinstance(n, str)}
+            if isinstance(listed, list)
+            else set()
+        )
         props = raw["properties"]
         return {
             str(k): {**_spec(v), "required": k in required or bool(_spec(v).get("required"))} for k, v in props.items()
@@ -115,10 +123,10 @@ def _check(name: str, spec: Mapping[str, Any], value: Any) -> Any:
         if isinstance(spec.get("maximum"), (int, float)) and value > spec["maximum"]:
             raise InvalidParams(f"parameter {name!r} must be at most {spec['maximum']}")
     if isinstance(value, str):
-        limit = min(int(spec.get("maxLength") or MAX_STRING), MAX_STRING)
+        limit = min(_count(spec.get("maxLength"), MAX_STRING), MAX_STRING)
         if len(value) > limit:
             raise InvalidParams(f"parameter {name!r} is longer than {limit} characters")
-        if isinstance(spec.get("minLength"), int) and len(value) < spec["minLength"]:
+        if _count(spec.get("minLength"), 0) and len(value) < spec["minLength"]:
             raise InvalidParams(f"parameter {name!r} must be at least {spec['minLength']} characters")
         if isinstance(spec.get("pattern"), str):
             try:
@@ -130,6 +138,11 @@ def _check(name: str, spec: Mapping[str, Any], value: Any) -> Any:
     if isinstance(value, list) and isinstance(spec.get("items"), dict):
         value = [_check(f"{name}[{i}]", spec["items"], item) for i, item in enumerate(value)]
     return value
+
+
+def _count(value: Any, default: int) -> int:
+    """A non-negative integer constraint from the config; anything else in its place is ignored."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:
@@ -149,8 +162,13 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
     if kind in ("integer", "number"):
         if isinstance(value, (bool, dict, list)):
             raise InvalidParams(f"parameter {name!r} must be a{'n integer' if kind == 'integer' else ' number'}")
+        if isinstance(value, int):
+            return value  # exact, however large
+        text = str(value).strip()
+        if kind == "integer" and re.fullmatch(r"[+-]?[0-9]+", text):
+            return int(text)  # exact: float() would round integers beyond 2**53
         try:
-            number = float(str(value).strip()) if isinstance(value, str) else float(value)
+            number = float(text)
         except (TypeError, ValueError):
             raise InvalidParams(
                 f"parameter {name!r} must be a{'n integer' if kind == 'integer' else ' number'}"
@@ -161,7 +179,7 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             if number != int(number):
                 raise InvalidParams(f"parameter {name!r} must be an integer")
             return int(number)
-        return int(number) if isinstance(value, int) else number
+        return number
     if kind == "array":
         if not isinstance(value, list):
             raise InvalidParams(f"parameter {name!r} must be a list")
@@ -210,10 +228,23 @@ def json_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
         return {"type": "object", "properties": {n: {"type": "string"} for n in names}, "required": []}
     props: dict[str, Any] = {}
     for name, spec in specs.items():
-        prop = {k: v for k, v in spec.items() if k in _SCHEMA_KEYS}
-        prop.setdefault("type", "string")
-        props[name] = prop
+        props[name] = _schema_of(spec)
     return {"type": "object", "properties": props, "required": [n for n, s in specs.items() if s.get("required")]}
+
+
+def _schema_of(spec: Any) -> dict[str, Any]:
+    """A declared parameter as JSON Schema a model API accepts: known keys only, unknown types as strings."""
+    spec = _spec(spec)
+    prop = {k: v for k, v in spec.items() if k in _SCHEMA_KEYS}
+    if prop.get("type") not in TYPES:
+        prop["type"] = "string"
+    if prop["type"] == "array":
+        prop["items"] = _schema_of(prop.get("items"))
+    else:
+        prop.pop("items", None)
+    if "enum" in prop and not (isinstance(prop["enum"], list) and prop["enum"]):
+        del prop["enum"]
+    return prop
 
 
 _SCHEMA_KEYS = ("type", "description", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern", "items")
