@@ -1,8 +1,13 @@
-"""Reply generation: the ``Responder`` interface and the offline responder.
+"""Reply generation: the ``Responder`` interface, the offline responder, and ``make_responder`` that picks one.
 
-The offline responder answers deterministically from the bot's prompt, the tool results and the message, with no
-network. It serves whenever no Gemini key is configured (the demo and the tests) and marks its replies
-``model: "offline"``. The Gemini provider (the only module allowed to import the Gemini SDK) plugs in here.
+Two implementations:
+- ``gemini.GeminiResponder`` when GEMINI_KEY is set: native function calling, retries, real token counts. It is
+  the only module that imports the Gemini SDK (imported here only when a key is configured). A Gemini failure
+  raises ``LLMError``: the pipeline answers with its apology and one ``bot_errors`` event. The offline responder
+  is never a silent fallback for a configured key.
+- ``OfflineResponder`` otherwise (the demo, the tests): deterministic replies from the bot's prompt, the detected
+  tool results and the message, with no network, marked ``model: "offline"``. Pattern detection (``detect.py``)
+  is how its tools run; with Gemini it stays as a hint (its results are part of the request).
 """
 
 from __future__ import annotations
@@ -130,9 +135,11 @@ def _clip(text: str, limit: int) -> str:
 
 
 def make_responder(cfg: Config) -> Responder:
-    """The responder this configuration asks for."""
+    """Gemini when a key is configured, else the offline responder. Called in each worker after the fork; the
+    Gemini client itself is created at the first request."""
     if cfg.gemini_key:
-        log.warning(
-            "GEMINI_KEY is set, but this build answers with the offline responder (Gemini support is not built yet)"
-        )
+        from .gemini import GeminiResponder  # the SDK is imported only by processes that use it
+
+        return GeminiResponder(cfg)
+    log.info("GEMINI_KEY is not set: replies come from the offline responder")
     return OfflineResponder()

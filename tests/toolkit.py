@@ -137,6 +137,7 @@ class LocalHTTP:
 def _handler(state: LocalHTTP) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        wbufsize = -1  # headers and body in one write: no Nagle/delayed-ACK stall of 40 ms per response
 
         def log_message(self, *args: Any) -> None:
             pass

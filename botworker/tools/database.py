@@ -72,8 +72,8 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
     try:
         with _connection(ctx, secret_id) as (conn, platform):
             with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-                # One round trip frames the statement. standard_conforming_strings is forced on because sql.py
-                # splits statements the way a server with it on reads them.
+                # standard_conforming_strings is forced on because sql.py splits statements the way a server with
+                # it on reads them.
                 setup = pgsql.SQL(
                     "BEGIN {mode}; SET LOCAL statement_timeout = {ms}; SET LOCAL standard_conforming_strings = on"
                 ).format(
@@ -82,8 +82,10 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
                 )
                 if platform and ctx.cfg.db_tool_role:
                     setup += pgsql.SQL("; SET LOCAL ROLE {}").format(pgsql.Identifier(ctx.cfg.db_tool_role))
-                cur.execute(setup)
-                cur.execute(prepared.sql, prepared.params)
+                # The frame and the statement go in one round trip (psycopg2 keeps the last statement's rows);
+                # the frame's text is escaped for the parameter interpolation that follows.
+                frame = setup.as_string(conn).replace("%", "%%")
+                cur.execute(frame + ";\n" + prepared.sql, prepared.params)
                 result = _rows(cur, ctx.cfg.db_tool_max_rows)
                 if kind != "select":
                     cur.execute("COMMIT")  # a select's transaction is rolled back when the connection is handed back

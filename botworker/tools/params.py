@@ -24,6 +24,7 @@ from typing import Any
 TYPES = ("string", "integer", "number", "boolean", "array", "object")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 MAX_STRING = 10_000  # characters of one string parameter, whatever the declaration says
+_SCRIPT_PARAM = re.compile(r"""\bparams\s*(?:\.get\(\s*|\[\s*)["']([A-Za-z_][A-Za-z0-9_]*)["']""")
 _TEMPLATE_KEYS = ("url", "headers", "body", "query", "command", "path", "content", "cwd")
 
 
@@ -85,6 +86,8 @@ def template_names(tool: Mapping[str, Any]) -> list[str]:
 
     for key in _TEMPLATE_KEYS:
         walk(config.get(key))
+    if isinstance(config.get("script"), str):  # a custom script's parameters are the keys it reads from `params`
+        names.extend(n for n in _SCRIPT_PARAM.findall(config["script"]) if n not in names)
     return names
 
 
