@@ -37,15 +37,16 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from botworker.config import load_config  # noqa: E402
-from botworker.demo import seed  # noqa: E402
-from botworker.message import ToolCall  # noqa: E402
-from botworker.schema import migrate  # noqa: E402
-from botworker.store import Store  # noqa: E402
-from botworker.tools import ToolContext, outbound  # noqa: E402
-from botworker.tools.dispatch import dispatch  # noqa: E402
-from botworker.tools.secrets import Secrets  # noqa: E402
-from toolkit import PASSPHRASE, encrypt  # noqa: E402
+from botworker.config import load_config
+from botworker.demo import seed
+from botworker.message import ToolCall
+from botworker.schema import migrate
+from botworker.store import Store
+from botworker.tools import ToolContext, outbound
+from botworker.tools.dispatch import dispatch
+from botworker.tools.secrets import Secrets
+
+from toolkit import PASSPHRASE, encrypt
 
 
 class Handler(BaseHTTPRequestHandler):

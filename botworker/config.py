@@ -152,18 +152,21 @@ SETTINGS: dict[str, Setting] = {
     ),
     "db_tool_timeout": Setting("DB_TOOL_TIMEOUT", _float(0.1, 600), 10.0, "statement timeout (s) of database tools"),
     "db_tool_max_rows": Setting("DB_TOOL_MAX_ROWS", _int(1, 100000), 100, "rows a database tool returns at most"),
-    "db_tool_role": Setting(
-        "DB_TOOL_ROLE",
-        _str,
+    "db_tool_url": Setting(
+        "DB_TOOL_URL",
+        _url("postgres", "postgresql"),
         "",
-        "role database tools on the platform database run as (`SET LOCAL ROLE`); empty: the worker's own",
+        "PostgreSQL URL database tools use on the platform database (a restricted login); empty: DATABASE_URL",
     ),
     "tool_max_attempts": Setting(
         "TOOL_MAX_ATTEMPTS", _int(1, 10), 3, "attempts of a retryable tool call (idempotent, or opted in)"
     ),
     "tool_retry_delay": Setting("TOOL_RETRY_DELAY", _float(0, 60), 0.5, "first tool retry back-off (s); doubles"),
     "tool_retry_after_max": Setting(
-        "TOOL_RETRY_AFTER_MAX", _float(0, 600), 30.0, "longest `Retry-After` (s) honoured; longer ones end the call"
+        "TOOL_RETRY_AFTER_MAX",
+        _float(0, 600),
+        30.0,
+        "longest `Retry-After` (s) honoured, and the most one call waits in retries in all",
     ),
     "tool_result_budget": Setting(
         "TOOL_RESULT_BUDGET", _int(256, 1 << 20), 4000, "bytes of one tool result the LLM sees (and metadata keeps)"
@@ -252,7 +255,7 @@ class Config:
     http_max_response_bytes: int
     db_tool_timeout: float
     db_tool_max_rows: int
-    db_tool_role: str
+    db_tool_url: str
     tool_max_attempts: int
     tool_retry_delay: float
     tool_retry_after_max: float
@@ -291,7 +294,7 @@ class Config:
             value = getattr(self, f.name)
             if f.name in ("gemini_key", "encryption_key"):
                 value = "set" if value else "unset"
-            elif f.name in ("redis_url", "database_url"):
+            elif f.name in ("redis_url", "database_url", "db_tool_url"):
                 value = redact_url(value)
             out[f.name] = value
         return out

@@ -126,10 +126,12 @@ def tool_params(text: str, tool: dict[str, Any]) -> dict[str, Any]:
     wanted = [n for n in param_names(tool) if n not in params]
     rest = text
     for name in list(wanted):
-        match = re.search(
-            rf"(?<![\w-]){re.escape(name)}\s*(?:=|:)\s*(?:\"([^\"]*)\"|'([^']*)'|([^\s,;]+))",
-            _URL.sub(lambda m: " " * len(m.group()), rest),  # same offsets, but nothing inside a URL matches
-            re.IGNORECASE,
+        pattern = rf"(?<![\w-]){re.escape(name)}\s*(?:=|:)\s*(?:\"([^\"]*)\"|'([^']*)'|([^\s,;]+))"
+        urls = [m.span() for m in _URL.finditer(rest)]
+        # `name=value` inside a URL's query string is the URL's business, not a parameter of the tool.
+        match = next(
+            (m for m in re.finditer(pattern, rest, re.IGNORECASE) if not any(a <= m.start() < b for a, b in urls)),
+            None,
         )
         if match:
             params[name] = next(g for g in match.groups() if g is not None)

@@ -194,20 +194,24 @@ class Store:
 
     @contextmanager
     def tool_connection(self) -> Iterator[psycopg2.extensions.connection]:
-        """The connection database tools run on, in autocommit mode: one of its own, never the pool's, so a tool's
-        statement cannot leave state (a session advisory lock, say) where the worker's own statements run. After
-        each use open transactions are rolled back and session advisory locks released. psycopg2 errors pass
-        through untranslated: the tool reports them."""
+        """The connection database tools run on, in autocommit mode: one of its own, never the pool's, logged in as
+        DB_TOOL_URL's role when set. After each use it is rolled back and ``DISCARD ALL``-ed (session settings,
+        advisory locks, temporary tables), so nothing one tool call does is seen by the next, another user's.
+        psycopg2 errors pass through untranslated: the tool reports them."""
         conn = self._tool_conn
         if conn is None or conn.closed:
-            conn = self._tool_conn = psycopg2.connect(**{**self._connect_args, "application_name": "botworker-tool"})
+            args = {**self._connect_args, "application_name": "botworker-tool"}
+            if self.cfg.db_tool_url:
+                args["dsn"] = self.cfg.db_tool_url
+            conn = self._tool_conn = psycopg2.connect(**args)
             conn.autocommit = True
         try:
             yield conn
         finally:
             try:
                 with conn.cursor() as cur:
-                    cur.execute("ROLLBACK; SELECT pg_advisory_unlock_all()")
+                    cur.execute("ROLLBACK")
+                    cur.execute("DISCARD ALL")  # not in a transaction block: a statement of its own
             except psycopg2.Error:
                 conn.close()
                 self._tool_conn = None

@@ -367,7 +367,11 @@ SECRET = 'p@ss w/"rd"é+=\\'
         ("Bearer TOPSECRET!", f"Bearer {REDACTED}!"),
         ("TOPSECRETTOPSECRET", REDACTED * 2),
         ("topsecret", "topsecret"),  # case matters
-        ("TOPSECRE", "TOPSECRE"),
+        ("TOPSECRE", REDACTED),  # a piece at the edge of a text (a cut) is redacted...
+        ("xTOPSECREx", "xTOPSECREx"),  # ...not one in the middle
+        ("log: TOPS", f"log: {REDACTED}"),
+        ("ECRET and more", f"{REDACTED} and more"),
+        ("log: TOP", "log: TOP"),  # pieces under 4 characters are noise
         (f"q={quote('TOPSECRET', safe='')}", f"q={REDACTED}"),
         (f"b64 {base64.b64encode(b'TOPSECRET').decode()}", f"b64 {REDACTED}"),
         (42, 42),

@@ -263,7 +263,7 @@ def test_select_tools_are_read_only_and_capped(
     add_tool(db, bot, "sneaky", "database_query", {"query": f"DELETE FROM {orders}", "type": "select"})
     reply, _errs = ask(r, worker, bot, "run purge, numbers, sleepy and sneaky")
     purge, numbers, sleepy, sneaky = calls_of(reply)
-    assert not purge["ok"] and purge["code"] == errors.TOOL_DENIED and "read-only" in purge["error"]
+    assert not purge["ok"] and purge["code"] == errors.TOOL_DENIED and "may not modify data" in purge["error"]
     assert numbers["ok"] and numbers["result"]["truncated"] and len(numbers["result"]["rows"]) == 5
     assert not sleepy["ok"] and "cancelled" in sleepy["error"]
     assert not sneaky["ok"] and sneaky["code"] == errors.TOOL_INVALID_PARAMS and "DELETE" in sneaky["error"]

@@ -7,8 +7,9 @@ Config: ``{"query", "type"?: "select" | "insert" | "update" | "delete", "secretI
 - ``select`` tools run in a READ ONLY transaction (so a data-modifying CTE or function fails) and are rolled back;
   write types only when the config says so, in their own transaction, committed;
 - every statement gets ``statement_timeout`` = DB_TOOL_TIMEOUT and at most DB_TOOL_MAX_ROWS rows come back;
-- on the platform database the statement runs as DB_TOOL_ROLE when set (``SET LOCAL ROLE``): the operator's way to
-  keep tool authors away from tables such as ``users`` and ``secrets``;
+- on the platform database the statement runs on a connection of its own, logged in as DB_TOOL_URL's role when
+  set: the operator's way to keep tool authors away from tables such as ``users`` and ``secrets`` (a login, not
+  ``SET ROLE``, which the tool's own SQL could undo with ``set_config('role', 'none', true)``);
 - with ``secretId`` the connection string is that secret's value, and its host must pass the outbound policy
   (connections go to the checked address through libpq's ``hostaddr``).
 Results: ``{"columns", "rows": [{column: value}], "rowCount", "truncated"}``, values made JSON-able.
@@ -29,7 +30,6 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
-from psycopg2 import sql as pgsql
 
 from .. import errors
 from ..message import ToolCall
@@ -69,27 +69,27 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
             errors.TOOL_INVALID_PARAMS,
         )
     secret_id = config.get("secretId") or config.get("githubSecretId")
+    limit = ctx.cfg.db_tool_max_rows
+    statement = prepared.sql
+    if kind == "select":
+        # Wrapped as a subquery: the row cap is applied by the server (nothing beyond it is produced or sent), and
+        # the server itself refuses anything but one query inside the parentheses.
+        statement = f"SELECT * FROM (\n{statement}\n) AS botworker_tool LIMIT {limit + 1}"
     try:
-        with _connection(ctx, secret_id) as (conn, platform):
-            with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-                # standard_conforming_strings is forced on because sql.py splits statements the way a server with
-                # it on reads them.
-                setup = pgsql.SQL(
-                    "BEGIN {mode}; SET LOCAL statement_timeout = {ms}; SET LOCAL standard_conforming_strings = on"
-                ).format(
-                    mode=pgsql.SQL("READ ONLY" if kind == "select" else "READ WRITE"),
-                    ms=pgsql.Literal(int(ctx.cfg.db_tool_timeout * 1000)),
-                )
-                if platform and ctx.cfg.db_tool_role:
-                    setup += pgsql.SQL("; SET LOCAL ROLE {}").format(pgsql.Identifier(ctx.cfg.db_tool_role))
-                # The frame and the statement go in one round trip (psycopg2 keeps the last statement's rows);
-                # the frame's text is escaped for the parameter interpolation that follows.
-                frame = setup.as_string(conn).replace("%", "%%")
-                cur.execute(frame + ";\n" + prepared.sql, prepared.params)
-                result = _rows(cur, ctx.cfg.db_tool_max_rows)
-                if kind != "select":
-                    cur.execute("COMMIT")  # a select's transaction is rolled back when the connection is handed back
-            return result
+        with _connection(ctx, secret_id) as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            # standard_conforming_strings is forced on because sql.py splits statements the way a server with it
+            # on reads them. The frame and the statement go in one round trip (psycopg2 keeps the last result);
+            # the frame's text is escaped for the parameter interpolation that follows.
+            frame = (
+                f"BEGIN {'READ ONLY' if kind == 'select' else 'READ WRITE'}; "
+                f"SET LOCAL statement_timeout = {int(ctx.cfg.db_tool_timeout * 1000)}; "
+                "SET LOCAL standard_conforming_strings = on"
+            )
+            cur.execute(frame + ";\n" + statement, prepared.params)
+            result = _rows(cur, limit)
+            if kind != "select":
+                cur.execute("COMMIT")  # a select's transaction is rolled back when the connection is handed back
+        return result
     except psycopg2.errors.QueryCanceled:
         raise ToolFailure(f"the query took longer than {ctx.cfg.db_tool_timeout:g}s and was cancelled") from None
     except _TRANSIENT as exc:
@@ -100,47 +100,83 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
         raise ToolFailure("this select tool may not modify data (read-only transaction)", errors.TOOL_DENIED) from None
     except psycopg2.errors.InsufficientPrivilege as exc:
         raise ToolFailure(f"permission denied: {_pgerror(exc)}", errors.TOOL_DENIED) from None
+    except psycopg2.errors.FeatureNotSupported as exc:
+        if "data-modifying" in _pgerror(exc):  # a select tool's WITH ... DELETE, inside our row-cap subquery
+            raise ToolFailure("this select tool may not modify data", errors.TOOL_DENIED) from None
+        raise ToolFailure(f"the query failed: {_pgerror(exc)}") from None
     except psycopg2.Error as exc:
         raise ToolFailure(f"the query failed: {_pgerror(exc)}") from None
 
 
 @contextmanager
-def _connection(ctx: ToolContext, secret_id: Any) -> Iterator[tuple[psycopg2.extensions.connection, bool]]:
-    """(connection in autocommit mode, whether it is the platform database). Our own BEGIN/ROLLBACK frame the
-    statement, so a failure in the middle leaves nothing open: the connection is closed rather than reused."""
+def _connection(ctx: ToolContext, secret_id: Any) -> Iterator[psycopg2.extensions.connection]:
+    """A connection in autocommit mode (our own BEGIN frames the statement): the store's tool connection to the
+    platform database (DB_TOOL_URL's login when set), or one to the DSN a secret holds, closed after the call."""
     if not secret_id:
         with ctx.store.tool_connection() as conn:
-            yield conn, True
+            yield conn
         return
     if ctx.secrets is None:
         raise ToolFailure("secrets are not available here")
-    dsn = ctx.secrets.get(secret_id).value
+    conn = _connect_dsn(ctx, ctx.secrets.get(secret_id).value)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _connect_dsn(ctx: ToolContext, dsn: str) -> psycopg2.extensions.connection:
+    """Connect to a tool's own database with what its DSN says and nothing of the worker's: libpq would otherwise
+    fill what the DSN leaves out from the worker's environment and files (PGPASSWORD, ~/.pgpass, a client
+    certificate), sending the worker's credentials to the tool's server."""
     try:
         parsed = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError:
         raise ToolFailure(
             "the secret's value is not a PostgreSQL connection string", errors.TOOL_INVALID_PARAMS
         ) from None
+    assert ctx.secrets is not None
     ctx.secrets.remember(str(parsed.get("password") or ""))
+    unknown = sorted(set(parsed) - _DSN_KEYS)
+    if unknown:
+        raise ToolFailure(
+            f"the secret's connection string may not set {', '.join(unknown)}", errors.TOOL_INVALID_PARAMS
+        )
     host = str(parsed.get("host") or "")
     if not host or "," in host:
         raise ToolFailure("the secret's connection string must name exactly one host", errors.TOOL_INVALID_PARAMS)
     try:
-        address = outbound.pin_dsn_host(
-            outbound.OutboundPolicy(ctx.cfg.http_allowed_hosts), host, int(parsed.get("port") or 5432)
-        )
+        port = int(parsed.get("port") or 5432)
+        address = outbound.pin_dsn_host(outbound.OutboundPolicy(ctx.cfg.http_allowed_hosts), host, port)
     except outbound.OutboundDenied as exc:
         raise ToolFailure(f"database host {host} is not allowed: {exc}", errors.TOOL_DENIED) from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ToolFailure(f"cannot resolve database host {host}: {exc}", transient=True) from None
-    conn = psycopg2.connect(
-        dsn, hostaddr=address, connect_timeout=ctx.cfg.db_connect_timeout, application_name="botworker-tool"
-    )
+    args = {
+        **parsed,
+        "hostaddr": address,  # connect to the address the policy checked, not whatever the name resolves to next
+        "port": port,
+        "password": parsed.get("password") or "",  # set (if empty): PGPASSWORD must not fill it
+        "passfile": "/dev/null",
+        "sslcert": "/nonexistent/botworker-no-client-cert",
+        "sslkey": "/nonexistent/botworker-no-client-key",
+        "connect_timeout": ctx.cfg.db_connect_timeout,
+        "application_name": "botworker-tool",
+    }
     try:
-        conn.autocommit = True
-        yield conn, False
-    finally:
-        conn.close()
+        conn = psycopg2.connect(**args)
+    except psycopg2.OperationalError as exc:
+        text = _pgerror(exc)
+        # A refused login will be refused again: only network trouble is worth a retry.
+        transient = not any(w in text for w in ("authentication", "password", "does not exist", "no pg_hba"))
+        raise ToolFailure(f"cannot connect to the database at {host}: {text}", transient=transient) from None
+    conn.autocommit = True
+    return conn
+
+
+# What a tool's DSN may say. Everything else (service files, password files, client certificates, krb/gss
+# settings, target_session_attrs...) would make libpq read the worker's own files or environment.
+_DSN_KEYS = {"host", "port", "dbname", "user", "password", "sslmode", "application_name", "connect_timeout", "options"}
 
 
 def _rows(cur: psycopg2.extras.RealDictCursor, limit: int) -> dict[str, Any]:

@@ -76,6 +76,7 @@ def dispatch(
         except params.InvalidParams as exc:
             raise ToolFailure(str(exc), errors.TOOL_INVALID_PARAMS) from None
         limit = max_attempts(family, tool, ctx)
+        waited = 0.0
         while True:
             attempts += 1
             try:
@@ -85,6 +86,15 @@ def dispatch(
                 if not exc.transient or attempts >= limit:
                     raise
                 wait = _wait(exc, attempts, ctx)
+                if waited + wait > ctx.cfg.tool_retry_after_max:
+                    # One call never sleeps more than TOOL_RETRY_AFTER_MAX in all: a server answering 503 with
+                    # Retry-After: 29 every time would otherwise hold the worker for minutes.
+                    raise ToolFailure(
+                        f"{exc} (no more retries: they would wait over TOOL_RETRY_AFTER_MAX="
+                        f"{ctx.cfg.tool_retry_after_max:g}s in all)",
+                        exc.code,
+                    ) from None
+                waited += wait
                 log.info(
                     "tool %s: attempt %d failed (%s); retrying in %.2fs", call.name, attempts, _safe(ctx, exc), wait
                 )

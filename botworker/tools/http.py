@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, quote_plus, urljoin, urlsplit
+from xml.sax.saxutils import escape as xml_escape
 
 import requests
+import urllib3
 
 from .. import errors
 from ..message import ToolCall
@@ -53,7 +55,8 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
         raise ToolFailure(f"HTTP method {method!r} is not supported", errors.TOOL_INVALID_PARAMS)
     url = fill_url(config.get("url"), call.params)
     headers = fill_headers(config.get("headers"), call.params)
-    body, content_type = fill_body(config.get("body"), call.params)
+    declared_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+    body, content_type = fill_body(config.get("body"), call.params, declared_type)
     if content_type and not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = content_type
     secret_header: str | None = None
@@ -84,7 +87,7 @@ def fill_url(template: Any, values: Mapping[str, Any]) -> str:
         url = PLACEHOLDER.sub(lambda m: quote(_text(_value(values, m.group(1))), safe=""), template)
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ToolFailure(f"{url[:200]!r} is not an http(s) URL", errors.TOOL_INVALID_PARAMS)
+        raise ToolFailure(f"{_shown(url)!r} is not an http(s) URL", errors.TOOL_INVALID_PARAMS)
     return url
 
 
@@ -114,15 +117,24 @@ def _check_header(name: str, value: str) -> None:
         raise ToolFailure(f"header {name} must be Latin-1 text", errors.TOOL_INVALID_PARAMS) from None
 
 
-def fill_body(template: Any, values: Mapping[str, Any]) -> tuple[bytes | None, str | None]:
-    """(body bytes, content type to set) from the config's body template."""
+def fill_body(template: Any, values: Mapping[str, Any], content_type: str = "") -> tuple[bytes | None, str | None]:
+    """(body bytes, content type to set) from the config's body template. A text template is filled with the
+    escaping its content type needs: form fields URL-encoded, XML/HTML escaped, anything else JSON-escaped."""
     if template is None or template == "":
         return None, None
     if isinstance(template, str):
-        try:
-            template = json.loads(template)
-        except ValueError:
-            text = PLACEHOLDER.sub(lambda m: json.dumps(_text(_value(values, m.group(1))))[1:-1], template)
+        kind = content_type.lower()
+        if "x-www-form-urlencoded" in kind:
+            escape: Callable[[str], str] = lambda v: quote_plus(v)  # noqa: E731
+        elif "xml" in kind or "html" in kind:
+            escape = lambda v: xml_escape(v, {'"': "&quot;", "'": "&apos;"})  # noqa: E731
+        else:
+            try:
+                template = json.loads(template)
+            except ValueError:
+                escape = lambda v: json.dumps(v)[1:-1]  # noqa: E731
+        if isinstance(template, str):
+            text = PLACEHOLDER.sub(lambda m: escape(_text(_value(values, m.group(1)))), template)
             return text.encode("utf-8"), None
     filled = _fill_json(template, values)
     return json.dumps(filled, ensure_ascii=False).encode("utf-8"), "application/json"
@@ -207,16 +219,24 @@ def _response(resp: requests.Response, method: str, deadline: float, max_bytes: 
     chunks: list[bytes] = []
     size = 0
     truncated = False
+    sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)  # urllib3 2.x keeps it there
     try:
-        for chunk in resp.iter_content(chunk_size=65536):
+        # read1: whatever has arrived, after at most one wait, so the deadline is checked as bytes trickle in (a
+        # server dripping a byte at a time cannot hold the call past its timeout by more than one socket wait).
+        while not resp.raw.closed:
+            if time.monotonic() > deadline:
+                raise ToolFailure(f"{method} {_shown(resp.url)} timed out reading the response", transient=True)
+            if sock is not None:  # each wait for bytes ends at the call's deadline, not a fresh full timeout
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = resp.raw.read1(65536, decode_content=True)
+            if not chunk:
+                break
             size += len(chunk)
             chunks.append(chunk)
             if size > max_bytes:
                 truncated = True
                 break
-            if time.monotonic() > deadline:
-                raise ToolFailure(f"{method} {_shown(resp.url)} timed out reading the response", transient=True)
-    except requests.RequestException as exc:
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise ToolFailure(f"{method} {_shown(resp.url)} failed while reading: {_reason(exc)}", transient=True) from None
     raw = b"".join(chunks)[:max_bytes]
     status = resp.status_code
@@ -256,7 +276,8 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 def _shown(url: str) -> str:
     """The URL without its query (parameters may carry personal data) for errors and logs."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"[:200]
+    host = parts.netloc.rpartition("@")[2]  # never the user:password@ part
+    return f"{parts.scheme}://{host}{parts.path}"[:200]
 
 
 def _reason(exc: BaseException) -> str:

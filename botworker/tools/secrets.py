@@ -6,8 +6,9 @@ The key is derived once per process (scrypt is slow on purpose: ~50 ms).
 
 A secret is used only if it belongs to the message's user and is active; otherwise the answer is "not found", the
 same as for an id that does not exist, so ids of other users' secrets reveal nothing. Every value decrypted while
-a message is handled is remembered by that message's ``Secrets``, and ``redact`` replaces it (raw, URL-encoded,
-JSON-escaped or base64) in whatever is about to leave the tool call: results, errors, logs.
+a message is handled is remembered by that message's ``Secrets``, and ``redact`` replaces it (raw, URL- or form-encoded,
+JSON-escaped, HTML-escaped, read as Latin-1, base64; and a piece of it left at the edge of a text that a size cap
+cut) in whatever is about to leave the tool call: results, errors, logs.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import html
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -28,6 +31,7 @@ from .. import errors
 from ..store import Store
 
 REDACTED = "[redacted]"
+_MIN_PIECE = 4  # characters: a shorter piece of a secret at the edge of a cut text is not redacted (noise)
 _SELECT = """SELECT id, name, key, "encryptedValue", type, provider FROM secrets
              WHERE id = %(id)s AND "userId" = %(user)s AND "isActive" """
 
@@ -101,11 +105,38 @@ class Secrets:
         """Redact ``value`` (and its usual encodings) from now on."""
         if not value:
             return
-        variants = {value, quote(value, safe=""), json.dumps(value)[1:-1], base64.b64encode(value.encode()).decode()}
-        for variant in sorted(variants, key=len, reverse=True):
+        raw = value.encode("utf-8")
+        variants = {
+            value,
+            quote(value, safe=""),
+            re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), quote(value, safe="")),  # %2f as well as %2F
+            quote_plus(value),
+            json.dumps(value)[1:-1],
+            json.dumps(value, ensure_ascii=False)[1:-1],
+            html.escape(value),
+            raw.decode("latin-1"),  # UTF-8 bytes read as Latin-1: what a body without a charset decodes to
+            base64.b64encode(raw).decode(),
+            base64.urlsafe_b64encode(raw).decode(),
+        }
+        for variant in variants:
             if variant and variant not in self._needles:
                 self._needles.append(variant)
         self._needles.sort(key=len, reverse=True)  # longest first: a value inside another is replaced inside it
+
+    def _redact_edges(self, text: str) -> str:
+        """A secret cut in two by a size cap (a truncated body, a clipped error) leaves a piece at an end of the
+        text: a prefix of it at the end, or a suffix at the start. Pieces of at least ``_MIN_PIECE`` characters
+        are redacted too."""
+        for needle in self._needles:
+            for k in range(len(needle) - 1, _MIN_PIECE - 1, -1):
+                if text.endswith(needle[:k]):
+                    text = text[:-k] + REDACTED
+                    break
+            for k in range(len(needle) - 1, _MIN_PIECE - 1, -1):
+                if text.startswith(needle[-k:]):
+                    text = REDACTED + text[k:]
+                    break
+        return text
 
     @property
     def used(self) -> bool:
@@ -119,7 +150,7 @@ class Secrets:
             for needle in self._needles:
                 if needle in value:
                     value = value.replace(needle, REDACTED)
-            return value
+            return self._redact_edges(value)
         if isinstance(value, dict):
             return {self.redact(k): self.redact(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

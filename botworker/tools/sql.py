@@ -24,7 +24,9 @@ _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 # PostgreSQL identifiers: any non-ASCII character counts as a letter; '$' may follow the first character.
 _WORD = re.compile(r"[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*")
 _DOLLAR = re.compile(r"\$(?:[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_\u0080-\U0010ffff]*)?\$")  # $$ or $tag$, not $1
-_SPACE = re.compile(r"\s+")
+# PostgreSQL's whitespace, exactly: Python's \s also matches U+00A0, U+2000-U+3000..., which the server reads as
+# identifier letters; treating them as blanks here would split statements differently from the server.
+_SPACE = re.compile(r"[ \t\n\r\f\v]+")
 _LINE_COMMENT = re.compile(r"--[^\n\r]*")
 
 # Tokens that may end with a quote (a bound value is rendered as '...').

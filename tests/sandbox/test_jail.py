@@ -55,8 +55,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., tupl
     assert not _leftovers(), "a run left processes behind"
 
 
-def _leftovers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == UID]
+def _leftovers(grace: float = 2.0) -> list[psutil.Process]:
+    """Processes of the jail's uid still alive after ``grace`` seconds. The kernel tears a dead PID namespace
+    down asynchronously: a killed member can still be seen exiting (state D) for a moment after the run."""
+    deadline = time.monotonic() + grace
+    while True:
+        found = [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == UID]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def _try(fn: Callable[[], Any]) -> str:
