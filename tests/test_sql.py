@@ -274,3 +274,21 @@ def test_glued_values_do_not_merge_into_one_literal(db: psycopg2.extensions.conn
     # without the separating space psycopg2 would send 'p''q': the single value p'q
     with pytest.raises(psycopg2.errors.SyntaxError):
         run(db, "select {{a}}{{b}} as x", a="p", b="q")
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("select 1) as a, (select 2", "closes nothing"),
+        ("select (1", "never closed"),
+        ("select ((1)", "never closed"),
+        ("select 1)", "closes nothing"),
+    ],
+)
+def test_parentheses_must_balance(query: str, reason: str) -> None:
+    with pytest.raises(SqlRefused, match=reason):
+        prepare(query, {})
+
+
+def test_parentheses_in_strings_comments_and_identifiers_do_not_count() -> None:
+    assert prepare("select ')' as \")(\" /* ( */ from (select 1) q", {}).kind == "select"

@@ -84,6 +84,7 @@ def prepare(query: str, values: Mapping[str, Any]) -> Prepared:
     kind: str | None = None
     ended = False  # a ';' was seen: from then on only whitespace and comments may follow
     previous = ""  # kind of the previous token
+    depth = 0  # parentheses open
     for token, text in _tokens(query):
         glued, previous = previous in _QUOTED_END, token
         if token in ("space", "comment"):
@@ -95,6 +96,12 @@ def prepare(query: str, values: Mapping[str, Any]) -> Prepared:
         if token == "semicolon":
             ended = True
             continue
+        if text in ("(", ")"):
+            # Balanced, so the caller may wrap the statement in parentheses (a row-capping subquery) without the
+            # template closing them early and going on outside.
+            depth += 1 if text == "(" else -1
+            if depth < 0:
+                raise SqlRefused("unbalanced parentheses: a ')' closes nothing")
         if kind is None and text != "(":
             if token != "word":
                 raise SqlRefused("the query must start with an SQL keyword such as SELECT")
@@ -112,6 +119,8 @@ def prepare(query: str, values: Mapping[str, Any]) -> Prepared:
         raise SqlRefused("the query is empty")
     if kind is None:
         raise SqlRefused("the query must start with an SQL keyword such as SELECT")
+    if depth:
+        raise SqlRefused("unbalanced parentheses: a '(' is never closed")
     return Prepared("".join(out[:end]), params, kind, tuple(keys))
 
 
