@@ -127,6 +127,9 @@ SETTINGS: dict[str, Setting] = {
         "GEMINI_MODEL", _str, "", "model for every bot; empty: the bot's `model` column (default gemini-2.5-flash)"
     ),
     "llm_max_rounds": Setting("LLM_MAX_ROUNDS", _int(1, 20), 5, "function-calling rounds per reply, then it answers"),
+    "llm_max_tool_calls": Setting(
+        "LLM_MAX_TOOL_CALLS", _int(0, 1000), 10, "tool calls the model may make per reply (more are refused)"
+    ),
     "llm_max_attempts": Setting(
         "LLM_MAX_ATTEMPTS", _int(1, 10), 4, "attempts of one Gemini request on 429/5xx/timeouts (back-off, jitter)"
     ),
@@ -245,6 +248,7 @@ class Config:
     gemini_timeout: float
     gemini_model: str
     llm_max_rounds: int
+    llm_max_tool_calls: int
     llm_max_attempts: int
     llm_deadline: float
     llm_history_tokens: int

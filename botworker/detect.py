@@ -165,11 +165,14 @@ def _platform_calls(text: str, tools: Sequence[dict[str, Any]]) -> list[ToolCall
 
 
 def allowed_operations(tool: dict[str, Any]) -> tuple[str, ...]:
-    """The operations an mcp_tool's config allows; a config without a list allows all of them."""
+    """The operations an mcp_tool's config allows: all of them when the config has no ``operations`` key; when it
+    has one, only the known operations it lists (a malformed or empty value allows nothing: fail closed)."""
     config = tool.get("config") or {}
-    ops = config.get("operations") if isinstance(config, dict) else None
-    if not isinstance(ops, list) or not ops:
+    if not isinstance(config, dict) or "operations" not in config:
         return PLATFORM_OPERATIONS
+    ops = config["operations"]
+    if not isinstance(ops, list):
+        return ()
     return tuple(op for op in PLATFORM_OPERATIONS if op in ops)
 
 

@@ -13,6 +13,8 @@ One reply::
     loop:     generateContent ─▶ function calls? run each through the ToolRunner (permissions, sandbox, retries),
               send the results back as functionResponse parts, up to LLM_MAX_ROUNDS rounds; then one last
               request with function calling off (mode NONE), which must answer in text
+    limits:   at most LLM_MAX_TOOL_CALLS function calls per reply and none once LLM_DEADLINE has passed (the
+              model is told why); every function call runs with the heartbeat kept
     retries:  every request: 429, 408, 500/502/503/504, timeouts, connection errors and unreadable/empty answers
               (once) are retried with exponential back-off and jitter (base RETRY_DELAY), or after the server's
               Retry-After / RetryInfo delay, up to LLM_MAX_ATTEMPTS attempts and never past LLM_DEADLINE
@@ -177,6 +179,7 @@ class _Exchange:
     tick: Callable[[], None]
     requests: int = 0
     rounds: int = 0
+    calls: int = 0  # function calls run (or refused) so far
     prompt_tokens: int = 0
     output_tokens: int = 0
     thoughts_tokens: int = 0
@@ -351,8 +354,15 @@ class GeminiResponder:
     ) -> types.Part:
         """Run one function call through the ToolRunner; its result (or why it failed) as a functionResponse."""
         name = call.name or ""
+        ex.calls += 1
         if tools is None:
             response: dict[str, Any] = {"error": "no tools are available here"}
+        elif ex.calls > self.cfg.llm_max_tool_calls:
+            # A model (or a prompt injected into it) asking for hundreds of calls must not turn one message into
+            # hundreds of requests to third parties.
+            response = {"error": f"not run: at most {self.cfg.llm_max_tool_calls} tool calls per reply"}
+        elif self.clock() + MIN_REQUEST_TIME >= ex.deadline:
+            response = {"error": f"not run: the reply's time is up (LLM_DEADLINE {self.cfg.llm_deadline:g}s)"}
         else:
             result = tools.call_function(name, dict(call.args or {}))
             response = spent.response(result)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
@@ -171,7 +172,7 @@ class Store:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._idle: list[psycopg2.extensions.connection] = []
-        self._tool_conn: psycopg2.extensions.connection | None = None
+        self._tool_conn: psycopg.Connection[Any] | None = None
         self._connect_args: dict[str, Any] = {
             "dsn": cfg.database_url,
             "connect_timeout": cfg.db_connect_timeout,
@@ -193,26 +194,28 @@ class Store:
             self._tool_conn = None
 
     @contextmanager
-    def tool_connection(self) -> Iterator[psycopg2.extensions.connection]:
-        """The connection database tools run on, in autocommit mode: one of its own, never the pool's, logged in as
-        DB_TOOL_URL's role when set. After each use it is rolled back and ``DISCARD ALL``-ed (session settings,
-        advisory locks, temporary tables), so nothing one tool call does is seen by the next, another user's.
-        psycopg2 errors pass through untranslated: the tool reports them."""
+    def tool_connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """The connection database tools run on: psycopg 3 in autocommit mode, one of its own (never the pool's),
+        logged in as DB_TOOL_URL's role when set. psycopg 3 binds parameters on the server (extended protocol), so
+        a tool's values never appear in the statement text that ``pg_stat_activity`` and server logs show, and
+        the server itself refuses a second statement. After each use it is rolled back and ``DISCARD ALL``-ed
+        (session settings, advisory locks, temporary tables): nothing one call does reaches the next, another
+        user's. psycopg errors pass through untranslated: the tool reports them."""
         conn = self._tool_conn
         if conn is None or conn.closed:
-            args = {**self._connect_args, "application_name": "botworker-tool"}
-            if self.cfg.db_tool_url:
-                args["dsn"] = self.cfg.db_tool_url
-            conn = self._tool_conn = psycopg2.connect(**args)
-            conn.autocommit = True
+            conn = self._tool_conn = psycopg.connect(
+                self.cfg.db_tool_url or self.cfg.database_url,
+                autocommit=True,
+                **{**{k: v for k, v in self._connect_args.items() if k != "dsn"}, "application_name": "botworker-tool"},
+            )
+            _warn_if_tool_login_is_powerful(conn)
         try:
             yield conn
         finally:
             try:
-                with conn.cursor() as cur:
-                    cur.execute("ROLLBACK")
-                    cur.execute("DISCARD ALL")  # not in a transaction block: a statement of its own
-            except psycopg2.Error:
+                conn.execute("ROLLBACK")
+                conn.execute("DISCARD ALL")  # not in a transaction block: a statement of its own
+            except psycopg.Error:
                 conn.close()
                 self._tool_conn = None
 
@@ -366,6 +369,36 @@ def _pair(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] |
     if "user" in by_role and "bot" in by_role:
         return by_role["user"], by_role["bot"]
     return None
+
+
+def _warn_if_tool_login_is_powerful(conn: psycopg.Connection[Any]) -> None:
+    """Say once per connection what a bot owner's SQL could do with this login beyond reading its grants."""
+    row = conn.execute(
+        """SELECT current_user, r.rolsuper, r.rolbypassrls,
+                  has_function_privilege('pg_cancel_backend(integer)', 'EXECUTE') AS can_cancel,
+                  pg_has_role('pg_read_server_files', 'MEMBER') AS reads_files
+           FROM pg_roles r WHERE r.rolname = current_user"""
+    ).fetchone()
+    if row is None:
+        return
+    user, superuser, bypass, can_cancel, reads_files = row
+    risks = [
+        text
+        for flag, text in (
+            (superuser, "is a superuser (reads every table, server files)"),
+            (bypass, "bypasses row-level security"),
+            (reads_files, "can read server files"),
+            (can_cancel, "can cancel other tool queries of the same login (pg_cancel_backend)"),
+        )
+        if flag
+    ]
+    if risks:
+        log.warning(
+            "database tools run as %r, which %s: set DB_TOOL_URL to a login granted only what tools may read "
+            "(README: Tools)",
+            user,
+            "; ".join(risks),
+        )
 
 
 def _one_line(exc: BaseException) -> str:

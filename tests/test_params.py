@@ -362,10 +362,10 @@ def test_function_name_always_valid_for_many_odd_names() -> None:
     ("operations", "expected"),
     [
         (None, list(PLATFORM_OPERATIONS)),
-        ([], list(PLATFORM_OPERATIONS)),
+        ([], []),  # an empty list allows nothing (fail closed)
         (["list_models"], ["list_models"]),
         (["search_platform", "list_models", "bogus"], ["list_models", "search_platform"]),  # platform's order
-        ("list_models", list(PLATFORM_OPERATIONS)),  # not a list: all
+        ("list_models", []),  # not a list: nothing (fail closed)
     ],
 )
 def test_json_schema_mcp_tool_operation_enum(operations: Any, expected: list[str]) -> None:

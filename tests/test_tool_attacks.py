@@ -41,7 +41,7 @@ from botworker.queue import ERRORS, RESPONSES
 from botworker.worker import Heartbeat, Worker
 
 from conftest import Bot, Servers, events, push, query
-from toolkit import PASSPHRASE, LocalHTTP, add_secret, add_tool, ask, calls_of, start_http
+from toolkit import PASSPHRASE, LocalHTTP, add_secret, add_tool, ask, calls_of, start_http, tcp_forwarder
 
 DENIED, INVALID, FAILED = errors.TOOL_DENIED, errors.TOOL_INVALID_PARAMS, errors.TOOL_FAILED
 LOCAL = "127.0.0.1/32"  # HTTP_ALLOWED_HOSTS that lets tools reach the local test servers
@@ -708,14 +708,22 @@ def test_cant_see_a_secret_echoed_in_another_encoding(make_worker, r, db, bot, e
     assert_nowhere(SECRET, reply, errs)
 
 
-def test_cant_leak_a_dsn_password_or_reach_a_private_database(make_worker, r, db, bot, servers) -> None:
+@pytest.fixture
+def other_pg_port(servers: Servers) -> Iterator[int]:
+    """A port standing in for another PostgreSQL server (forwarded to the test one): the platform's own server
+    is refused to DSN tools as such."""
+    parts = urlsplit(servers.database_url)
+    yield from tcp_forwarder(parts.hostname or "127.0.0.1", parts.port or 5432)
+
+
+def test_cant_leak_a_dsn_password_or_reach_a_private_database(make_worker, r, db, bot, servers, other_pg_port) -> None:
     parts = urlsplit(servers.database_url)
     if parts.hostname not in ("127.0.0.1", "localhost"):
         pytest.skip("the test database is not on this host")
     password = unquote(parts.password) if parts.password else SECRET  # trust auth (devstack) ignores it
     quoted = password.replace("\\", "\\\\").replace("'", "\\'")
     dbname = parts.path.lstrip("/")
-    dsn = f"host=127.0.0.1 port={parts.port or 5432} dbname={dbname} user={parts.username} password='{quoted}'"
+    dsn = f"host=127.0.0.1 port={other_pg_port} dbname={dbname} user={parts.username} password='{quoted}'"
     good = add_secret(db, bot.user_id, dsn, key="DSN")
     wrong_db = add_secret(db, bot.user_id, dsn.replace(f"dbname={dbname}", "dbname=no_such_db"), key="D2")
     add_tool(db, bot, "remote_db", "database_query", {"query": "select current_database() as db", "secretId": good})

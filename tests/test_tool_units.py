@@ -44,7 +44,7 @@ ACTIVE_USER = {"id": OWNER, "isActive": True, "role": "user"}
         ({"name": "t", "isActive": None}, BOT, {}, OWNER, None),  # only an explicit False is inactive
         ({"name": "t", "requiresAuth": True}, BOT, ACTIVE_USER, OWNER, None),
         ({"name": "t", "config": {"requiresAuth": True}}, BOT, ACTIVE_USER, OWNER, None),
-        ({"name": "t", "config": {"requiresAuth": "yes"}}, BOT, {"id": OWNER}, OWNER, None),  # config: only True
+        ({"name": "t", "config": {"requiresAuth": "no"}}, BOT, {"id": OWNER}, OWNER, None),  # a falsy spelling
         ({"name": "t", "requiresAuth": False}, BOT, {"id": OWNER, "isActive": False}, OWNER, None),
         ({"name": "t", "config": {"roles": ["admin", "user"]}}, BOT, ACTIVE_USER, OWNER, None),
         ({"name": "t", "config": {"roles": "user"}}, BOT, ACTIVE_USER, OWNER, None),
@@ -64,6 +64,8 @@ ACTIVE_USER = {"id": OWNER, "isActive": True, "role": "user"}
         ({"name": "t", "requiresAuth": True}, BOT, {"id": OWNER, "isActive": "true"}, OWNER, "requires an authent"),
         ({"name": "t", "requiresAuth": 1}, BOT, {"id": OWNER, "isActive": None}, OWNER, "requires an authent"),
         ({"name": "t", "config": {"requiresAuth": True}}, BOT, {"id": OWNER}, OWNER, "requires an authent"),
+        ({"name": "t", "config": {"requiresAuth": "yes"}}, BOT, {"id": OWNER}, OWNER, "requires an authent"),
+        ({"name": "t", "config": {"requiresAuth": 1}}, BOT, {"id": OWNER}, OWNER, "requires an authent"),
         ({"name": "t", "config": {"requiresAuth": True}}, BOT, {"isActive": False}, OWNER, "requires an authent"),
         # roles
         ({"name": "t", "config": {"roles": ["admin"]}}, BOT, ACTIVE_USER, OWNER, "limited to the role(s) admin"),

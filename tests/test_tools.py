@@ -8,6 +8,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import psycopg2.extensions
 import pytest
@@ -19,7 +20,7 @@ from botworker.queue import ERRORS, RESPONSES
 from botworker.worker import Heartbeat, Worker
 
 from conftest import Bot, Servers, events, push, query
-from toolkit import PASSPHRASE, LocalHTTP, add_secret, add_tool, ask, calls_of, start_http
+from toolkit import PASSPHRASE, LocalHTTP, add_secret, add_tool, ask, calls_of, start_http, tcp_forwarder
 
 ENV = {
     "ENCRYPTION_KEY": PASSPHRASE,
@@ -297,10 +298,26 @@ def test_write_tools_run_when_their_config_says_so(
 def test_database_from_a_secret_dsn(
     r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, servers: Servers, orders: str
 ) -> None:
-    dsn = add_secret(db, bot.user_id, servers.database_url, key="DSN")
-    add_tool(db, bot, "warehouse", "database_query", {"query": f"SELECT count(*) AS n FROM {orders}", "secretId": dsn})
-    reply, errs = ask(r, worker, bot, "query the warehouse")
-    assert errs == [] and calls_of(reply)[0]["result"]["rows"] == [{"n": 3}]
+    parts = urlsplit(servers.database_url)
+    # Another database server, as far as the worker can tell: a port of its own (forwarded to the test server).
+    forwarder = tcp_forwarder(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = next(forwarder)
+    try:
+        other = parts._replace(netloc=parts.netloc.rsplit(":", 1)[0] + f":{port}").geturl()
+        dsn = add_secret(db, bot.user_id, other, key="DSN")
+        add_tool(
+            db, bot, "warehouse", "database_query", {"query": f"SELECT count(*) AS n FROM {orders}", "secretId": dsn}
+        )
+        reply, errs = ask(r, worker, bot, "query the warehouse")
+        assert errs == [] and calls_of(reply)[0]["result"]["rows"] == [{"n": 3}]
+    finally:
+        forwarder.close()
+    # The platform's own server through a DSN would bypass DB_TOOL_URL: refused.
+    direct = add_secret(db, bot.user_id, servers.database_url, key="DSN")
+    add_tool(db, bot, "backdoor", "database_query", {"query": "SELECT 1 AS one", "secretId": direct})
+    reply, _ = ask(r, worker, bot, "query the backdoor")
+    [call] = calls_of(reply)
+    assert call["code"] == errors.TOOL_DENIED and "platform database" in call["error"]
 
 
 def test_no_session_state_survives_a_tool(

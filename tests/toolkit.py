@@ -6,6 +6,7 @@ the worker's decryption) so fixtures are produced the way the platform produces 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -212,3 +213,43 @@ def start_http() -> Iterator[LocalHTTP]:
     finally:
         state.server.shutdown()
         state.server.server_close()
+
+
+def tcp_forwarder(host: str, port: int) -> Iterator[int]:
+    """Generator for a fixture: a TCP port on 127.0.0.1 that forwards to (host, port), standing in for another
+    server (say, a database other than the platform's) without starting one."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection((host, port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        listener.close()

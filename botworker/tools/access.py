@@ -21,7 +21,8 @@ def denial(tool: Mapping[str, Any], bot: Mapping[str, Any], user: Mapping[str, A
         return f"{name} runs only for the owner of this bot"
     if tool.get("isActive") is False:
         return f"{name} is not active"
-    if (tool.get("requiresAuth") or config.get("requiresAuth") is True) and user.get("isActive") is not True:
+    # Any truthy spelling counts ("true", 1): a restriction written another way must not fail open.
+    if (tool.get("requiresAuth") or _truthy(config.get("requiresAuth"))) and user.get("isActive") is not True:
         return f"{name} requires an authenticated, active user account"
     roles = config.get("roles")
     if roles is not None:
@@ -31,3 +32,9 @@ def denial(tool: Mapping[str, Any], bot: Mapping[str, Any], user: Mapping[str, A
                 f"{name} is limited to the role(s) {', '.join(allowed) or '(none)'}; your role is {user.get('role')!r}"
             )
     return None
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "false", "0", "no", "off")
+    return bool(value)

@@ -63,8 +63,17 @@ def for_metadata(data: Any, per_tool: int) -> tuple[Any, bool]:
 def summary(result: ToolResult, per_tool: int) -> dict[str, Any]:
     """``result.summary()`` for the reply's metadata, its data clipped to ``per_tool`` bytes."""
     out = result.summary()
+    if out.get("params"):  # what a model passed can be as large as it likes: keep each value within the budget
+        out["params"] = {k: _clip_value(v, per_tool) for k, v in out["params"].items()}
     if result.ok:
         out["result"], clipped = for_metadata(result.data, per_tool)
         if clipped:
             out["resultTruncated"] = True
     return out
+
+
+def _clip_value(value: Any, max_bytes: int) -> Any:
+    text = as_text(value)
+    if len(text.encode("utf-8")) <= max_bytes:
+        return value
+    return clip(text, max_bytes)

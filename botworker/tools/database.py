@@ -20,16 +20,19 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import ipaddress
 import math
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import psycopg2
-import psycopg2.errors
-import psycopg2.extensions
-import psycopg2.extras
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from .. import errors
 from ..message import ToolCall
@@ -43,7 +46,7 @@ KINDS = {
     "update": ("update",),
     "delete": ("delete",),
 }
-_TRANSIENT = (psycopg2.errors.SerializationFailure, psycopg2.errors.DeadlockDetected)
+_TRANSIENT = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 
 
 def retryable(tool: dict[str, Any]) -> bool:
@@ -75,41 +78,63 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
         # Wrapped as a subquery: the row cap is applied by the server (nothing beyond it is produced or sent), and
         # the server itself refuses anything but one query inside the parentheses.
         statement = f"SELECT * FROM (\n{statement}\n) AS botworker_tool LIMIT {limit + 1}"
+    started = time.monotonic()
     try:
-        with _connection(ctx, secret_id) as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        with _connection(ctx, secret_id) as conn, conn.cursor(row_factory=dict_row) as cur:
             # standard_conforming_strings is forced on because sql.py splits statements the way a server with it
-            # on reads them. The frame and the statement go in one round trip (psycopg2 keeps the last result);
-            # the frame's text is escaped for the parameter interpolation that follows.
-            frame = (
+            # on reads them. The frame is one simple query; the statement goes with its parameters bound on the
+            # server (extended protocol: one statement, values never in the statement text).
+            cur.execute(
                 f"BEGIN {'READ ONLY' if kind == 'select' else 'READ WRITE'}; "
                 f"SET LOCAL statement_timeout = {int(ctx.cfg.db_tool_timeout * 1000)}; "
                 "SET LOCAL standard_conforming_strings = on"
             )
-            cur.execute(frame + ";\n" + statement, prepared.params)
-            result = _rows(cur, limit)
+            params = {k: _adapt(v) for k, v in prepared.params.items()}
+            if kind == "select":
+                cur.execute(statement, params)
+                result = _rows(cur, cur.fetchall(), limit)
+            elif prepared.returning:
+                # A write's RETURNING set can be huge: rows are streamed and only the first ones kept (the
+                # statement still runs to its end, within the statement timeout, so the write is whole).
+                kept: list[dict[str, Any]] = []
+                for row in cur.stream(statement, params):
+                    if len(kept) <= limit:
+                        kept.append(row)
+                result = _rows(cur, kept, limit)
+            else:
+                cur.execute(statement, params)
+                result = _rows(cur, [], limit)
             if kind != "select":
                 cur.execute("COMMIT")  # a select's transaction is rolled back when the connection is handed back
         return result
-    except psycopg2.errors.QueryCanceled:
-        raise ToolFailure(f"the query took longer than {ctx.cfg.db_tool_timeout:g}s and was cancelled") from None
+    except psycopg.errors.QueryCanceled:
+        elapsed = time.monotonic() - started
+        if elapsed >= ctx.cfg.db_tool_timeout * 0.9:
+            raise ToolFailure(f"the query took longer than {ctx.cfg.db_tool_timeout:g}s and was cancelled") from None
+        raise ToolFailure(f"the query was cancelled after {elapsed:.1f}s (not by its timeout)") from None
     except _TRANSIENT as exc:
         raise ToolFailure(f"the query failed: {_pgerror(exc)}", transient=True) from None
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
         raise ToolFailure(f"the database is unreachable: {_pgerror(exc)}", transient=True) from None
-    except psycopg2.errors.ReadOnlySqlTransaction:
+    except psycopg.errors.ReadOnlySqlTransaction:
         raise ToolFailure("this select tool may not modify data (read-only transaction)", errors.TOOL_DENIED) from None
-    except psycopg2.errors.InsufficientPrivilege as exc:
+    except psycopg.errors.InsufficientPrivilege as exc:
         raise ToolFailure(f"permission denied: {_pgerror(exc)}", errors.TOOL_DENIED) from None
-    except psycopg2.errors.FeatureNotSupported as exc:
+    except psycopg.errors.FeatureNotSupported as exc:
         if "data-modifying" in _pgerror(exc):  # a select tool's WITH ... DELETE, inside our row-cap subquery
             raise ToolFailure("this select tool may not modify data", errors.TOOL_DENIED) from None
         raise ToolFailure(f"the query failed: {_pgerror(exc)}") from None
-    except psycopg2.Error as exc:
+    except psycopg.Error as exc:
         raise ToolFailure(f"the query failed: {_pgerror(exc)}") from None
 
 
+def _adapt(value: Any) -> Any:
+    """A parameter as psycopg binds it: objects as jsonb (lists stay arrays, scalars stay scalars)."""
+    return Jsonb(value) if isinstance(value, dict) else value
+
+
 @contextmanager
-def _connection(ctx: ToolContext, secret_id: Any) -> Iterator[psycopg2.extensions.connection]:
+def _connection(ctx: ToolContext, secret_id: Any) -> Iterator[psycopg.Connection[Any]]:
     """A connection in autocommit mode (our own BEGIN frames the statement): the store's tool connection to the
     platform database (DB_TOOL_URL's login when set), or one to the DSN a secret holds, closed after the call."""
     if not secret_id:
@@ -125,13 +150,13 @@ def _connection(ctx: ToolContext, secret_id: Any) -> Iterator[psycopg2.extension
         conn.close()
 
 
-def _connect_dsn(ctx: ToolContext, dsn: str) -> psycopg2.extensions.connection:
+def _connect_dsn(ctx: ToolContext, dsn: str) -> psycopg.Connection[Any]:
     """Connect to a tool's own database with what its DSN says and nothing of the worker's: libpq would otherwise
     fill what the DSN leaves out from the worker's environment and files (PGPASSWORD, ~/.pgpass, a client
     certificate), sending the worker's credentials to the tool's server."""
     try:
-        parsed = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
+        parsed = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
         raise ToolFailure(
             "the secret's value is not a PostgreSQL connection string", errors.TOOL_INVALID_PARAMS
         ) from None
@@ -152,6 +177,11 @@ def _connect_dsn(ctx: ToolContext, dsn: str) -> psycopg2.extensions.connection:
         raise ToolFailure(f"database host {host} is not allowed: {exc}", errors.TOOL_DENIED) from None
     except (OSError, ValueError) as exc:
         raise ToolFailure(f"cannot resolve database host {host}: {exc}", transient=True) from None
+    if _is_platform(ctx, address, port):
+        raise ToolFailure(
+            "a tool's connection string may not point at the platform database (use a tool without secretId)",
+            errors.TOOL_DENIED,
+        )
     args = {
         **parsed,
         "hostaddr": address,  # connect to the address the policy checked, not whatever the name resolves to next
@@ -164,14 +194,38 @@ def _connect_dsn(ctx: ToolContext, dsn: str) -> psycopg2.extensions.connection:
         "application_name": "botworker-tool",
     }
     try:
-        conn = psycopg2.connect(**args)
-    except psycopg2.OperationalError as exc:
+        conn = psycopg.connect(autocommit=True, **args)
+    except psycopg.OperationalError as exc:
         text = _pgerror(exc)
         # A refused login will be refused again: only network trouble is worth a retry.
         transient = not any(w in text for w in ("authentication", "password", "does not exist", "no pg_hba"))
         raise ToolFailure(f"cannot connect to the database at {host}: {text}", transient=transient) from None
-    conn.autocommit = True
     return conn
+
+
+def _is_platform(ctx: ToolContext, address: str, port: int) -> bool:
+    """Whether (address, port) is the platform database's server (DATABASE_URL or DB_TOOL_URL): reaching it
+    through a DSN would bypass DB_TOOL_URL's restricted login. A local server on a unix socket also listens on
+    loopback, so any loopback address on its port counts."""
+    for url in (ctx.cfg.database_url, ctx.cfg.db_tool_url):
+        if not url:
+            continue
+        try:
+            info = conninfo_to_dict(url)
+        except psycopg.ProgrammingError:
+            continue
+        host, their_port = str(info.get("host") or ""), int(info.get("port") or 5432)
+        if their_port != port:
+            continue
+        if (not host or host.startswith("/")) and ipaddress.ip_address(address).is_loopback:
+            return True  # the platform server is local (a unix socket): it listens on loopback too
+        try:
+            theirs = {ai[4][0] for ai in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except OSError:
+            continue
+        if address in theirs:
+            return True
+    return False
 
 
 # What a tool's DSN may say. Everything else (service files, password files, client certificates, krb/gss
@@ -179,11 +233,10 @@ def _connect_dsn(ctx: ToolContext, dsn: str) -> psycopg2.extensions.connection:
 _DSN_KEYS = {"host", "port", "dbname", "user", "password", "sslmode", "application_name", "connect_timeout", "options"}
 
 
-def _rows(cur: psycopg2.extras.RealDictCursor, limit: int) -> dict[str, Any]:
+def _rows(cur: psycopg.Cursor[Any], rows: list[dict[str, Any]], limit: int) -> dict[str, Any]:
     if cur.description is None:  # INSERT/UPDATE/DELETE without RETURNING
         return {"columns": [], "rows": [], "rowCount": cur.rowcount, "truncated": False}
     columns = [c.name for c in cur.description]
-    rows = cur.fetchmany(limit + 1)
     truncated = len(rows) > limit
     rows = rows[:limit]
     return {
@@ -219,6 +272,6 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _pgerror(exc: psycopg2.Error) -> str:
-    text = (exc.pgerror or str(exc) or type(exc).__name__).strip()
+def _pgerror(exc: psycopg.Error) -> str:
+    text = (str(exc) or type(exc).__name__).strip()
     return " ".join(text.splitlines()[:1])[:300]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import errors
+from ..detect import allowed_operations
 from ..errors import TransientError
 from ..message import ToolCall, ToolResult
 from ..retry import backoff
@@ -170,6 +171,8 @@ class ToolRunner:
         for name, tool in self._by_name.items():
             if tool.get("type") not in self.families or access.denial(tool, self.ctx.bot, user, self.ctx.user_id):
                 continue
+            if tool.get("type") == "mcp_tool" and not allowed_operations(tool):
+                continue  # a platform tool allowing no operation has nothing to offer
             out.append({**params.declaration(tool), "name": name})
         return out
 

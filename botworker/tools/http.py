@@ -53,6 +53,12 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
     method = str(config.get("method") or "GET").upper()
     if method not in METHODS:
         raise ToolFailure(f"HTTP method {method!r} is not supported", errors.TOOL_INVALID_PARAMS)
+    secret_id = config.get("secretId") or config.get("githubSecretId")
+    if secret_id and _origin_has_placeholder(config.get("url")):
+        # The secret would go wherever the caller (a user, or a prompt-injected model) points the URL.
+        raise ToolFailure(
+            "a tool that sends a secret must have a fixed scheme and host in its URL", errors.TOOL_INVALID_PARAMS
+        )
     url = fill_url(config.get("url"), call.params)
     headers = fill_headers(config.get("headers"), call.params)
     declared_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
@@ -60,7 +66,6 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
     if content_type and not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = content_type
     secret_header: str | None = None
-    secret_id = config.get("secretId") or config.get("githubSecretId")
     if secret_id:
         if ctx.secrets is None:
             raise ToolFailure("secrets are not available here")
@@ -89,6 +94,19 @@ def fill_url(template: Any, values: Mapping[str, Any]) -> str:
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ToolFailure(f"{_shown(url)!r} is not an http(s) URL", errors.TOOL_INVALID_PARAMS)
     return url
+
+
+def _origin_has_placeholder(template: Any) -> bool:
+    """Whether ``{{...}}`` appears in the URL template before its path (scheme, credentials, host or port)."""
+    if not isinstance(template, str):
+        return False
+    text = template.strip()
+    scheme_end = text.find("://")
+    if scheme_end < 0:
+        return bool(PLACEHOLDER.search(text))
+    rest = text[scheme_end + 3 :]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    return bool(PLACEHOLDER.search(text[: scheme_end + 3 + end]))
 
 
 def fill_headers(template: Any, values: Mapping[str, Any]) -> dict[str, str]:
@@ -182,6 +200,25 @@ def _send(
     secret_header: str | None,
 ) -> dict[str, Any]:
     assert ctx.http is not None
+    with outbound.Deadline(timeout) as guard:
+        try:
+            return _follow(ctx, method, url, headers, body, timeout, secret_header)
+        except ToolFailure:
+            if guard.expired:  # a read cut short by the deadline surfaces as whatever error the cut caused
+                raise ToolFailure(f"{method} {_shown(url)} timed out after {timeout:g}s", transient=True) from None
+            raise
+
+
+def _follow(
+    ctx: ToolContext,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: bytes | None,
+    timeout: float,
+    secret_header: str | None,
+) -> dict[str, Any]:
+    assert ctx.http is not None
     deadline = time.monotonic() + timeout
     origin = _origin(url)
     for _hop in range(MAX_REDIRECTS + 1):
@@ -219,15 +256,12 @@ def _response(resp: requests.Response, method: str, deadline: float, max_bytes: 
     chunks: list[bytes] = []
     size = 0
     truncated = False
-    sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)  # urllib3 2.x keeps it there
     try:
-        # read1: whatever has arrived, after at most one wait, so the deadline is checked as bytes trickle in (a
-        # server dripping a byte at a time cannot hold the call past its timeout by more than one socket wait).
+        # read1: whatever has arrived, so the deadline is checked as bytes trickle in; a read blocked when it
+        # passes is cut by outbound.Deadline.
         while not resp.raw.closed:
             if time.monotonic() > deadline:
                 raise ToolFailure(f"{method} {_shown(resp.url)} timed out reading the response", transient=True)
-            if sock is not None:  # each wait for bytes ends at the call's deadline, not a fresh full timeout
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
             chunk = resp.raw.read1(65536, decode_content=True)
             if not chunk:
                 break
@@ -238,6 +272,8 @@ def _response(resp: requests.Response, method: str, deadline: float, max_bytes: 
                 break
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise ToolFailure(f"{method} {_shown(resp.url)} failed while reading: {_reason(exc)}", transient=True) from None
+    if time.monotonic() >= deadline:  # the end of the body may be the deadline's cut, not the server's
+        raise ToolFailure(f"{method} {_shown(resp.url)} timed out reading the response", transient=True)
     raw = b"".join(chunks)[:max_bytes]
     status = resp.status_code
     if status in TRANSIENT_STATUS:

@@ -30,9 +30,12 @@ any subdomain of corp.example) allows every address that name resolves to.
 
 from __future__ import annotations
 
+import contextlib
+import http.cookiejar
 import ipaddress
 import socket
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -294,6 +297,58 @@ def _open_socket(family: int, ip: str, conn: HTTPConnection) -> socket.socket:
     return sock
 
 
+class Deadline:
+    """``with Deadline(seconds):`` bounds a whole call, not each socket wait: when the time is up, the sockets of
+    the connections the call took from its pools are shut down, so a peer trickling a byte at a time (headers,
+    chunk sizes, body) cannot hold a blocking read past it. ``expired`` tells the caller why its read failed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._conns: list[Any] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, seconds), self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Deadline:
+        global _current
+        _current = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _current
+        self._timer.cancel()
+        _current = None
+
+    def track(self, conn: Any) -> None:
+        with self._lock:
+            self._conns.append(conn)
+            if self.expired:
+                _shutdown(conn)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for conn in self._conns:
+                _shutdown(conn)
+
+
+_current: Deadline | None = None  # the call in progress (a worker makes one tool call at a time)
+
+
+def _track(conn: Any) -> Any:
+    if _current is not None:
+        _current.track(conn)
+    return conn
+
+
+def _shutdown(conn: Any) -> None:
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # the blocked recv returns at once; the connection is not reused
+
+
 def _pool_classes(policy: OutboundPolicy) -> dict[str, type[HTTPConnectionPool]]:
     """Pool classes bound to ``policy``: urllib3 builds connections itself and passes no extra arguments."""
 
@@ -309,8 +364,14 @@ def _pool_classes(policy: OutboundPolicy) -> dict[str, type[HTTPConnectionPool]]
     class PinnedHTTPConnectionPool(HTTPConnectionPool):
         ConnectionCls = PinnedHTTPConnection
 
+        def _get_conn(self, timeout: float | None = None) -> Any:
+            return _track(super()._get_conn(timeout))
+
     class PinnedHTTPSConnectionPool(HTTPSConnectionPool):
         ConnectionCls = PinnedHTTPSConnection
+
+        def _get_conn(self, timeout: float | None = None) -> Any:
+            return _track(super()._get_conn(timeout))
 
     return {"http": PinnedHTTPConnectionPool, "https": PinnedHTTPSConnectionPool}
 
@@ -336,10 +397,21 @@ class PinnedAdapter(HTTPAdapter):
         raise OutboundDenied("proxies are not allowed for tool requests")
 
 
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """One session serves every user's tools: a cookie one call receives must never ride along with another's."""
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+
 def session(policy: OutboundPolicy, pool_size: int = 4) -> requests.Session:
-    """A ``requests.Session`` whose connections are pinned to addresses ``policy`` checked."""
+    """A ``requests.Session`` whose connections are pinned to addresses ``policy`` checked; it keeps no cookies."""
     s = requests.Session()
     s.trust_env = False  # no proxies, netrc credentials or CA bundle overrides from the environment
+    s.cookies.set_policy(_NoCookies())
     adapter = PinnedAdapter(policy, pool_connections=pool_size, pool_maxsize=pool_size)
     s.mount("http://", adapter)
     s.mount("https://", adapter)

@@ -18,6 +18,7 @@ from ..message import ToolCall
 from . import ToolContext, ToolFailure, config_of
 
 TYPES = ("shell_command", "custom_script", "file_operation")
+READ_ONLY_FILE_OPS = ("read", "list", "exists")
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
@@ -66,10 +67,12 @@ def _shell(config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _file(config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    op = config.get("operation") or params.get("operation")
+    op = config.get("operation")
+    if op is None and params.get("operation") in READ_ONLY_FILE_OPS:
+        op = params["operation"]  # without one in the config, a caller may only choose an operation that reads
     path = config.get("path") or params.get("path")
     if not isinstance(op, str) or not isinstance(path, str):
-        raise ToolFailure("file_operation tool needs an `operation` and a `path`")
+        raise ToolFailure("file_operation tool needs an `operation` (in its config, to write) and a `path`")
     request: dict[str, Any] = {"kind": "file", "op": op, "path": _fill(path, params)}
     content = config.get("content", params.get("content"))
     if isinstance(content, str):

@@ -114,6 +114,12 @@ class Secrets:
             json.dumps(value)[1:-1],
             json.dumps(value, ensure_ascii=False)[1:-1],
             html.escape(value),
+            value.replace("&", "&amp;")
+            .replace("<", "&lt;")
+            .replace(">", "&gt;")
+            .replace('"', "&#34;")
+            .replace("'", "&#39;"),  # numeric character references, as markupsafe/Jinja write them
+            json.dumps(value)[1:-1].replace("/", "\\/"),  # PHP's json_encode escapes slashes
             raw.decode("latin-1"),  # UTF-8 bytes read as Latin-1: what a body without a charset decodes to
             base64.b64encode(raw).decode(),
             base64.urlsafe_b64encode(raw).decode(),
@@ -126,16 +132,15 @@ class Secrets:
     def _redact_edges(self, text: str) -> str:
         """A secret cut in two by a size cap (a truncated body, a clipped error) leaves a piece at an end of the
         text: a prefix of it at the end, or a suffix at the start. Pieces of at least ``_MIN_PIECE`` characters
-        are redacted too."""
+        are redacted too. Linear in the lengths (a long token and a large result must not cost seconds)."""
+        if len(text) < _MIN_PIECE:
+            return text
         for needle in self._needles:
-            for k in range(len(needle) - 1, _MIN_PIECE - 1, -1):
-                if text.endswith(needle[:k]):
-                    text = text[:-k] + REDACTED
-                    break
-            for k in range(len(needle) - 1, _MIN_PIECE - 1, -1):
-                if text.startswith(needle[-k:]):
-                    text = REDACTED + text[k:]
-                    break
+            # Cheap test first (a C substring search): an overlap of _MIN_PIECE or more contains these pieces.
+            if text[-_MIN_PIECE:] in needle and (k := _overlap(text, needle)) >= _MIN_PIECE:
+                text = text[:-k] + REDACTED  # the longest end of `text` that begins `needle`
+            if text[:_MIN_PIECE] in needle and (k := _overlap(needle, text)) >= _MIN_PIECE:
+                text = REDACTED + text[k:]  # the longest end of `needle` that begins `text`
         return text
 
     @property
@@ -155,4 +160,24 @@ class Secrets:
             return {self.redact(k): self.redact(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.redact(v) for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in self._needles:
+            return REDACTED  # a numeric secret echoed back as a JSON number
         return value
+
+
+def _overlap(text: str, needle: str) -> int:
+    """The length of the longest proper prefix of ``needle`` that ``text`` ends with (KMP over the pair)."""
+    tail = text[-(len(needle) - 1) :] if len(needle) > 1 else ""
+    if not tail:
+        return 0
+    # Prefix function of needle[:-1] + sentinel + tail: its last value is the overlap. None cannot equal a char.
+    seq: list[str | None] = [*needle[:-1], None, *tail]
+    pi = [0] * len(seq)
+    for i in range(1, len(seq)):
+        k = pi[i - 1]
+        while k and seq[i] != seq[k]:
+            k = pi[k - 1]
+        if seq[i] == seq[k]:
+            k += 1
+        pi[i] = k
+    return pi[-1]

@@ -57,6 +57,7 @@ class Prepared:
     params: dict[str, Any]  # {"p1": value, ...}
     kind: str  # the statement's first keyword, lowercased: "select", "with", "insert"...
     names: tuple[str, ...]  # the placeholder names in order of first appearance
+    returning: bool = False  # a RETURNING clause is present (a write that gives rows back)
 
 
 def placeholders(query: str) -> tuple[str, ...]:
@@ -85,6 +86,7 @@ def prepare(query: str, values: Mapping[str, Any]) -> Prepared:
     ended = False  # a ';' was seen: from then on only whitespace and comments may follow
     previous = ""  # kind of the previous token
     depth = 0  # parentheses open
+    returning = False
     for token, text in _tokens(query):
         glued, previous = previous in _QUOTED_END, token
         if token in ("space", "comment"):
@@ -108,6 +110,8 @@ def prepare(query: str, values: Mapping[str, Any]) -> Prepared:
             kind = text.lower()
         if glued and token in ("placeholder", "string"):
             out.append(" ")  # psycopg2 renders a value as '...': glued to another literal, the two would merge
+        if token == "word" and text.lower() == "returning":
+            returning = True
         if token == "placeholder":
             out.append(bind(text))
         elif token == "string":
@@ -121,7 +125,7 @@ def prepare(query: str, values: Mapping[str, Any]) -> Prepared:
         raise SqlRefused("the query must start with an SQL keyword such as SELECT")
     if depth:
         raise SqlRefused("unbalanced parentheses: a '(' is never closed")
-    return Prepared("".join(out[:end]), params, kind, tuple(keys))
+    return Prepared("".join(out[:end]), params, kind, tuple(keys), returning)
 
 
 def _literal(text: str, bind: Callable[[str], str]) -> str:
