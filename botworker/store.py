@@ -206,6 +206,7 @@ class Store:
             conn = self._tool_conn = psycopg.connect(
                 self.cfg.db_tool_url or self.cfg.database_url,
                 autocommit=True,
+                prepare_threshold=None,  # no automatic server-side PREPARE: DISCARD ALL after each call drops them
                 **{**{k: v for k, v in self._connect_args.items() if k != "dsn"}, "application_name": "botworker-tool"},
             )
             _warn_if_tool_login_is_powerful(conn)

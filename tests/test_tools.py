@@ -320,6 +320,17 @@ def test_database_from_a_secret_dsn(
     assert call["code"] == errors.TOOL_DENIED and "platform database" in call["error"]
 
 
+def test_the_tool_connection_serves_many_calls(
+    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker
+) -> None:
+    """Ten calls on the worker's one tool connection: nothing a call leaves (or DISCARD ALL removes, such as
+    prepared statements a driver made on its own) breaks the next."""
+    add_tool(db, bot, "counter", "database_query", {"query": "SELECT {{n}}::int + 1 AS n"})
+    for i in range(10):
+        reply, errs = ask(r, worker, bot, f"run the counter n={i}")
+        assert errs == [] and calls_of(reply)[0]["result"]["rows"] == [{"n": i + 1}], calls_of(reply)
+
+
 def test_no_session_state_survives_a_tool(
     r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker
 ) -> None:

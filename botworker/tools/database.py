@@ -194,7 +194,7 @@ def _connect_dsn(ctx: ToolContext, dsn: str) -> psycopg.Connection[Any]:
         "application_name": "botworker-tool",
     }
     try:
-        conn = psycopg.connect(autocommit=True, **args)
+        conn = psycopg.connect(autocommit=True, prepare_threshold=None, **args)
     except psycopg.OperationalError as exc:
         text = _pgerror(exc)
         # A refused login will be refused again: only network trouble is worth a retry.
