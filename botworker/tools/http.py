@@ -75,6 +75,10 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
         value = secret.value if config.get("secretHeader") else f"Bearer {secret.value}"
         if any(c in value for c in _BAD_HEADER_CHARS):
             raise ToolFailure("the secret's value cannot be sent in a header (it contains a line break)")
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ToolFailure("the secret's value cannot be sent in a header (it is not Latin-1 text)") from None
         headers[secret_header] = value
     timeout = _timeout(config.get("timeout"), ctx)
     return _send(ctx, method, url, headers, body, timeout, secret_header)
@@ -287,7 +291,10 @@ def _response(resp: requests.Response, method: str, deadline: float, max_bytes: 
         "ok": status < 400,
         "headers": {k: resp.headers[k] for k in SHOWN_HEADERS if k in resp.headers},
     }
-    text = raw.decode(resp.encoding or "utf-8", errors="replace")
+    try:
+        text = raw.decode(resp.encoding or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know: the bytes are still worth showing
+        text = raw.decode("utf-8", errors="replace")
     if "json" in resp.headers.get("content-type", "").lower() and not truncated:
         try:
             out["json"] = json.loads(text)
