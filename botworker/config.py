@@ -98,9 +98,22 @@ def _url(*schemes: str) -> Callable[[str], str]:
             return ""
         if urlsplit(value).scheme not in schemes:
             raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        if "postgres" in schemes:
+            _check_conninfo(value)
         return value
 
     return parse
+
+
+def _check_conninfo(url: str) -> None:
+    """libpq must be able to read the URL (a stray '%' in a password is the usual mistake). Checked here, once,
+    because libpq's complaint would quote the password later, wherever the connection is first opened."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except Exception:  # psycopg.ProgrammingError; its message quotes the offending part of the URL
+        raise ValueError("libpq cannot read this URL (percent-encode special characters of the password)") from None
 
 
 # Field name -> setting. Order is the order of the README table.
@@ -304,6 +317,18 @@ class Config:
         return out
 
 
+def _shown(name: str, raw: str) -> str:
+    """A value as an error message may quote it: URLs without their password, secrets not at all."""
+    if name.endswith(("_password", "_key")):
+        return "***"
+    if name.endswith("_url"):
+        try:
+            return redact_url(raw)
+        except ValueError:
+            return "***"
+    return raw
+
+
 def redact_url(url: str) -> str:
     """``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
     parts = urlsplit(url)
@@ -335,7 +360,7 @@ def load_config(
             try:
                 values[name] = setting.parse(raw)
             except ValueError as exc:
-                raise ConfigError(f"{setting.env}={raw!r} (from {source}) is invalid: {exc}") from None
+                raise ConfigError(f"{setting.env}={_shown(name, raw)!r} (from {source}) is invalid: {exc}") from None
             sources[name] = source
     for name, value in (flags or {}).items():
         if value is not None:

@@ -104,7 +104,7 @@ class Pipeline:
         metadata = {
             "messageId": msg.message_id,
             "model": reply.model,
-            "toolCalls": [budget.summary(r, self.cfg.tool_result_budget) for r in runner.results],
+            "toolCalls": budget.summaries(runner.results, self.cfg.tool_result_budget, self.cfg.tool_results_budget),
             **reply.extra,
         }
         if llm_error:

@@ -12,12 +12,14 @@ the rows the first run wrote instead of writing new ones.
 from __future__ import annotations
 
 import logging
+import select
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 import psycopg2
@@ -26,7 +28,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from . import errors
-from .config import Config
+from .config import Config, redact_url
 from .errors import MessageError, TransientError
 from .message import Message
 
@@ -202,14 +204,12 @@ class Store:
         (session settings, advisory locks, temporary tables): nothing one call does reaches the next, another
         user's. psycopg errors pass through untranslated: the tool reports them."""
         conn = self._tool_conn
+        if conn is not None and not conn.closed and _has_news(conn):
+            # An idle connection with bytes waiting was ended by the server (terminated, idle timeout, failover):
+            # replace it now rather than fail the next call, another user's perhaps.
+            conn.close()
         if conn is None or conn.closed:
-            conn = self._tool_conn = psycopg.connect(
-                self.cfg.db_tool_url or self.cfg.database_url,
-                autocommit=True,
-                prepare_threshold=None,  # no automatic server-side PREPARE: DISCARD ALL after each call drops them
-                **{**{k: v for k, v in self._connect_args.items() if k != "dsn"}, "application_name": "botworker-tool"},
-            )
-            _warn_if_tool_login_is_powerful(conn)
+            conn = self._tool_conn = self._connect_tools()
         try:
             yield conn
         finally:
@@ -219,6 +219,26 @@ class Store:
             except psycopg.Error:
                 conn.close()
                 self._tool_conn = None
+
+    def _connect_tools(self) -> psycopg.Connection[Any]:
+        url = self.cfg.db_tool_url or self.cfg.database_url
+        try:
+            conn = psycopg.connect(
+                url,
+                autocommit=True,
+                prepare_threshold=None,  # no automatic server-side PREPARE: DISCARD ALL after each call drops them
+                **{**{k: v for k, v in self._connect_args.items() if k != "dsn"}, "application_name": "botworker-tool"},
+            )
+        except psycopg.Error as exc:
+            # libpq's message can quote the URL; the tool (and so the user, the LLM, the events) gets none of it.
+            text = _one_line(exc).replace(url, "***")
+            password = urlsplit(url).password
+            for form in {password, unquote(password or "")} - {None, ""}:
+                text = text.replace(str(form), "***")
+            log.error("cannot connect to the tool database %s: %s", redact_url(url), text)
+            raise psycopg.OperationalError("cannot connect to the tool database (see the worker log)") from None
+        _warn_if_tool_login_is_powerful(conn)
+        return conn
 
     def _getconn(self) -> psycopg2.extensions.connection:
         """An idle pooled connection, or a new one. (Single-threaded process: a plain list is the pool.)"""
@@ -370,6 +390,15 @@ def _pair(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] |
     if "user" in by_role and "bot" in by_role:
         return by_role["user"], by_role["bot"]
     return None
+
+
+def _has_news(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection's socket is readable: the server said something unasked (it is closing)."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
 
 
 def _warn_if_tool_login_is_powerful(conn: psycopg.Connection[Any]) -> None:

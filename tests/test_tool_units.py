@@ -224,8 +224,12 @@ def test_for_llm_never_exceeds_total() -> None:
 def test_for_metadata(data: Any, per_tool: int, expected: Any, was_clipped: bool) -> None:
     got, clipped = for_metadata(data, per_tool)
     assert (got, clipped) == (expected, was_clipped)
-    if not clipped:
-        assert got is data
+
+
+def test_for_metadata_keeps_json_valid() -> None:
+    got, clipped = for_metadata({"r": float("nan"), "m": [float("inf"), 1.5]}, 100)
+    assert not clipped and got == {"r": "nan", "m": ["inf", 1.5]}
+    json.dumps(got, allow_nan=False)  # what jsonb and a JavaScript reader accept
 
 
 def test_summary() -> None:

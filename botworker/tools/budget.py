@@ -8,6 +8,7 @@ redacted before they get here (``dispatch``), so nothing in this module sees a s
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,19 @@ def clip(text: str, max_bytes: int) -> str:
 
 
 def as_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return value if isinstance(value, str) else json.dumps(finite(value), ensure_ascii=False, default=str)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as text: they are not JSON, jsonb refuses them, and a JavaScript reader
+    of the events would fail on them. (Any family's result passes here, plugins' included.)"""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def for_llm(results: Sequence[ToolResult], per_tool: int, total: int) -> list[dict[str, Any]]:
@@ -56,8 +69,22 @@ def for_metadata(data: Any, per_tool: int) -> tuple[Any, bool]:
     """(the data itself if its JSON fits ``per_tool`` bytes, else the clipped JSON text; whether it was clipped)."""
     text = as_text(data)
     if len(text.encode("utf-8")) <= per_tool:
-        return data, False
+        return finite(data), False
     return clip(text, per_tool), True
+
+
+def summaries(results: Sequence[ToolResult], per_tool: int, total: int) -> list[dict[str, Any]]:
+    """The reply's ``metadata.toolCalls``: each result within ``per_tool`` bytes, all of them within ``total``
+    (once it is spent, later results keep their outcome but not their data)."""
+    out, left = [], total
+    for result in results:
+        entry = summary(result, min(per_tool, max(left, _MIN_USEFUL)))
+        size = len(as_text(entry.get("result", entry.get("error"))).encode("utf-8"))
+        if left <= 0 and "result" in entry:
+            entry["result"], entry["resultTruncated"] = LEFT_OUT, True
+        left -= size
+        out.append(entry)
+    return out
 
 
 def summary(result: ToolResult, per_tool: int) -> dict[str, Any]:
@@ -75,5 +102,5 @@ def summary(result: ToolResult, per_tool: int) -> dict[str, Any]:
 def _clip_value(value: Any, max_bytes: int) -> Any:
     text = as_text(value)
     if len(text.encode("utf-8")) <= max_bytes:
-        return value
+        return finite(value)
     return clip(text, max_bytes)

@@ -256,7 +256,10 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, decimal.Decimal):
         if not value.is_finite():
             return str(value)
-        return int(value) if value == value.to_integral_value() and abs(value) < 2**53 else float(value)
+        if value == value.to_integral_value():
+            return int(value) if abs(value) < 2**53 else str(value)  # exact: beyond 2**53 a float would round
+        as_float = float(value)
+        return as_float if math.isfinite(as_float) and abs(value) < 2**53 else str(value)
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
     if isinstance(value, dt.timedelta):

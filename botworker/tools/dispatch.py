@@ -110,8 +110,12 @@ def dispatch(
         log.error("tool %s (%s) raised:\n%s", call.name, call.type, _safe(ctx, traceback.format_exc()))
         data, error, code = None, f"internal error in tool {call.name}: {type(exc).__name__}", errors.TOOL_FAILED
     if ctx.secrets is not None and ctx.secrets.used:
-        data, error = ctx.secrets.redact(data), ctx.secrets.redact(error)
-        call = dataclasses.replace(call, params=ctx.secrets.redact(call.params))
+        try:
+            data, error = ctx.secrets.redact(data), ctx.secrets.redact(error)
+            call = dataclasses.replace(call, params=ctx.secrets.redact(call.params))
+        except RecursionError:  # a result nested too deeply to be checked is not let through
+            data, error, code = None, f"the result of tool {call.name} is nested too deeply", errors.TOOL_FAILED
+            call = dataclasses.replace(call, params={})
     ok = error is None
     return ToolResult(call, ok, data, error, int((time.monotonic() - started) * 1000), max(attempts, 1), code)
 

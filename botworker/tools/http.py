@@ -293,11 +293,12 @@ def _response(resp: requests.Response, method: str, deadline: float, max_bytes: 
     }
     try:
         text = raw.decode(resp.encoding or "utf-8", errors="replace")
-    except LookupError:  # a charset Python does not know: the bytes are still worth showing
+    except (LookupError, UnicodeError):  # a charset Python does not know or cannot apply: still worth showing
         text = raw.decode("utf-8", errors="replace")
     if "json" in resp.headers.get("content-type", "").lower() and not truncated:
         try:
-            out["json"] = json.loads(text)
+            # NaN/Infinity, and numbers past float range, stay text: they are not JSON and jsonb refuses them.
+            out["json"] = json.loads(text, parse_constant=str, parse_float=_finite_float)
         except ValueError:
             out["text"] = text
     else:
@@ -308,6 +309,11 @@ def _response(resp: requests.Response, method: str, deadline: float, max_bytes: 
     if status >= 400:
         raise ToolFailure(f"{method} {_shown(resp.url)} answered {status}: {text[:300]}")
     return out
+
+
+def _finite_float(text: str) -> float | str:
+    value = float(text)
+    return value if math.isfinite(value) else text
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
