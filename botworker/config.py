@@ -188,7 +188,10 @@ SETTINGS: dict[str, Setting] = {
         "TOOL_RESULT_BUDGET", _int(256, 1 << 20), 4000, "bytes of one tool result the LLM sees (and metadata keeps)"
     ),
     "tool_results_budget": Setting(
-        "TOOL_RESULTS_BUDGET", _int(256, 4 << 20), 12000, "bytes of all tool results of a message the LLM sees"
+        "TOOL_RESULTS_BUDGET",
+        _int(256, 4 << 20),
+        12000,
+        "bytes of all tool results of a message the LLM sees (and metadata keeps)",
     ),
     "procs": Setting("WORKER_PROCS", _int(1, 256), 2, "worker processes (flag --procs)"),
     "max_message_bytes": Setting(
