@@ -19,7 +19,6 @@ Prints p50 / p90 / p99 in milliseconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,9 +26,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import psycopg2
 import requests
@@ -46,23 +44,14 @@ from botworker.tools import ToolContext, outbound
 from botworker.tools.dispatch import dispatch
 from botworker.tools.secrets import Secrets
 
-from toolkit import PASSPHRASE, encrypt
+from toolkit import PASSPHRASE, QuietHandler, encrypt
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(QuietHandler):
     wbufsize = -1  # headers and body in one write: no Nagle/delayed-ACK stall of 40 ms per response
 
-    def log_message(self, *args: Any) -> None:
-        pass
-
     def do_GET(self) -> None:
-        body = json.dumps({"ok": True, "path": self.path}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._send(200, {"ok": True, "path": self.path})
 
 
 def main() -> None:

@@ -202,7 +202,7 @@ class Store:
         a tool's values never appear in the statement text that ``pg_stat_activity`` and server logs show, and
         the server itself refuses a second statement. After each use it is rolled back and ``DISCARD ALL``-ed
         (session settings, advisory locks, temporary tables): nothing one call does reaches the next, another
-        user's. psycopg errors pass through untranslated: the tool reports them."""
+        user's. Errors of the tools' own statements pass through untranslated: the tool reports them."""
         conn = self._tool_conn
         if conn is not None and not conn.closed and _has_news(conn):
             # An idle connection with bytes waiting was ended by the server (terminated, idle timeout, failover):

@@ -35,6 +35,9 @@ from botworker.schema import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Helper modules whose asserts are the tests' checks: rewritten like test modules' (detailed failure messages).
+pytest.register_assert_rewrite("attack_kit", "toolkit")
+
 # One sandbox state directory for the whole run (per-run work dirs and bots' files live under it).
 SANDBOX_ROOT = tempfile.mkdtemp(prefix="botworker-sandbox-")
 os.chmod(SANDBOX_ROOT, 0o755)

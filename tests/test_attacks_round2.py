@@ -23,11 +23,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, quote_plus, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg2
 import psycopg2.errors
@@ -36,67 +36,34 @@ import pytest
 import redis
 
 from botworker import errors
-from botworker.config import Config
-from botworker.demo import seed
 from botworker.queue import ERRORS, RESPONSES
 from botworker.tools.outbound import OutboundPolicy
-from botworker.worker import Heartbeat, Worker
+from botworker.worker import Worker
 
-from conftest import Bot, Servers, events, push, query
+from attack_kit import (
+    DENIED,
+    FAILED,
+    INVALID,
+    LOCAL,
+    assert_nowhere,
+    call_of,
+    failed,
+    refused,
+    rows_of,
+    send,
+)
+from conftest import Bot, events, push, query
 from gemini_server import GeminiServer, call, text
-from toolkit import PASSPHRASE, LocalHTTP, add_secret, add_tool, ask, calls_of, start_http
+from toolkit import QuietHandler, add_secret, add_tool, ask, calls_of
 
-DENIED, INVALID, FAILED = errors.TOOL_DENIED, errors.TOOL_INVALID_PARAMS, errors.TOOL_FAILED
+pytest_plugins = ["attack_kit", "gemini_server"]
+
 UNSUPPORTED = errors.TOOL_UNSUPPORTED
-LOCAL = "127.0.0.1/32"  # HTTP_ALLOWED_HOSTS that lets tools reach the local test servers
-GEMINI_KEY = "round2-key-Zq81"
 SECRET = 'r2/s3cr\u00e9t"+ =-0f4a2b9c7d1e'  # needs escaping in JSON, URLs, HTML; has a '/' and a '"'
-ROLE, ROLE_PASSWORD = "botworker_attack_ro", "attack-ro-pw"  # the first sweep's login without grants (kept)
 NEUTRAL = "hello there"  # a message that makes detection run no tool: the model's calls are the only ones
 
 
 # ---- fixtures and helpers -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def gemini() -> Iterator[GeminiServer]:
-    server = GeminiServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def make_worker(make_cfg: Callable[..., Config], r: redis.Redis) -> Iterator[Callable[..., Worker]]:
-    """An in-process worker (one per call) with the platform's encryption key and quick tool retries."""
-    made: list[Worker] = []
-
-    def make(gemini: GeminiServer | None = None, **env: str) -> Worker:
-        if gemini is not None:
-            env = {"GEMINI_KEY": GEMINI_KEY, "GEMINI_BASE_URL": gemini.url, "LLM_MAX_ATTEMPTS": "1", **env}
-        worker = Worker(
-            make_cfg(ENCRYPTION_KEY=PASSPHRASE, TOOL_RETRY_DELAY="0.01", **env), 0, "test-node", Heartbeat()
-        )
-        worker.init_process()
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.sandbox.close()
-        worker.store.close()
-        worker.redis.close()
-
-
-@pytest.fixture
-def web() -> Iterator[LocalHTTP]:
-    yield from start_http()
-
-
-@pytest.fixture
-def other(servers: Servers) -> Bot:
-    """Another platform user with a bot of their own."""
-    user_id, bot_id = seed(servers.database_url, str(uuid.uuid4()), str(uuid.uuid4()))
-    return Bot(user_id, bot_id, str(uuid.uuid5(uuid.UUID(bot_id), "tool")))
 
 
 @pytest.fixture
@@ -107,94 +74,6 @@ def table(db: psycopg2.extensions.connection) -> Iterator[str]:
     query(db, f"INSERT INTO {name} (name, note) VALUES ('alice', 'a'), ('bob', 'b'), ('carol', 'c')")
     yield name
     query(db, f"DROP TABLE IF EXISTS {name}")
-
-
-@pytest.fixture
-def tool_url(db: psycopg2.extensions.connection, servers: Servers) -> str:
-    """DB_TOOL_URL as README recommends: a login granted nothing (cluster-wide, so created once and kept)."""
-    try:
-        query(
-            db,
-            f"DO $$ BEGIN CREATE ROLE {ROLE} LOGIN PASSWORD '{ROLE_PASSWORD}'; "
-            "EXCEPTION WHEN duplicate_object THEN NULL; END $$",
-        )
-    except psycopg2.errors.InsufficientPrivilege:
-        pytest.skip("the test database user cannot create roles")
-    parts = urlsplit(servers.database_url)
-    return parts._replace(netloc=f"{ROLE}:{ROLE_PASSWORD}@{parts.hostname}:{parts.port}").geturl()
-
-
-def rows_of(db: psycopg2.extensions.connection, name: str) -> list[dict[str, Any]]:
-    return query(db, f"SELECT id, name, note FROM {name} ORDER BY id")
-
-
-def call_of(reply: dict[str, Any], name: str) -> dict[str, Any]:
-    found = [c for c in calls_of(reply) if c["tool"] == name]
-    assert len(found) == 1, (name, calls_of(reply))
-    return found[0]
-
-
-def failed(call: dict[str, Any], *codes: str) -> dict[str, Any]:
-    """The call failed with one of ``codes`` and a readable reason."""
-    assert call["ok"] is False, call
-    assert call["code"] in codes, call
-    assert isinstance(call["error"], str) and len(call["error"]) > 10, call
-    return call
-
-
-def refused(reply: dict[str, Any], errs: list[dict[str, Any]], name: str, *codes: str) -> dict[str, Any]:
-    """The call of tool ``name`` failed with one of ``codes``, and the message's one error event says so."""
-    call = failed(call_of(reply, name), *codes)
-    assert [e["code"] for e in errs] == [call["code"]], errs
-    return call
-
-
-def send(r: redis.Redis, worker: Worker, payload: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-    """Push one raw payload through the worker: (response events, error events)."""
-    r.delete(RESPONSES, ERRORS)
-    push(r, payload)
-    assert worker.run_once()
-    return events(r, RESPONSES), events(r, ERRORS)
-
-
-def needles(value: str) -> list[str]:
-    """Every usual form a leaked secret could take in JSON, logs or URLs."""
-    forms = {
-        value,
-        quote(value, safe=""),
-        quote(value),
-        quote_plus(value),
-        json.dumps(value)[1:-1],
-        json.dumps(value, ensure_ascii=False)[1:-1],
-        base64.b64encode(value.encode()).decode(),
-        base64.urlsafe_b64encode(value.encode()).decode(),
-        value.encode().hex(),
-    }
-    return sorted(forms)
-
-
-def strings_in(value: Any) -> Iterator[str]:
-    """Every string inside ``value`` (dict keys included), as it is, not re-serialised."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, bytes):
-        yield value.decode("utf-8", "replace")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield str(key)
-            yield from strings_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from strings_in(item)
-    elif value is not None:
-        yield str(value)
-
-
-def assert_nowhere(value: str, *places: Any) -> None:
-    """No usual form of ``value`` in any string of ``places`` (raw texts, events, rows, Gemini request bodies)."""
-    for text_ in strings_in(places):
-        for needle in needles(value):
-            assert needle not in text_, (needle, text_[:2000])
 
 
 def gemini_saw(gemini: GeminiServer) -> str:
@@ -244,12 +123,7 @@ class Hostile:
         self._bomb: bytes | None = None
         state = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def _serve(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
@@ -333,19 +207,6 @@ class Hostile:
                     self._raw(status, json.dumps({"accepted": int(token)}).encode(), "application/json")
                 else:
                     self._raw(status, token.encode(), "text/plain; charset=utf-8")
-
-            def _raw(self, code: int, data: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", ctype)
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(data)
-                except OSError:
-                    pass
 
             do_GET = do_POST = do_PUT = do_HEAD = _serve
 
@@ -503,7 +364,13 @@ def test_cant_see_a_secret_echoed_before_its_tool_ran(make_worker, r, db, bot, h
 def _wait_active(db: psycopg2.extensions.connection, marker: str) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        rows = query(db, "SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE %s", f"%{marker}%pg_sleep%")
+        # Not this query itself (it holds the same words), and the words in either order (the worker wraps selects).
+        rows = query(
+            db,
+            """SELECT count(*) AS n FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND state = 'active'
+               AND query LIKE %s AND query LIKE '%%pg_sleep%%'""",
+            f"%{marker}%",
+        )
         if rows[0]["n"]:
             return
         time.sleep(0.02)

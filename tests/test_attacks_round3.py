@@ -28,65 +28,21 @@ import psycopg2.extensions
 import pytest
 import redis
 
-from botworker import errors
-from botworker.config import Config
-from botworker.demo import seed
 from botworker.errors import ConfigError
 from botworker.queue import ERRORS, RESPONSES
-from botworker.worker import Heartbeat, Worker
+from botworker.worker import Worker
 
+from attack_kit import DENIED, GEMINI_KEY, INVALID, LOCAL, call_of
 from conftest import Bot, Servers, events, push, query
-from gemini_server import GeminiServer, text
-from toolkit import PASSPHRASE, add_tool, ask, calls_of
+from gemini_server import text
+from toolkit import PASSPHRASE, add_tool, ask
 
-DENIED, INVALID, FAILED = errors.TOOL_DENIED, errors.TOOL_INVALID_PARAMS, errors.TOOL_FAILED
-LOCAL = "127.0.0.1/32"
-GEMINI_KEY = "round3-key-Lp07"
+pytest_plugins = ["attack_kit", "gemini_server"]
+
 NEUTRAL = "hello there"  # detection runs no tool: the model's calls are the only ones
 
 
 # ---- fixtures and helpers -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def gemini() -> Iterator[GeminiServer]:
-    server = GeminiServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def make_worker(make_cfg: Callable[..., Config], r: redis.Redis) -> Iterator[Callable[..., Worker]]:
-    made: list[Worker] = []
-
-    def make(gemini: GeminiServer | None = None, **env: str) -> Worker:
-        if gemini is not None:
-            env = {"GEMINI_KEY": GEMINI_KEY, "GEMINI_BASE_URL": gemini.url, "LLM_MAX_ATTEMPTS": "1", **env}
-        worker = Worker(
-            make_cfg(ENCRYPTION_KEY=PASSPHRASE, TOOL_RETRY_DELAY="0.01", **env), 0, "test-node", Heartbeat()
-        )
-        worker.init_process()
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.sandbox.close()
-        worker.pipeline.http.close()
-        worker.store.close()
-        worker.redis.close()
-
-
-@pytest.fixture
-def other(servers: Servers) -> Bot:
-    user_id, bot_id = seed(servers.database_url, str(uuid.uuid4()), str(uuid.uuid4()))
-    return Bot(user_id, bot_id, str(uuid.uuid5(uuid.UUID(bot_id), "tool")))
-
-
-def call_of(reply: dict[str, Any], name: str) -> dict[str, Any]:
-    found = [c for c in calls_of(reply) if c["tool"] == name]
-    assert len(found) == 1, (name, calls_of(reply))
-    return found[0]
 
 
 def strict_json(raw: str) -> Any:

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg2.extras
 import pytest
 import redis
 
@@ -49,6 +48,7 @@ from gemini_server import (
     slow,
     text,
 )
+from toolkit import add_tool
 
 pytest_plugins = ["gemini_server"]
 
@@ -140,19 +140,6 @@ def ask(r: redis.Redis, worker: Worker, payload: dict[str, Any]) -> tuple[dict[s
     assert worker.run_once()
     [event] = events(r, RESPONSES)
     return event["botResponse"], events(r, ERRORS)
-
-
-def add_tool(db: Any, bot: Bot, name: str, kind: str, config: dict[str, Any]) -> None:
-    query(
-        db,
-        """INSERT INTO bot_tools (name, "displayName", description, type, config, "botId")
-           VALUES (%s, %s, 'test tool', %s, %s, %s)""",
-        name,
-        name,
-        kind,
-        psycopg2.extras.Json(config),
-        bot.bot_id,
-    )
 
 
 def test_text_reply_with_real_token_counts(gemini: GeminiServer, bot: Bot, r: redis.Redis, run_worker) -> None:
@@ -289,7 +276,9 @@ def test_rounds_are_bounded_then_it_answers_without_tools(
 def test_unknown_and_denied_functions_get_error_responses(
     gemini: GeminiServer, bot: Bot, db: Any, r: redis.Redis, run_worker
 ) -> None:
-    add_tool(db, bot, "admin_report", "custom_script", {"script": "result = 1", "roles": ["admin"]})
+    add_tool(
+        db, bot, "admin_report", "custom_script", {"script": "result = 1", "roles": ["admin"]}, display="admin_report"
+    )
     gemini.script(call("no_such_tool", {}, ("admin_report", {})), text("Sorry, I cannot do that."))
     reply, errs = ask(r, run_worker(), bot.message("do the thing"))
     declared = [d["name"] for d in gemini.requests[0].body["tools"][0]["functionDeclarations"]]

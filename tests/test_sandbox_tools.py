@@ -11,17 +11,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg2.extensions
-import psycopg2.extras
 import pytest
 import redis
 
 from botworker import errors
 from botworker.config import Config
-from botworker.queue import ERRORS, RESPONSES
 from botworker.worker import Heartbeat, Worker
 
-from conftest import Bot, events, push, query
+from toolkit import add_tool, ask
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run the sandbox as root (CI does)")
 
@@ -34,28 +31,6 @@ def worker(make_cfg: Callable[..., Config], r: redis.Redis) -> Iterator[Worker]:
     w.sandbox.close()
     w.store.close()
     w.redis.close()
-
-
-def add_tool(db: psycopg2.extensions.connection, bot: Bot, name: str, kind: str, config: dict[str, Any]) -> None:
-    query(
-        db,
-        """INSERT INTO bot_tools (name, "displayName", description, type, config, "botId")
-           VALUES (%s, %s, 'test tool', %s, %s, %s)""",
-        name,
-        name.replace("_", " ").title(),
-        kind,
-        psycopg2.extras.Json(config),
-        bot.bot_id,
-    )
-
-
-def ask(r: redis.Redis, worker: Worker, bot: Bot, text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Send one message through the worker; return the reply row and the error events it caused."""
-    r.delete(RESPONSES, ERRORS)
-    push(r, bot.message(text))
-    assert worker.run_once()
-    [reply] = events(r, RESPONSES)
-    return reply["botResponse"], events(r, ERRORS)
 
 
 def tool_call(reply: dict[str, Any], name: str) -> dict[str, Any]:

@@ -13,7 +13,6 @@ body injection, URL credentials in errors); each test here was an xfail until it
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import gzip
 import json
@@ -23,71 +22,43 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import psycopg2.errors
 import psycopg2.extensions
 import pytest
-import redis
 
 from botworker import errors
-from botworker.config import Config
-from botworker.demo import seed
 from botworker.queue import ERRORS, RESPONSES
-from botworker.worker import Heartbeat, Worker
 
-from conftest import Bot, Servers, events, push, query
-from toolkit import PASSPHRASE, LocalHTTP, add_secret, add_tool, ask, calls_of, start_http, tcp_forwarder
+from attack_kit import (
+    DENIED,
+    FAILED,
+    INVALID,
+    LOCAL,
+    assert_nowhere,
+    call_of,
+    refused,
+    rows_of,
+    send,
+)
+from conftest import Servers, events, push, query
+from toolkit import LocalHTTP, QuietHandler, add_secret, add_tool, ask, calls_of, start_http, tcp_forwarder
 
-DENIED, INVALID, FAILED = errors.TOOL_DENIED, errors.TOOL_INVALID_PARAMS, errors.TOOL_FAILED
-LOCAL = "127.0.0.1/32"  # HTTP_ALLOWED_HOSTS that lets tools reach the local test servers
+pytest_plugins = ["attack_kit"]
+
 # A secret with characters that need escaping in JSON, URLs and headers; the ASCII tail makes prefixes long.
 SECRET = 'p@ss/wörd"+ =-7c1d9e0f4a2b'
-ROLE, ROLE_PASSWORD = "botworker_attack_ro", "attack-ro-pw"  # a login with no grants at all, for DB_TOOL_URL
-
-
 # ---- fixtures and helpers -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def make_worker(make_cfg: Callable[..., Config], r: redis.Redis) -> Iterator[Callable[..., Worker]]:
-    """An in-process worker (one per test) with the platform's encryption key and quick tool retries."""
-    made: list[Worker] = []
-
-    def make(**env: str) -> Worker:
-        worker = Worker(
-            make_cfg(ENCRYPTION_KEY=PASSPHRASE, TOOL_RETRY_DELAY="0.01", **env), 0, "test-node", Heartbeat()
-        )
-        worker.init_process()
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.sandbox.close()
-        worker.store.close()
-        worker.redis.close()
-
-
-@pytest.fixture
-def web() -> Iterator[LocalHTTP]:
-    yield from start_http()
 
 
 @pytest.fixture
 def web2() -> Iterator[LocalHTTP]:
     yield from start_http()
-
-
-@pytest.fixture
-def other(servers: Servers) -> Bot:
-    """Another platform user with a bot of their own."""
-    user_id, bot_id = seed(servers.database_url, str(uuid.uuid4()), str(uuid.uuid4()))
-    return Bot(user_id, bot_id, str(uuid.uuid5(uuid.UUID(bot_id), "tool")))
 
 
 WEIRD = "' OR '1'='1"  # a stored name that is itself an injection string: binding must find exactly this row
@@ -103,88 +74,6 @@ def table(db: psycopg2.extensions.connection) -> Iterator[str]:
     query(db, f"DROP TABLE IF EXISTS {name}")
 
 
-@pytest.fixture
-def tool_url(db: psycopg2.extensions.connection, servers: Servers) -> str:
-    """DB_TOOL_URL: a login without any privilege on the platform's tables (cluster-wide, so created once, kept)."""
-    try:
-        query(
-            db,
-            f"DO $$ BEGIN CREATE ROLE {ROLE} LOGIN PASSWORD '{ROLE_PASSWORD}'; "
-            "EXCEPTION WHEN duplicate_object THEN NULL; END $$",
-        )
-    except psycopg2.errors.InsufficientPrivilege:
-        pytest.skip("the test database user cannot create roles")
-    parts = urlsplit(servers.database_url)
-    return parts._replace(netloc=f"{ROLE}:{ROLE_PASSWORD}@{parts.hostname}:{parts.port}").geturl()
-
-
-def rows_of(db: psycopg2.extensions.connection, name: str) -> list[dict[str, Any]]:
-    return query(db, f"SELECT id, name, note FROM {name} ORDER BY id")
-
-
-def call_of(reply: dict[str, Any], name: str) -> dict[str, Any]:
-    found = [c for c in calls_of(reply) if c["tool"] == name]
-    assert len(found) == 1, (name, calls_of(reply))
-    return found[0]
-
-
-def refused(reply: dict[str, Any], errs: list[dict[str, Any]], name: str, *codes: str) -> dict[str, Any]:
-    """The call of tool ``name`` failed with one of ``codes``, readably, and the message's error event says so."""
-    call = call_of(reply, name)
-    assert call["ok"] is False, call
-    assert call["code"] in codes, call
-    assert isinstance(call["error"], str) and len(call["error"]) > 10, call
-    assert [e["code"] for e in errs] == [call["code"]], errs
-    assert call["error"] in errs[0]["error"]
-    return call
-
-
-def send(r: redis.Redis, worker: Worker, payload: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-    """Push one raw payload through the worker: (response events, error events)."""
-    r.delete(RESPONSES, ERRORS)
-    push(r, payload)
-    assert worker.run_once()
-    return events(r, RESPONSES), events(r, ERRORS)
-
-
-def needles(value: str) -> list[str]:
-    """Every form a leaked secret could take in JSON, logs or URLs."""
-    forms = {
-        value,
-        quote(value, safe=""),
-        quote(value),
-        quote_plus(value),
-        json.dumps(value)[1:-1],
-        json.dumps(value, ensure_ascii=False)[1:-1],
-        base64.b64encode(value.encode()).decode(),
-        base64.urlsafe_b64encode(value.encode()).decode(),
-        value.encode().hex(),
-    }
-    return sorted(forms)
-
-
-def strings_in(value: Any) -> Iterator[str]:
-    """Every string inside ``value`` (dict keys included), as it is, not re-serialised."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield str(key)
-            yield from strings_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from strings_in(item)
-    elif value is not None:
-        yield str(value)
-
-
-def assert_nowhere(value: str, *places: Any) -> None:
-    """No form of ``value`` in any string of ``places`` (raw JSON texts, logs, decoded events, rows)."""
-    for text in strings_in(places):
-        for needle in needles(value):
-            assert needle not in text, (needle, text[:2000])
-
-
 class Evil:
     """A hostile HTTP server on 127.0.0.1: drips, gzip bombs, reflects the Authorization header back."""
 
@@ -193,12 +82,7 @@ class Evil:
         self.bomb = gzip.compress(b"\0" * (20 << 20), compresslevel=9)
         state = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 q = {k: v[0] for k, v in parse_qs(parts.query).items()}
@@ -229,16 +113,6 @@ class Evil:
                         self._raw(status, b"x" * pad + auth.encode() + b"y" * 3000, "text/plain")
                 else:
                     self._raw(404, b"no", "text/plain")
-
-            def _raw(self, code: int, data: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                with contextlib.suppress(OSError):
-                    self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

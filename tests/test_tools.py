@@ -15,12 +15,13 @@ import pytest
 import redis
 
 from botworker import errors
-from botworker.config import Config
 from botworker.queue import ERRORS, RESPONSES
-from botworker.worker import Heartbeat, Worker
+from botworker.worker import Worker
 
 from conftest import Bot, Servers, events, push, query
 from toolkit import PASSPHRASE, LocalHTTP, add_secret, add_tool, ask, calls_of, start_http, tcp_forwarder
+
+pytest_plugins = ["attack_kit"]
 
 ENV = {
     "ENCRYPTION_KEY": PASSPHRASE,
@@ -36,20 +37,9 @@ def http() -> Iterator[LocalHTTP]:
 
 
 @pytest.fixture
-def make_worker(make_cfg: Callable[..., Config], r: redis.Redis) -> Iterator[Callable[..., Worker]]:
-    made: list[Worker] = []
-
-    def make(**env: str) -> Worker:
-        w = Worker(make_cfg(**{**ENV, **env}), 0, "test-node", Heartbeat())
-        w.init_process()
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.sandbox.close()
-        w.store.close()
-        w.redis.close()
+def make_worker(make_worker: Callable[..., Worker]) -> Callable[..., Worker]:
+    """attack_kit's in-process workers, with this file's settings as defaults."""
+    return lambda **env: make_worker(**{**ENV, **env})
 
 
 @pytest.fixture

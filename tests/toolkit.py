@@ -135,13 +135,32 @@ class LocalHTTP:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
-def _handler(state: LocalHTTP) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        wbufsize = -1  # headers and body in one write: no Nagle/delayed-ACK stall of 40 ms per response
+class QuietHandler(BaseHTTPRequestHandler):
+    """Base of the test servers' handlers: HTTP/1.1 keep-alive, no access log, ``_raw`` / ``_send`` answers."""
 
-        def log_message(self, *args: Any) -> None:
-            pass
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, code: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self._raw(code, json.dumps(payload).encode(), "application/json", headers)
+
+    def _raw(self, code: int, data: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
+        with contextlib.suppress(OSError):  # the client may be gone: a timeout is what some tests are about
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+
+def _handler(state: LocalHTTP) -> type[BaseHTTPRequestHandler]:
+    class Handler(QuietHandler):
+        wbufsize = -1  # headers and body in one write: no Nagle/delayed-ACK stall of 40 ms per response
 
         def _serve(self) -> None:
             length = int(self.headers.get("content-length") or 0)
@@ -181,19 +200,6 @@ def _handler(state: LocalHTTP) -> type[BaseHTTPRequestHandler]:
                 self._send(200, {"slow": True})
             else:
                 self._send(404, {"error": "no such route"})
-
-        def _send(self, code: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-            self._raw(code, json.dumps(payload).encode(), "application/json", headers)
-
-        def _raw(self, code: int, data: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve
 

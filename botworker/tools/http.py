@@ -81,7 +81,13 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
             raise ToolFailure("the secret's value cannot be sent in a header (it is not Latin-1 text)") from None
         headers[secret_header] = value
     timeout = _timeout(config.get("timeout"), ctx)
-    return _send(ctx, method, url, headers, body, timeout, secret_header)
+    with outbound.Deadline(timeout) as guard:
+        try:
+            return _send(ctx, method, url, headers, body, timeout, secret_header)
+        except ToolFailure:
+            if guard.expired:  # a read cut short by the deadline surfaces as whatever error the cut caused
+                raise ToolFailure(f"{method} {_shown(url)} timed out after {timeout:g}s", transient=True) from None
+            raise
 
 
 def fill_url(template: Any, values: Mapping[str, Any]) -> str:
@@ -203,25 +209,7 @@ def _send(
     timeout: float,
     secret_header: str | None,
 ) -> dict[str, Any]:
-    assert ctx.http is not None
-    with outbound.Deadline(timeout) as guard:
-        try:
-            return _follow(ctx, method, url, headers, body, timeout, secret_header)
-        except ToolFailure:
-            if guard.expired:  # a read cut short by the deadline surfaces as whatever error the cut caused
-                raise ToolFailure(f"{method} {_shown(url)} timed out after {timeout:g}s", transient=True) from None
-            raise
-
-
-def _follow(
-    ctx: ToolContext,
-    method: str,
-    url: str,
-    headers: dict[str, str],
-    body: bytes | None,
-    timeout: float,
-    secret_header: str | None,
-) -> dict[str, Any]:
+    """One request and its redirects (each hop through the policy), then its response, within ``timeout``."""
     assert ctx.http is not None
     deadline = time.monotonic() + timeout
     origin = _origin(url)
@@ -297,8 +285,7 @@ def _response(resp: requests.Response, method: str, deadline: float, max_bytes: 
         text = raw.decode("utf-8", errors="replace")
     if "json" in resp.headers.get("content-type", "").lower() and not truncated:
         try:
-            # NaN/Infinity, and numbers past float range, stay text: they are not JSON and jsonb refuses them.
-            out["json"] = json.loads(text, parse_constant=str, parse_float=_finite_float)
+            out["json"] = json.loads(text)  # NaN/Infinity it may hold become text in budget.finite, for every family
         except ValueError:
             out["text"] = text
     else:
@@ -309,11 +296,6 @@ def _response(resp: requests.Response, method: str, deadline: float, max_bytes: 
     if status >= 400:
         raise ToolFailure(f"{method} {_shown(resp.url)} answered {status}: {text[:300]}")
     return out
-
-
-def _finite_float(text: str) -> float | str:
-    value = float(text)
-    return value if math.isfinite(value) else text
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
