@@ -1,4 +1,5 @@
-"""The command line: ``botworker [run|migrate|status|send|demo]``; maps failures to the exit codes of errors.py."""
+"""The command line: ``botworker [run|migrate|status|send|demo|sandbox-check]``; maps failures to the exit codes of
+errors.py."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("text")
     demo = sub.add_parser("demo", parents=[common], help="private servers + demo bot + fleet + a short conversation")
     demo.add_argument("--procs", type=int, default=2)
+    check = sub.add_parser(
+        "sandbox-check",
+        parents=[common],
+        help="try every sandbox layer from inside real runs, as worker 0 would; exit 1 if a required one is missing",
+    )
+    check.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -79,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(cfg, args.json)
         if command == "send":
             return _send(cfg, args)
+        if command == "sandbox-check":
+            from sandbox import check
+
+            argv = ["--root", cfg.sandbox_root, "--uid", str(cfg.sandbox_uid), "--gid", str(cfg.sandbox_gid)]
+            argv += ["--allow-weak"] * cfg.sandbox_allow_weak + ["--json"] * args.json
+            return errors.EXIT_OK if check.main(argv) == 0 else errors.EXIT_SANDBOX_MISSING
         if command == "demo":
             from .demo import run_demo
 

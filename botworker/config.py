@@ -233,7 +233,7 @@ SETTINGS: dict[str, Setting] = {
         "REDIS_TIMEOUT", _float(0.5, 300), 5.0, "Redis socket timeout (s), on top of the BLMOVE wait"
     ),
     "sandbox_root": Setting(
-        "SANDBOX_ROOT", _str, "/var/lib/botworker/sandbox", "sandbox state: per-run work dirs and each bot's files"
+        "SANDBOX_ROOT", _str, "/var/lib/botworker/sandbox", "sandbox state: each bot's files (and weak-mode work dirs)"
     ),
     "sandbox_uid": Setting(
         "SANDBOX_UID",

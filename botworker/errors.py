@@ -24,6 +24,7 @@ EXIT_CONFIG = 3  # invalid configuration value: the message names the variable
 EXIT_BOOT = 4  # workers could not boot: Redis or PostgreSQL unreachable past BOOT_TIMEOUT
 EXIT_NO_WORKERS = 5  # `status`: no live worker fleet
 EXIT_SEND_FAILED = 6  # `send`: the message ended in a bot_errors event, or no answer before the timeout
+EXIT_SANDBOX_MISSING = 7  # `sandbox-check`: a required sandbox layer does not hold here, or no sandbox could start
 EXIT_WORKER_BOOT = 3  # a worker process's own exit code when it cannot boot (seen only by the supervisor)
 
 # Machine-readable `code` values of bot_errors events (documented in the README).

@@ -152,14 +152,14 @@ class Supervisor:
             hello = {"ok": False, "error": str(exc), "layers": {}, "weak": False}
         finally:
             client.close()
-        self.sandbox = {k: hello.get(k) for k in ("ok", "layers", "weak", "error")}
+        self.sandbox = {k: hello.get(k) for k in ("ok", "layers", "weak", "error", "cgroup")}
         layers = ", ".join(f"{name} {'yes' if on else 'NO'}" for name, on in (hello.get("layers") or {}).items())
         if not hello.get("ok"):
             log.error("sandbox unavailable: shell, script and file tools will fail: %s", hello.get("error"))
         elif hello.get("weak"):
             log.warning("SANDBOX IN WEAK MODE (SANDBOX_ALLOW_WEAK): not for production: %s", layers)
         else:
-            log.info("sandbox ready: %s", layers)
+            log.info("sandbox ready (cgroup %s): %s", hello.get("cgroup"), layers)
 
     def _install_signals(self) -> None:
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

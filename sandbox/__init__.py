@@ -1,15 +1,22 @@
 """The sandbox: runs bots' shell commands, custom Python scripts and file operations in confined processes.
 
 Self-contained: standard library + RestrictedPython; imports nothing from ``botworker``. Start reading at
-``policy.py`` (every allowlist and limit, as data), then ``jail.py`` (how one run is confined).
+``policy.py`` (every allowlist, option and limit, as data), then ``jail.py`` (how one run is confined) and
+``cgroup.py`` (how a run's process tree is held as a whole). ``python -m sandbox check`` (or ``botworker
+sandbox-check``) tries every layer below from inside real runs on the machine it is run on.
 
 Threat model
 ------------
-The attacker writes the tool: the script source, the command's parameters, the file paths and contents, and may
-have broken every policy check written in Python. They want to: read the worker's secrets (environment, memory,
-files such as ``.env``), read or write host files, reach the network (including cloud metadata), run other
-programs, keep processes running after the run, exhaust the machine (CPU, memory, processes, disk, output), or
-take the worker down. The kernel is trusted; so is the worker that sends the requests.
+The attacker writes the tool: the script source, the command line and its parameters (so do end users and the
+LLM, through parameter values), the file paths and contents, and may have broken every policy check written in
+Python. They want to: read the worker's secrets (environment, memory, files such as ``.env``), read or write host
+files, reach the network (including cloud metadata), run other programs, keep processes running after the run,
+exhaust the machine (CPU, memory, processes, disk, output), or take the worker down. The kernel is trusted; so is
+the worker that sends the requests.
+
+Modes. Production runs the sandbox unprivileged (the systemd unit's ``User=botworker``): each run gets a user
+namespace of its own, where it is uid 0 with no capability. Started as root, each worker's runs get a host uid of
+their own instead. Both modes build the same jail and pass the same test suite (CI runs it twice).
 
 Layers (each stops the attack on its own; together they are the boundary)
 -----------------------------------------------------------------------------
@@ -17,21 +24,31 @@ Layers (each stops the attack on its own; together they are the boundary)
 process boundary            The worker execs ``python -I`` with an environment built from nothing and no
                             inherited descriptors (``client.py``): the sandbox never holds a worker secret.
                             It never runs untrusted code itself; it forks one fresh process tree per request.
+                            It is non-dumpable: not even the worker's uid can read its memory or environment.
+cgroup (per run)            Every run's whole process tree is in a cgroup of its own (``cgroup.py``, v2 or
+                            v1): memory (no swap; its tmpfs pages count), processes and CPU rate are held for
+                            the tree as a whole, the sandbox kills it at its CPU-time budget, and a kill at
+                            the deadline reaches every member. Required: no cgroup, no runs.
 namespaces                  Each run gets new mount, PID, network, IPC and UTS namespaces (plus a user
                             namespace when the sandbox is not root): no network interface but a downed
                             loopback, no view of host processes, its own hostname.
-private root                A tmpfs root holding ``/usr`` (read-only bind), ``/etc`` with four synthetic files,
-                            four device nodes, a fresh ``/work`` per run, the bot's ``/files`` and a small
-                            ``/tmp``; ``pivot_root`` into it and the host's root is detached. Writable mounts
-                            are ``nosuid,nodev,noexec``.
+private root                A tmpfs root holding ``/usr`` (read-only bind), ``/etc`` with five synthetic
+                            files, four device nodes, a ``/work`` and a ``/tmp`` that are tmpfs of capped size
+                            and inode count of their own, and the bot's ``/files`` (writable in file
+                            operations only; read-only in shell runs; absent in script runs); ``pivot_root``
+                            into it and the host's root is detached. Writable mounts are ``nosuid,nodev,noexec``.
 unprivileged identity       As root, the runner switches to a uid/gid of its own (per worker) with no
                             supplementary groups; when the sandbox is not root, uid 0 of the run's own user
-                            namespace with every capability set emptied and securebits locked.
-no-new-privs                Set before the job starts: no set-uid gain, required by seccomp.
-rlimits                     CPU seconds, address space, processes, file size, open files, core 0; soft = hard.
-Landlock                    (where the kernel has it) execute/read ``/usr``, read ``/etc``, write only under
-                            ``/work``, ``/files``, ``/tmp``; no TCP bind/connect; signals and abstract unix
-                            sockets scoped to the run.
+                            namespace. Either way the bounding and ambient sets are emptied and securebits
+                            locked first, then every other capability set.
+no-new-privs                Set before the job starts: no set-uid gain, required by seccomp and Landlock.
+rlimits                     Per process, on top of the run's cgroup: CPU seconds, address space, processes,
+                            file size, open files, core 0; soft = hard.
+Landlock                    (where the kernel has it) read ``/usr`` and ``/etc``, write only the run's scratch
+                            space (and ``/files`` in file operations), **execute only the shell run's one
+                            program and its ELF interpreter** (nothing in script and file runs); no TCP
+                            bind/connect; signals and abstract unix sockets scoped to the run. Also applied in
+                            weak mode, on host paths.
 seccomp                     Kills foreign-architecture and x32 calls; EPERM for ptrace, mount, namespaces,
                             bpf, keyctl, userfaultfd, io_uring, perf, module and clock calls...; sockets other
                             than AF_UNIX; clone with namespace flags (``seccomp.py`` draws the filter).
@@ -39,29 +56,49 @@ wall clock                  The sandbox kills the run's PID-namespace init at th
                             kills every process of the run, including ones that called setsid or forked twice.
 output caps                 stdout/stderr/result are read up to their caps; the rest is dropped.
 RestrictedPython            Custom scripts also pass a policy layer (``script.py``): no underscore names, no
-                            real modules (only proxies listing allowed functions), guarded attribute access,
-                            iteration and writes. It is not the boundary: the layers above are.
-shell without a shell       Commands become an argv of an allowlisted program at a fixed path; parameters fill
-                            single argv elements; environment fixed; stdin /dev/null (``shell.py``).
+                            real modules (only proxies listing allowed functions), no class whose Python
+                            methods take any ``self``, guarded attribute access, iteration and writes. It is
+                            not the boundary: the layers above are.
+shell without a shell       Commands become an argv of an allowlisted program at a fixed path, read the way the
+                            program reads it: only the options ``policy.py`` lists for that program (long ones
+                            in full), parameters as operands or option arguments only, ``--`` before the
+                            operands; environment fixed; stdin /dev/null (``shell.py``).
 files without symlinks      File operations walk paths one component at a time with ``O_NOFOLLOW`` from the
-                            bot's directory; ``..`` and NUL are refused (``files.py``).
+                            bot's directory; ``..`` and NUL are refused; only regular files, opened
+                            non-blocking; every write checked against the bot's quota (``files.py``).
 ==========================  =================================================================================
 
 Limits (defaults; a request may lower them, never raise them past ``policy.MAX_LIMITS``): see
-``policy.DEFAULT_LIMITS``: 5 s wall, 2 s CPU, 256 MiB memory, 16 processes, 8 MiB files, 64 open files,
-64 KiB output per stream, 16 MiB /tmp.
+``policy.DEFAULT_LIMITS``. Per run, as a whole: 5 s wall, 2 s CPU (and at most one core at a time), 256 MiB
+memory, 16 processes, 16 MiB ``/work`` and 16 MiB ``/tmp`` (4096 inodes each). Per process: 8 MiB per file written,
+64 open files, and the same CPU, memory and process numbers as rlimits. Per stream: 64 KiB of output. Per bot:
+64 MiB and 10,000 entries in ``/files``. The CPU budget is checked by the sandbox every few milliseconds as it
+runs out: a run may overrun it by a few milliseconds of CPU before it is killed.
 
 What is not defended
 --------------------
-- Kernel bugs (namespaces and seccomp shrink the attack surface; they do not remove it).
-- Disk use of ``/files`` as a whole (each file is capped, the directory is not): use a filesystem quota.
-- Timing side channels and CPU contention between runs on the same machine.
+- Kernel bugs (namespaces, seccomp and Landlock shrink the attack surface; they do not remove it).
+- A secret given to a shell command can come back in its output transformed (reversed, encoded, cut up): the
+  worker redacts only the encodings it lists (``botworker/tools/secrets.py``). A run that holds a secret has no
+  writable ``/files`` (no shell run has), so it cannot keep the secret for a later read.
+- A program compromised by its input (a memory-corruption bug in an allowlisted program) runs native code inside
+  the jail, as a broken RestrictedPython would: the OS layers above hold it. Landlock lets it execute only its own
+  program and the ELF interpreter, which can still load other programs from ``/usr``: once native code runs, that
+  gives nothing the layers do not already contain.
+- Timing side channels and CPU contention between runs on the same machine (the CPU rate cap bounds a run to one
+  core).
 - Tool side effects when a message is retried after a crash: a run is not transactional.
-- ``SANDBOX_ALLOW_WEAK`` (development only): without namespaces a run still has uid, no-new-privs, rlimits and
-  seccomp, but sees the host's file system as its uid may, and background processes can outlive the deadline.
+- Concurrent writes of one bot may overshoot its ``/files`` quota by one file each (each write checks the quota on
+  its own).
+- ``SANDBOX_ALLOW_WEAK`` (development only): without namespaces a run still has its cgroup (where the machine has
+  one), uid, no-new-privs, rlimits, seccomp and, where the kernel has it, Landlock on host paths (the run's own
+  work directory and bot directory; ``/usr`` to read). It loses the private root (without Landlock it sees the
+  host as its uid may, so file operations are refused then), the tmpfs caps of ``/work`` and ``/tmp`` (its work
+  directory is on the host disk), the PID and network namespaces (seccomp still refuses network sockets), and
+  without a cgroup, background processes can outlive the deadline.
 
 Required layers: ``policy.REQUIRED_LAYERS``. The sandbox probes them at start-up with a real confined run and
 refuses every request when one is missing, unless started with ``--allow-weak``.
 
-Running the attack tests: ``./dev test tests/sandbox`` (``test_cant_*`` names one technique each).
+Running the attack tests: ``./dev test tests/sandbox`` (``test_cant_*`` names one technique each; both modes).
 """

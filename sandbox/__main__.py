@@ -1,23 +1,28 @@
 """The sandbox process: confine itself once, probe the confinement layers, then serve requests from its pipes.
 
     python -I -m sandbox --root DIR --uid UID --gid GID [--allow-weak] [--parent-pid PID]
+    python -m sandbox check [--root DIR] [--uid UID] [--gid GID] [--allow-weak] [--json]     (see check.py)
 
 stdin and stdout carry protocol frames (see protocol.py); stderr is for log lines. The first frame it writes is
-``{"type": "hello", "ok", "layers", "weak", "error"}``. Then, per request frame::
+``{"type": "hello", "ok", "layers", "weak", "error", "cgroup"}``. Then, per request frame::
 
     {"id", "kind": "script", "source", "params", "limits"?}
     {"id", "kind": "shell", "command", "params", "secret_env"?, "cwd"?, "limits"?, "scope"?}
     {"id", "kind": "file", "op", "path", "content"?, "scope", "limits"?}
     {"id", "kind": "ping"}
+    {"id", "kind": "check"}                   every layer tried from inside real runs (check.py)
 
 one response frame ``{"id", "ok", "error"?, "result"?, "stdout"?, "stderr"?, "exit_code"?, "killed"?,
-"truncated"?, "duration_ms"?}``. Each run gets a fresh directory under ``ROOT/runs`` (deleted afterwards) and, when
-it names a ``scope`` (the bot's id), ``ROOT/files/<scope>`` as ``/files``.
+"truncated"?, "duration_ms"?, "cpu_ms"?}`` (``killed``: "wall_time", "cpu_time" or "memory"). A run that names a
+``scope`` (the bot's id) gets ``ROOT/files/<scope>`` as ``/files``: writable in file operations, read-only in shell
+runs, not at all in scripts. Nothing else of a run lives on the host (``/work`` and ``/tmp`` are tmpfs), except in
+weak mode, whose work directories under ``ROOT/runs`` are removed in the background (and swept at start-up).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -34,7 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import files, jail, policy, script, seccomp, shell
+from . import cgroup, check, files, jail, policy, script, seccomp, shell
 from .protocol import ProtocolError, read_frame, write_frame
 
 _SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -53,18 +58,29 @@ class Server:
         self.weak = False
         self.layers: dict[str, Any] = {}
         self.unavailable: str | None = None
+        self.groups: cgroup.RunGroups | None = None
+        self.cgroup_error: str | None = None
+        self._cleaners: list[int] = []  # background processes removing stale directories
 
     # ---- start-up --------------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Directories, pre-imports (nothing may load lazily inside a jail), then the probe."""
+        """Directories, pre-imports (nothing may load lazily inside a jail), run cgroups, then the probe."""
         if self.uid == 0 or self.gid == 0:
             raise SystemExit("sandbox: --uid and --gid must not be 0")
         for sub, mode in (("jail", 0o755), ("runs", 0o711), ("files", 0o711)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
             (self.root / sub).chmod(mode)
+        self._sweep_runs()
         script.warm_up()
         seccomp.prepare()  # assembled once here, inherited by every run
+        for program in policy.SHELL_PROGRAMS.values():
+            with contextlib.suppress(OSError):  # a program missing here is refused when a command names it
+                shell.executables(program.path)
+        try:
+            self.groups = cgroup.RunGroups.create()
+        except cgroup.CgroupUnavailable as exc:
+            self.cgroup_error = str(exc)
         self.probe()
 
     def probe(self) -> None:
@@ -73,7 +89,7 @@ class Server:
             if weak and not self.allow_weak:
                 break
             self.weak = weak
-            out = self._run(_probe_job, None, dict(policy.DEFAULT_LIMITS))
+            out = self._run(_probe_job, dict(policy.DEFAULT_LIMITS))
             try:
                 seen = json.loads(out.result)
             except ValueError:
@@ -88,6 +104,7 @@ class Server:
                 "no_new_privs": seen["nnp"] == 1,
                 "rlimits": seen["nproc"] == policy.DEFAULT_LIMITS["processes"],
                 "seccomp": seen["seccomp"] == 2,
+                "cgroup": bool(out.cpu_ms),  # the run's CPU time was seen in its group
                 "network": seen["inet"] != "ok",
                 "landlock": seen["landlock"],
             }
@@ -95,23 +112,29 @@ class Server:
             if not missing or weak:
                 self.unavailable = None
                 return
-            self.unavailable = f"confinement layers missing: {', '.join(missing)}"
+            reasons = {"cgroup": self.cgroup_error}
+            self.unavailable = "confinement layers missing: " + ", ".join(
+                f"{name} ({reasons[name]})" if reasons.get(name) else name for name in missing
+            )
         self.weak = False
 
     def hello(self) -> dict[str, Any]:
         return {"type": "hello", "ok": self.unavailable is None, "layers": self.layers, "weak": self.weak,
-                "error": self.unavailable}  # fmt: skip
+                "error": self.unavailable, "cgroup": self.groups.version if self.groups else self.cgroup_error}  # fmt: skip
 
     # ---- requests ------------------------------------------------------------------------------------------
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         rid = req.get("id")
+        self._reap_cleaners()
         try:
             kind = req.get("kind")
             if not isinstance(kind, str):
                 raise Refused("`kind` must be a string")
             if kind == "ping":
                 return {"id": rid, "ok": True, **self.hello()}
+            if kind == "check":
+                return {"id": rid, **check.run_battery(self)}
             if self.unavailable:
                 raise Refused(f"sandbox unavailable: {self.unavailable}")
             limits = _limits(req.get("limits"))
@@ -133,7 +156,8 @@ class Server:
         source, params = req.get("source"), req.get("params") or {}
         if not isinstance(source, str) or not isinstance(params, dict):
             raise Refused("script needs `source` (string) and `params` (object)")
-        out = self._run(_script_job(source, params, int(limits["output_bytes"])), scope, limits)
+        # No /files and nothing to execute: a script reads its params and returns its result, nothing more.
+        out = self._run(_script_job(source, params, int(limits["output_bytes"])), limits)
         reply = _parse_result(out)
         if reply is None:
             return {"ok": False, "error": _death(out, "script"), **_meta(out)}
@@ -147,7 +171,14 @@ class Server:
         path, argv = shell.build_argv(req.get("command"), params)
         env = shell.build_env(secret)
         cwd = _cwd(req.get("cwd"), scope)
-        out = self._run(shell.exec_job(path, argv, env, None if self.weak else cwd), scope, limits)
+        try:
+            execute = shell.executables(path)
+        except OSError as exc:
+            raise Refused(f"program {argv[0]!r} cannot run on this machine: {exc}") from None
+        job = shell.exec_job(path, argv, env, None if self.weak else cwd)
+        # /files is read-only here: a command cannot fill the bot's quota, nor stash what it was given (a secret)
+        # for a later read.
+        out = self._run(job, limits, scope, execute=execute)
         ok = out.exit_code == 0 and out.killed is None
         reply: dict[str, Any] = {"ok": ok, "stdout": out.stdout.decode("utf-8", "replace"),
                                  "stderr": out.stderr.decode("utf-8", "replace")}  # fmt: skip
@@ -158,33 +189,83 @@ class Server:
     def _file(self, req: dict[str, Any], limits: dict[str, Any], scope: str | None) -> dict[str, Any]:
         if scope is None:
             raise Refused("file operations need a scope")
+        if self.weak and not self.layers.get("landlock"):
+            raise Refused("file operations are off in weak mode without Landlock (runs could reach other bots' files)")
         op, path, content = req.get("op"), req.get("path"), req.get("content")
         files.check_request(op, path, content)
         base = str(self.root / "files" / scope) if self.weak else policy.FILES_DIR
-        out = self._run(files.file_job(base, op, path, content), scope, limits)
+        out = self._run(files.file_job(base, op, path, content), limits, scope, files_writable=op == "write")
         reply = _parse_result(out)
         if reply is None:
             return {"ok": False, "error": _death(out, "file operation"), **_meta(out)}
         return {**reply, **_meta(out)}
 
-    def _run(self, job: jail.Job, scope: str | None, limits: dict[str, Any]) -> jail.Outcome:
-        work = self.root / "runs" / uuid.uuid4().hex
-        work.mkdir(mode=0o700)
+    def _run(
+        self,
+        job: jail.Job,
+        limits: dict[str, Any],
+        scope: str | None = None,
+        files_writable: bool = False,
+        execute: tuple[str, ...] = (),
+    ) -> jail.Outcome:
         as_root = os.geteuid() == 0  # unprivileged: runs keep our uid (inside a user namespace), no chown needed
-        if as_root:
-            os.chown(work, self.uid, self.gid)
+        work = None
+        if self.weak:  # no private /work tmpfs without namespaces: a host directory, removed after the run
+            work = self.root / "runs" / f"{os.getpid()}-{uuid.uuid4().hex}"
+            work.mkdir(mode=0o700)
+            if as_root:
+                os.chown(work, self.uid, self.gid)
         files_dir = None
-        if scope:
+        if scope and not (self.weak and not self.layers.get("landlock")):
             files_dir = self.root / "files" / scope
             if not files_dir.exists():
                 files_dir.mkdir(mode=0o770)
                 if as_root:
                     os.chown(files_dir, 0, self.gid)
                 files_dir.chmod(0o2770)  # setgid: files stay in the sandbox group whoever writes them
+        paths = jail.Paths(self.root / "jail", work, files_dir, files_writable, execute)
+        slot = self.groups.acquire() if self.groups else None
         try:
-            return jail.run(job, jail.Paths(self.root / "jail", work, files_dir), self.uid, self.gid, limits, self.weak)
+            return jail.run(job, paths, self.uid, self.gid, limits, self.weak, group=slot)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            # Clean-up comes after the outcome was measured: it never counts against the run's deadline.
+            if slot is not None and self.groups is not None:
+                self.groups.release(slot)
+            if work is not None:
+                self._remove_later([work])
+
+    # ---- clean-up ------------------------------------------------------------------------------------------
+
+    def _sweep_runs(self) -> None:
+        """Work directories of weak runs whose sandbox process is gone (killed before it could remove them)."""
+        stale = []
+        for entry in (self.root / "runs").iterdir():
+            pid = entry.name.split("-", 1)[0]
+            if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+                stale.append(entry)
+        if stale:
+            self._remove_later(stale)
+
+    def _remove_later(self, paths: list[Path]) -> None:
+        """Delete in a child process, so that a run that made a million files delays nothing."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                devnull = os.open("/dev/null", os.O_RDWR)
+                os.dup2(devnull, 0)
+                os.dup2(devnull, 1)
+                for path in paths:
+                    _remove_tree(path)
+            finally:
+                os._exit(0)
+        self._cleaners.append(pid)
+
+    def _reap_cleaners(self) -> None:
+        self._cleaners = [pid for pid in self._cleaners if os.waitpid(pid, os.WNOHANG) == (0, 0)]
+
+    def close(self) -> None:
+        if self.groups is not None:
+            self.groups.close()
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -233,9 +314,10 @@ def _parse_result(out: jail.Outcome) -> dict[str, Any] | None:
 def _meta(out: jail.Outcome) -> dict[str, Any]:
     return {
         "exit_code": out.exit_code,
-        "killed": out.killed,
+        "killed": out.killed or ("memory" if out.oom_kills and out.exit_code == 128 + signal.SIGKILL else None),
         "truncated": out.truncated,
         "duration_ms": out.duration_ms,
+        "cpu_ms": out.cpu_ms,
     }
 
 
@@ -243,6 +325,10 @@ def _death(out: jail.Outcome, what: str) -> str:
     """Why a run produced no result, in words."""
     if out.killed == "wall_time":
         return f"{what} killed: wall-clock time limit"
+    if out.killed == "cpu_time":
+        return f"{what} killed: CPU time limit of the run"
+    if out.oom_kills and out.exit_code == 128 + signal.SIGKILL:
+        return f"{what} killed: memory limit of the run"
     if out.exit_code == 128 + signal.SIGKILL:
         return f"{what} killed (CPU time, memory or process limit)"
     if out.exit_code == jail.EXIT_SETUP_FAILED:
@@ -251,6 +337,28 @@ def _death(out: jail.Outcome, what: str) -> str:
     if out.exit_code and out.exit_code > 128:
         return f"{what} killed by signal {out.exit_code - 128}"
     return f"{what} exited with status {out.exit_code}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree that also gets through directories a run made unreadable (a weak run owns its work directory)."""
+
+    def retry(function: Any, name: str, _: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(name), 0o700)
+            os.chmod(name, 0o700)
+            function(name)
+
+    shutil.rmtree(path, onerror=retry)
 
 
 def _probe_job(result_fd: int) -> None:
@@ -296,6 +404,9 @@ def _script_job(source: str, params: dict[str, Any], max_output: int) -> jail.Jo
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        return check.main(argv[1:])
     parser = argparse.ArgumentParser(prog="sandbox")
     parser.add_argument("--root", required=True, type=Path)
     parser.add_argument("--uid", required=True, type=int)
@@ -321,13 +432,22 @@ def main(argv: list[str] | None = None) -> int:
     if server.weak:
         print("sandbox: WEAK MODE (development flag): no namespaces, no private root", file=sys.stderr)
     write_frame(1, server.hello())
+    try:
+        serve(server)
+    finally:
+        server.close()
+    return 0
+
+
+def serve(server: Server) -> None:
+    """Answer request frames until the worker closes the pipe (or sends garbage)."""
     while True:
         try:
             request = read_frame(0)
         except ProtocolError as exc:
             if "before a frame" not in str(exc):
                 print(f"sandbox: bad request frame, closing: {exc}", file=sys.stderr)
-            return 0
+            return
         reply = server.handle(request)
         try:
             write_frame(1, reply)

@@ -1,23 +1,28 @@
-"""One confined run: fork a fresh process tree in new namespaces, build a minimal root, drop everything, run.
+"""One confined run: fork a fresh process tree in its own cgroup and new namespaces, build a minimal root, drop
+everything, run.
 
 Process tree of one run (the sandbox process never runs untrusted code itself)::
 
-    sandbox process ── fork ──▶ keeper: setsid, unshare(NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS), reports init's pid,
-                                │       waits for it and exits with its status
+    sandbox process ── fork ──▶ keeper: joins the run's cgroup, setsid, unshare(NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS),
+                                │       reports init's pid, waits for it and exits with its status
                                 └─ fork ──▶ init (pid 1 of the new PID namespace): builds the jail's root,
                                             pivot_root, then reaps; when the runner exits, init exits and the
                                             kernel kills every process left in the namespace
-                                            └─ fork ──▶ runner (pid 2): rlimits, setgroups/setgid/setuid to the
-                                                        jail uid, no-new-privs, Landlock, seccomp, then the job
+                                            └─ fork ──▶ runner (pid 2): rlimits, capabilities and identity,
+                                                        no-new-privs, Landlock, seccomp, then the job
 
-The sandbox process kills init and the keeper's process group (SIGKILL) at the wall-clock deadline: that takes the
-whole namespace down, including children that called setsid or double-forked. Stdout and stderr of the runner
+Every process of the run, and everything it forks, is in the run's cgroup (cgroup.py): memory, processes and CPU
+are held for the tree as a whole. The sandbox process watches the wall clock and the group's CPU time; at either
+budget it kills init and the keeper's process group (SIGKILL), which takes the whole namespace down, including
+children that called setsid or forked twice, and then every member of the group. Stdout and stderr of the runner
 come back on pipes, capped; a script's or file operation's result comes back as JSON on a third pipe. When the
 sandbox process is not root, the keeper also unshares a user namespace (our uid becomes 0 inside, with every
-capability dropped in the runner); Linux calls are wrapped in linux.py.
+capability dropped in the runner); Linux calls are wrapped in linux.py. Each child process ends in ``os._exit``
+whatever happens in it: nothing ever unwinds back into the sandbox's own code in a forked child.
 
 ``weak=True`` (the development flag) skips the namespaces and the new root: the runner is forked directly and
-confined with uid, no-new-privs, rlimits and seccomp only, in its work directory. Never for production.
+confined with its cgroup (when the machine has one), uid, no-new-privs, rlimits, seccomp and Landlock (when the
+kernel has it, on host paths), in its work directory. Never for production.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import landlock, seccomp
+from .cgroup import Slot
 from .linux import (
     CLONE_NEWUSER,
     LIBC,
@@ -52,14 +58,26 @@ from .linux import (
     PR_SET_PDEATHSIG,
     JailError,
     check,
+    clear_capabilities,
     close_all_but,
-    drop_capabilities,
     effective_capabilities,
+    lock_capabilities,
     mount,
     pivot_root,
     prctl,
 )
-from .policy import DEVICES, ETC_FILES, FILES_DIR, HIDDEN_PATHS, HOSTNAME, READ_ONLY_BINDS, SYMLINKS, WORK_DIR
+from .policy import (
+    DEVICES,
+    ETC_FILES,
+    FILES_DIR,
+    HIDDEN_PATHS,
+    HOSTNAME,
+    READ_ONLY_BINDS,
+    RUN_CPU_CORES,
+    SYMLINKS,
+    TMPFS_INODES,
+    WORK_DIR,
+)
 
 EXIT_SETUP_FAILED = 125  # the jail could not be built; the reason is on the runner's stderr
 MAX_RESULT_BYTES = 1 << 20  # a script's or file operation's JSON result; more is dropped (and then not JSON)
@@ -68,11 +86,13 @@ Job = Callable[[int], None]  # runs inside the jail with the result pipe's fd; r
 
 @dataclass(frozen=True)
 class Paths:
-    """Host directories of one run."""
+    """What one run gets of the host: its root's mount point, the bot's files, and (weak mode only) a work dir."""
 
     root: Path  # an empty directory, the mount point of the jail's root tmpfs
-    work: Path  # this run's writable work directory (mounted at /work)
-    files: Path | None  # the bot's file directory (mounted at /files), if any
+    work: Path | None = None  # weak mode: the run's work directory on the host (else /work is a tmpfs of its own)
+    files: Path | None = None  # the bot's file directory (mounted at /files), if any
+    files_writable: bool = False  # only file operations write /files
+    execute: tuple[str, ...] = ()  # the only files the run may execute (Landlock): a shell run's program
 
 
 @dataclass
@@ -84,14 +104,26 @@ class Outcome:
     stderr: bytes = b""
     result: bytes = b""
     truncated: bool = False
-    killed: str | None = None  # "wall_time" when the deadline passed
+    killed: str | None = None  # "wall_time" or "cpu_time" when the sandbox killed it at a budget
+    oom_kills: int = 0  # processes the kernel killed for the run's memory limit
+    cpu_ms: float | None = None  # CPU time of the whole run (when it had a cgroup)
     duration_ms: int = 0
     layers: dict[str, Any] = field(default_factory=dict)
 
 
-def run(job: Job, paths: Paths, uid: int, gid: int, limits: dict[str, Any], weak: bool = False) -> Outcome:
+def run(
+    job: Job,
+    paths: Paths,
+    uid: int,
+    gid: int,
+    limits: dict[str, Any],
+    weak: bool = False,
+    group: Slot | None = None,
+) -> Outcome:
     """Run ``job`` confined; never raises for anything the job does. Raises JailError only for our own faults."""
     started = time.monotonic()
+    if group is not None:
+        group.configure(int(limits["memory_bytes"]), int(limits["processes"]))
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     res_r, res_w = os.pipe2(os.O_CLOEXEC)
@@ -101,23 +133,33 @@ def run(job: Job, paths: Paths, uid: int, gid: int, limits: dict[str, Any], weak
     if keeper == 0:  # pragma: no cover - runs in the child
         # As the host's root, runs switch to the jail uid; unprivileged, they enter a user namespace of their own.
         host_uid = uid if os.geteuid() == 0 else None
-        _child(job, paths, host_uid, gid, limits, weak, (out_w, err_w, res_w, pid_w), sandbox_pid)
+        _exit_after(
+            lambda: _child(job, paths, host_uid, gid, limits, weak, (out_w, err_w, res_w, pid_w), sandbox_pid, group)
+        )
     for fd in (out_w, err_w, res_w, pid_w):
         os.close(fd)
     outcome = Outcome()
     try:
-        _collect(keeper, pid_r, out_r, err_r, res_r, started + float(limits["wall_seconds"]), limits, outcome)
+        _collect(keeper, (pid_r, out_r, err_r, res_r), started, limits, outcome, group)
     finally:
         for fd in (out_r, err_r, res_r, pid_r):
             os.close(fd)
+    if group is not None:
+        if weak or outcome.killed:
+            group.kill()  # without a PID namespace, leftovers of the run are found by their group
+        outcome.cpu_ms = round(group.cpu_seconds() * 1000, 3)
+        outcome.oom_kills = group.oom_kills()
     outcome.duration_ms = int((time.monotonic() - started) * 1000)
     return outcome
 
 
 def _collect(
-    keeper: int, pid_r: int, out_r: int, err_r: int, res_r: int, deadline: float, limits: dict, o: Outcome
+    keeper: int, fds: tuple[int, int, int, int], started: float, limits: dict, o: Outcome, group: Slot | None
 ) -> None:
-    """Read the pipes until every writer is gone, killing the tree at the deadline; then reap the keeper."""
+    """Read the pipes until every writer is gone, killing the tree at the wall-clock or CPU budget; reap the keeper."""
+    pid_r, out_r, err_r, res_r = fds
+    deadline = started + float(limits["wall_seconds"])
+    cpu_budget = float(limits["cpu_seconds"])
     cap = int(limits["output_bytes"])
     buffers = {out_r: bytearray(), err_r: bytearray(), res_r: bytearray(), pid_r: bytearray()}
     caps = {out_r: cap, err_r: cap, res_r: MAX_RESULT_BYTES, pid_r: 32}
@@ -125,14 +167,22 @@ def _collect(
     for fd in buffers:
         poller.register(fd, select.POLLIN)
     open_fds = set(buffers)
-    victim = keeper
+    # The group cannot use CPU much faster than RUN_CPU_CORES (CFS bandwidth lets it run a little ahead within a
+    # period, hence the margin), so its budget cannot run out before this.
+    rate = RUN_CPU_CORES * 1.25
+    cpu_check = started + cpu_budget / rate if group is not None else float("inf")
     while open_fds:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        now = time.monotonic()
+        if now >= cpu_check and group is not None:
+            left_cpu = cpu_budget - group.cpu_seconds()
+            if left_cpu <= 0:
+                o.killed = "cpu_time"
+                break
+            cpu_check = now + max(left_cpu / rate, 0.005)
+        if now >= deadline:
             o.killed = "wall_time"
-            _kill(_victim(buffers[pid_r], keeper), keeper)
             break
-        for fd, _ in poller.poll(min(left, 1.0) * 1000):
+        for fd, _ in poller.poll(max(min(deadline, cpu_check) - now, 0) * 1000):
             chunk = os.read(fd, 65536)
             if not chunk:
                 poller.unregister(fd)
@@ -142,9 +192,10 @@ def _collect(
             if len(chunk) > room:
                 o.truncated = True
             buffers[fd] += chunk[: max(room, 0)]
-        victim = _victim(buffers[pid_r], keeper)
     if o.killed:
-        _kill(victim, keeper)
+        _kill(_victim(buffers[pid_r], keeper), keeper)
+        if group is not None:
+            group.kill()
     _, status = os.waitpid(keeper, 0)
     o.exit_code = os.waitstatus_to_exitcode(status)
     o.stdout, o.stderr, o.result = bytes(buffers[out_r]), bytes(buffers[err_r]), bytes(buffers[res_r])
@@ -168,6 +219,26 @@ def _kill(pid: int, group: int) -> None:
 # ---- inside the child processes -------------------------------------------------------------------------------
 
 
+def _exit_after(body: Callable[[], int]) -> None:
+    """Run a forked child's body and leave through ``os._exit`` whatever happens: an exception (even one whose
+    message cannot be formatted) never unwinds into the code the child was forked from."""
+    code = EXIT_SETUP_FAILED
+    try:
+        code = body()
+    except BaseException as exc:
+        with contextlib.suppress(BaseException):
+            _report(f"sandbox setup failed: {_describe(exc)}")
+    finally:
+        os._exit(code)
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except BaseException:
+        return f"{type(exc).__name__} (its message could not be formatted)"
+
+
 def _child(
     job: Job,
     paths: Paths,
@@ -177,80 +248,73 @@ def _child(
     weak: bool,
     fds: tuple[int, int, int, int],
     sandbox_pid: int,
-) -> None:
-    """The keeper. Never returns."""
+    group: Slot | None,
+) -> int:
+    """The keeper."""
     _, err_w, _, pid_w = fds
-    code = EXIT_SETUP_FAILED
-    try:
-        os.setsid()
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != sandbox_pid:
-            os._exit(code)  # the sandbox process died before the parent-death signal was armed
-        # Nothing of the sandbox process's wiring stays open here: not its protocol pipes, not anything else.
-        devnull = os.open("/dev/null", os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        os.dup2(err_w, 2)  # setup errors go to the run's stderr
-        close_all_but(*fds)
-        if weak:
-            _runner(job, paths, uid, gid, limits, weak, fds)
-        outer_uid, outer_gid = os.geteuid(), os.getegid()
-        check(LIBC.unshare(NAMESPACES | (0 if uid is not None else CLONE_NEWUSER)), "unshare(namespaces)")
-        if uid is None:
-            # Our own uid and gid become 0 inside: capabilities over the new namespaces only, none on the host.
-            # (The sandbox process is non-dumpable, which would make our own /proc files root's: undo that here;
-            # the runner sets it again before any untrusted code.)
-            prctl(PR_SET_DUMPABLE, 1)
-            Path("/proc/self/setgroups").write_text("deny")
-            Path("/proc/self/uid_map").write_text(f"0 {outer_uid} 1")
-            Path("/proc/self/gid_map").write_text(f"0 {outer_gid} 1")
-        # init must not outlive us: it arms its parent-death signal, then checks this pipe, whose write end only
-        # we hold: end-of-file means we died before the signal was armed.
-        alive_r, alive_w = os.pipe()
-        init = os.fork()
-        if init == 0:
-            os.close(alive_w)
-            _init(job, paths, uid, gid, limits, fds, alive_r)
-        os.close(alive_r)
-        os.write(pid_w, str(init).encode())
-        _, status = os.waitpid(init, 0)
-        code = os.waitstatus_to_exitcode(status)
-        code = 128 - code if code < 0 else code
-    except BaseException as exc:
-        _report(f"sandbox setup failed: {exc}")
-    os._exit(code)
+    os.dup2(err_w, 2)  # setup errors go to the run's stderr
+    if group is not None:
+        group.enter()  # first of all: everything the run does from here on counts against its group
+        group.close()
+    os.setsid()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != sandbox_pid:
+        return EXIT_SETUP_FAILED  # the sandbox process died before the parent-death signal was armed
+    # Nothing of the sandbox process's wiring stays open here: not its protocol pipes, not anything else.
+    devnull = os.open("/dev/null", os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    close_all_but(*fds)
+    if weak:
+        return _runner(job, paths, uid, gid, limits, weak, fds)
+    outer_uid, outer_gid = os.geteuid(), os.getegid()
+    check(LIBC.unshare(NAMESPACES | (0 if uid is not None else CLONE_NEWUSER)), "unshare(namespaces)")
+    if uid is None:
+        # Our own uid and gid become 0 inside: capabilities over the new namespaces only, none on the host.
+        # (The sandbox process is non-dumpable, which would make our own /proc files root's: undo that here;
+        # the runner sets it again before any untrusted code.)
+        prctl(PR_SET_DUMPABLE, 1)
+        Path("/proc/self/setgroups").write_text("deny")
+        Path("/proc/self/uid_map").write_text(f"0 {outer_uid} 1")
+        Path("/proc/self/gid_map").write_text(f"0 {outer_gid} 1")
+    # init must not outlive us: it arms its parent-death signal, then checks this pipe, whose write end only
+    # we hold: end-of-file means we died before the signal was armed.
+    alive_r, alive_w = os.pipe()
+    init = os.fork()
+    if init == 0:
+        os.close(alive_w)
+        _exit_after(lambda: _init(job, paths, uid, gid, limits, fds, alive_r))
+    os.close(alive_r)
+    os.write(pid_w, str(init).encode())
+    _, status = os.waitpid(init, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
 
 
 def _init(
     job: Job, paths: Paths, uid: int | None, gid: int, limits: dict, fds: tuple[int, int, int, int], alive: int
-) -> None:
-    """pid 1 of the run's namespaces: build the root, start the runner, reap until it is gone. Never returns."""
-    code = EXIT_SETUP_FAILED
+) -> int:
+    """pid 1 of the run's namespaces: build the root, start the runner, reap until it is gone."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.set_blocking(alive, False)
     try:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        os.set_blocking(alive, False)
-        try:
-            if os.read(alive, 1) == b"":
-                os._exit(code)  # the keeper died before our parent-death signal was armed
-        except BlockingIOError:
-            pass  # the keeper is alive (and from now on its death kills us)
-        os.close(alive)
-        _build_root(paths, uid, gid, limits)
-        check(LIBC.sethostname(HOSTNAME.encode(), len(HOSTNAME)), "sethostname")
-        runner = os.fork()
-        if runner == 0:
-            _runner(job, paths, uid, gid, limits, False, fds)
-        for fd in fds:
-            os.close(fd)
-        while True:  # reap orphans until the runner itself is gone
-            pid, status = os.wait()
-            if pid == runner:
-                code = os.waitstatus_to_exitcode(status)
-                code = 128 - code if code < 0 else code
-                break
-    except BaseException as exc:
-        _report(f"sandbox setup failed: {exc}")
-    os._exit(code)  # the namespace dies with its init: every leftover process is killed
+        if os.read(alive, 1) == b"":
+            return EXIT_SETUP_FAILED  # the keeper died before our parent-death signal was armed
+    except BlockingIOError:
+        pass  # the keeper is alive (and from now on its death kills us)
+    os.close(alive)
+    _build_root(paths, uid, gid, limits)
+    check(LIBC.sethostname(HOSTNAME.encode(), len(HOSTNAME)), "sethostname")
+    runner = os.fork()
+    if runner == 0:
+        _exit_after(lambda: _runner(job, paths, uid, gid, limits, False, fds))
+    for fd in fds:
+        os.close(fd)
+    while True:  # reap orphans until the runner itself is gone
+        pid, status = os.wait()
+        if pid == runner:
+            code = os.waitstatus_to_exitcode(status)
+            return 128 - code if code < 0 else code  # the namespace dies with its init: every leftover is killed
 
 
 def _build_root(paths: Paths, uid: int | None, gid: int, limits: dict) -> None:
@@ -278,13 +342,16 @@ def _build_root(paths: Paths, uid: int | None, gid: int, limits: dict) -> None:
         mount(dev, root + dev, None, MS_BIND)
         mount(None, root + dev, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
     data_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
-    binds = [(str(paths.work), WORK_DIR)] + ([(str(paths.files), FILES_DIR)] if paths.files else [])
-    for host, inside in binds:
+    owner = "" if uid is None else f",uid={uid},gid={gid}"
+    for inside, size, mode in ((WORK_DIR, limits["work_bytes"], "0700"), ("/tmp", limits["tmp_bytes"], "1777")):
         os.makedirs(root + inside)
-        mount(host, root + inside, None, MS_BIND)
-        mount(None, root + inside, None, MS_REMOUNT | MS_BIND | data_flags)
-    os.makedirs(f"{root}/tmp")
-    mount("tmpfs", f"{root}/tmp", "tmpfs", data_flags, f"size={int(limits['tmp_bytes'])},mode=1777")
+        options = f"size={int(size)},nr_inodes={TMPFS_INODES},mode={mode}{owner if inside == WORK_DIR else ''}"
+        mount("tmpfs", root + inside, "tmpfs", data_flags, options)
+    if paths.files is not None:
+        os.makedirs(root + FILES_DIR)
+        mount(str(paths.files), root + FILES_DIR, None, MS_BIND)
+        readonly = 0 if paths.files_writable else MS_RDONLY
+        mount(None, root + FILES_DIR, None, MS_REMOUNT | MS_BIND | data_flags | readonly)
     mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     # pivot_root(".", "."): the old root ends up stacked on the new one; detaching it leaves only the jail.
     os.chdir(root)
@@ -294,45 +361,58 @@ def _build_root(paths: Paths, uid: int | None, gid: int, limits: dict) -> None:
 
 
 def _runner(
-    job: Job, paths: Paths, uid: int, gid: int, limits: dict, weak: bool, fds: tuple[int, int, int, int]
-) -> None:
-    """The process that runs the job: fds, limits, identity, no-new-privs, Landlock, seccomp. Never returns."""
+    job: Job, paths: Paths, uid: int | None, gid: int, limits: dict, weak: bool, fds: tuple[int, int, int, int]
+) -> int:
+    """The process that runs the job: fds, limits, identity, no-new-privs, Landlock, seccomp."""
     out_w, err_w, res_w, _ = fds
-    code = EXIT_SETUP_FAILED
-    try:
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.set_inheritable(res_w, False)
-        close_all_but(res_w)
-        os.chdir(str(paths.work) if weak else WORK_DIR)
-        os.environ.clear()  # the job sees no environment; programs get theirs explicitly from shell.build_env
-        _set_limits(limits)
-        if uid is not None:
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)  # leaving uid 0 clears every capability
-            if 0 in os.getresuid():
-                raise JailError("still root after setresuid")
-        else:
-            # The sandbox itself is unprivileged: inside the jail we are uid 0 of our own user namespace (the host
-            # sees the worker's uid); empty every capability set so that uid 0 grants nothing even there.
-            drop_capabilities()
-        if effective_capabilities() != 0:
-            raise JailError("capabilities remain after dropping privileges")
-        prctl(PR_SET_DUMPABLE, 0)
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
-        if not weak:
-            # /dev holds only the bind-mounted devices of policy.DEVICES, on a read-only root: nothing to create.
-            landlock.restrict(writable=(WORK_DIR, FILES_DIR, "/tmp", "/dev"), readable=("/etc",))
-        seccomp.install()
-        os.umask(0o007)
-        job(res_w)
-        code = 0
-    except BaseException as exc:
-        _report(f"{'sandbox setup failed' if code == EXIT_SETUP_FAILED else 'run failed'}: {exc}")
-    os._exit(code)
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.set_inheritable(res_w, False)
+    close_all_but(res_w)
+    os.chdir(str(paths.work) if weak else WORK_DIR)
+    os.environ.clear()  # the job sees no environment; programs get theirs explicitly from shell.build_env
+    _set_limits(limits)
+    rules = landlock.ruleset(_landlock_rules(paths, weak))  # enforced below, once no-new-privs is set
+    # No capability, ever again: bounding and ambient sets emptied and securebits locked while we may still (as
+    # root, or as uid 0 of our own user namespace), then the uid (as root) and the remaining sets.
+    if uid is not None or effective_capabilities() != 0:  # (an unprivileged weak run has none to give up)
+        lock_capabilities()
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        if 0 in os.getresuid():
+            raise JailError("still root after setresuid")
+    clear_capabilities()
+    if effective_capabilities() != 0:
+        raise JailError("capabilities remain after dropping privileges")
+    prctl(PR_SET_DUMPABLE, 0)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    landlock.enforce(rules)
+    seccomp.install()
+    os.umask(0o007)
+    job(res_w)  # an exception here ends the run through _exit_after, with its reason on stderr
+    return 0
+
+
+def _landlock_rules(paths: Paths, weak: bool) -> list[tuple[str, int]]:
+    """What this run may touch, inside the jail (or, in weak mode, on the host): read the system, write its
+    scratch space, write /files only in file operations, execute only its own program."""
+    files_access = landlock.READ | (landlock.WRITE if paths.files_writable else 0)
+    if weak:  # host paths: the system read-only, the run's own directories, nothing else of the host
+        rules = [("/usr", landlock.READ), (str(paths.work), landlock.READ | landlock.WRITE)]
+        rules += [(dev, landlock.READ_FILE | landlock.WRITE_FILE) for dev in DEVICES]
+        if paths.files is not None:
+            rules.append((str(paths.files), files_access))
+    else:
+        # /dev holds only the bind-mounted devices of policy.DEVICES, on a read-only root: nothing to create.
+        rules = [("/usr", landlock.READ), ("/etc", landlock.READ), ("/dev", landlock.READ | landlock.WRITE)]
+        rules += [(WORK_DIR, landlock.READ | landlock.WRITE), ("/tmp", landlock.READ | landlock.WRITE)]
+        if paths.files is not None:
+            rules.append((FILES_DIR, files_access))
+    return rules + [(path, landlock.RUN) for path in paths.execute]
 
 
 def _set_limits(limits: dict) -> None:

@@ -17,7 +17,8 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
-PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 28, 47, 4
+PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 23, 24, 28, 47, 4
+PR_GET_SECUREBITS = 27
 SECURE_ALL_LOCKED_NOROOT = 0x2F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
 _CAP_VERSION_3 = 0x20080522
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
@@ -68,15 +69,24 @@ def effective_capabilities() -> int:
     return data[0].effective | data[1].effective << 32 | data[0].permitted | data[1].permitted << 32
 
 
-def drop_capabilities() -> None:
-    """Empty every capability set, for good: bounding set, ambient set, and securebits so uid 0 grants nothing."""
+def lock_capabilities() -> None:
+    """Empty the bounding and ambient sets and lock securebits (no capability from uid 0, no setuid fix-up, no
+    keep-caps), for good. Needs CAP_SETPCAP, so it comes before any uid change; then ``clear_capabilities``."""
     for cap in range(64):
         if LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
             check(-1, f"drop capability {cap} from the bounding set")
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     check(LIBC.prctl(PR_SET_SECUREBITS, SECURE_ALL_LOCKED_NOROOT, 0, 0, 0), "securebits")
+
+
+def clear_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets."""
     header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
     check(LIBC.capset(ctypes.byref(header), data), "capset")
+
+
+def bounding_set_empty() -> bool:
+    return all(LIBC.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) != 1 for cap in range(64))
 
 
 def close_all_but(*keep: int) -> None:

@@ -49,6 +49,7 @@ import collections
 import datetime
 import functools
 import gc
+import inspect
 import json
 import math
 import operator
@@ -236,11 +237,51 @@ class GuardedType:
         return repr(self._type)
 
 
+class ClassStandIn:
+    """A class whose plain-Python methods could be called unbound with any object as ``self`` (``Counter.copy(int)``
+    returns ``type``): calls construct instances, isinstance sees the real class, and nothing else of the class is
+    reachable, not even by subclassing (a subclass would hand out the same methods)."""
+
+    __slots__ = ("_type",)
+
+    def __init__(self, typ):
+        self._type = typ
+
+    def __call__(self, *args, **kwargs):
+        return self._type(*args, **kwargs)
+
+    def __instancecheck__(self, ob):
+        return isinstance(ob, self._type)
+
+    def __subclasscheck__(self, cls):
+        return issubclass(cls, self._type)
+
+    def __mro_entries__(self, bases):
+        raise TypeError(f"{self._type.__name__} cannot be subclassed here")
+
+    def __repr__(self):
+        return repr(self._type)
+
+
+def exposes_python_code(cls):
+    """True when a public attribute of ``cls`` is Python code that would take any ``self``: a plain function (an
+    unbound method) or a property (whose fget/fset are such functions)."""
+    for name in dir(cls):
+        if name.startswith("_"):
+            continue
+        value = inspect.getattr_static(cls, name, None)
+        if isinstance(value, (types.FunctionType, property)):
+            return True
+    return False
+
+
 def _wrap_iterating(qualified_name, value):
     spec = ITERABLE_ARGS.get(qualified_name)
-    if spec is None:
-        return value
-    return GuardedType(value, spec) if isinstance(value, type) else _iterating(value, spec)
+    if spec is not None:
+        return GuardedType(value, spec) if isinstance(value, type) else _iterating(value, spec)
+    if isinstance(value, type) and exposes_python_code(value):
+        return ClassStandIn(value)
+    return value
 
 
 def _json_dumps(obj, *, indent=None, sort_keys=False, ensure_ascii=True):  # no default=/cls= hooks
@@ -412,6 +453,14 @@ def _check_result(value, max_depth, max_result_bytes):
     return plain
 
 
+def _message(exc):
+    """str(exc), or our own words when even that fails (a 5,000-digit int in its args, for one)."""
+    try:
+        return str(exc)
+    except BaseException as inner:
+        return f"(its message could not be shown: {type(inner).__name__})"
+
+
 def _failure(error, line, output):
     if len(error) > MAX_ERROR_CHARS:
         error = error[:MAX_ERROR_CHARS] + TRUNCATION_MARKER
@@ -437,7 +486,7 @@ def run_script(
                 warnings.simplefilter("ignore")
                 exec(code, script_globals)
         except BaseException as exc:  # the script's exceptions, RecursionError, MemoryError, SystemExit, ...
-            line, message = _script_line(exc.__traceback__), str(exc)
+            line, message = _script_line(exc.__traceback__), _message(exc)
             error = f"runtime_error: {type(exc).__name__}" + (f": {message}" if message else "")
             return _failure(error + ("" if line is None else f" (line {line})"), line, output)
         try:

@@ -1,12 +1,20 @@
-"""Shell commands without a shell: a configured command line becomes an argv of an allowlisted program.
+"""Shell commands without a shell: a configured command line becomes the argv of one allowlisted program, with
+only the options ``policy.SHELL_PROGRAMS`` lists for it.
 
 - The command is split with ``shlex`` (POSIX rules) *before* any parameter is filled in, and each ``{{name}}``
   is replaced inside its own argv element only: a parameter can never add, remove or split arguments, and no
   shell ever sees it (there is no shell in the jail's allowlist, and none is ever started).
 - The program must be a bare name listed in ``policy.SHELL_PROGRAMS``; the absolute path comes from that table.
+- The command line is read the way the program itself reads it (GNU ``getopt_long``, see ``policy.Program``):
+  every option must be listed for that program, long options spelled out in full (``getopt_long`` would accept any
+  unique prefix, ``--compress-prog`` for ``--compress-program``: a prefix is refused rather than guessed), and a
+  parameter may fill an operand or an option's argument but never name an option. The program then gets
+  ``OPTIONS -- OPERANDS``, so a parameter value that starts with ``-`` is still an operand; ``echo``, which has no
+  ``--``, refuses a value it would read as an option.
 - NUL bytes and an argv over ``policy.MAX_ARGV_BYTES`` are refused. The environment is ``policy.SHELL_ENV`` plus
-  at most one secret variable whose name matches ``policy.SECRET_ENV_NAME`` and is not a loader/PATH variable.
-- stdin is /dev/null; stdout and stderr are captured and capped by the jail.
+  at most one secret variable whose name matches ``policy.SECRET_ENV_NAME`` and is not one programs read.
+- stdin is /dev/null; stdout and stderr are captured and capped by the jail. ``executables`` names the only files
+  the run may execute (the program and its ELF interpreter), which jail.py hands to Landlock.
 """
 
 from __future__ import annotations
@@ -14,18 +22,25 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import struct
+from functools import cache
 from typing import Any
 
 from .policy import (
+    ECHO,
     FORBIDDEN_ENV_NAMES,
     FORBIDDEN_ENV_PREFIXES,
+    GETOPT_POSIX,
     MAX_ARGV_BYTES,
+    NO_OPTIONS,
     SECRET_ENV_NAME,
     SHELL_ENV,
     SHELL_PROGRAMS,
+    Program,
 )
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+_NONE, _REQUIRED, _OPTIONAL = "none", "required", "optional"
 
 
 class ShellRefused(ValueError):
@@ -43,15 +58,25 @@ def build_argv(command: str, params: dict[str, Any]) -> tuple[str, list[str]]:
     if not tokens:
         raise ShellRefused("command is empty")
     name = tokens[0]
+    if _PLACEHOLDER.search(name):
+        raise ShellRefused("the program name cannot be a parameter")
     if name not in SHELL_PROGRAMS:
         allowed = ", ".join(sorted(SHELL_PROGRAMS))
         raise ShellRefused(f"program {name!r} is not allowed (allowed: {allowed})")
-    if _PLACEHOLDER.search(name):
-        raise ShellRefused("the program name cannot be a parameter")
-    argv = [name] + [_fill(token, params) for token in tokens[1:]]
+    program = SHELL_PROGRAMS[name]
+    filled = [_fill(token, params) for token in tokens[1:]]
+    if program.syntax == ECHO:
+        args = _echo(tokens[1:], filled)
+    else:
+        options, operands = _getopt(name, program, tokens[1:], filled)
+        args = options + (["--", *operands] if operands else [])
+        # What the program will see must parse back to the same options: a check of the check.
+        if _getopt(name, program, args, args) != (options, operands):
+            raise ShellRefused(f"{name}: the command line does not parse back to the same options")
+    argv = [name, *args]
     if sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in argv) > MAX_ARGV_BYTES:
         raise ShellRefused(f"arguments exceed {MAX_ARGV_BYTES} bytes")
-    return SHELL_PROGRAMS[name][0], argv
+    return program.path, argv
 
 
 def _fill(token: str, params: dict[str, Any]) -> str:
@@ -70,6 +95,111 @@ def _fill(token: str, params: dict[str, Any]) -> str:
     return _PLACEHOLDER.sub(value, token)
 
 
+# ---- reading a command line as the program does ----------------------------------------------------------------
+
+
+def _specs(program: Program) -> tuple[dict[str, str], dict[str, str]]:
+    short: dict[str, str] = {}
+    letters = program.short
+    i = 0
+    while i < len(letters):
+        kind = _OPTIONAL if letters.startswith("::", i + 1) else _REQUIRED if letters.startswith(":", i + 1) else _NONE
+        short[letters[i]] = kind
+        i += {_NONE: 1, _REQUIRED: 2, _OPTIONAL: 3}[kind]
+    long: dict[str, str] = {}
+    for spec in program.long:
+        if spec.endswith("[=]"):
+            long[spec[:-3]] = _OPTIONAL
+        elif spec.endswith("="):
+            long[spec[:-1]] = _REQUIRED
+        else:
+            long[spec] = _NONE
+    return short, long
+
+
+def _first_placeholder(template: str) -> int:
+    found = _PLACEHOLDER.search(template)
+    return found.start() if found else len(template)
+
+
+def _getopt(name: str, program: Program, templates: list[str], filled: list[str]) -> tuple[list[str], list[str]]:
+    """Split a command line into (options with their arguments, operands), as ``getopt_long`` would.
+
+    ``templates`` are the elements as written by the tool (with ``{{...}}``), ``filled`` the same elements with
+    the parameters in. Whether an element is an option is decided on the template, so no value can make one.
+    """
+    short, long = _specs(program) if program.syntax != NO_OPTIONS else ({}, {})
+    allowed = " ".join([f"-{c}" for c in short] + [f"--{n}" for n in long]) or "none"
+    options: list[str] = []
+    operands: list[str] = []
+    i, ended = 0, False
+    while i < len(templates):
+        template, value = templates[i], filled[i]
+        i += 1
+        if ended or template == "-" or not template.startswith("-"):
+            operands.append(value)
+            if program.syntax == GETOPT_POSIX:
+                ended = True  # getopt_long with "+" stops at the first operand
+            continue
+        if template == "--":
+            ended = True
+            continue
+        named = _first_placeholder(template)
+        if template.startswith("--"):
+            option, eq, _ = template[2:].partition("=")
+            if named < 2 + len(option) + len(eq):
+                raise ShellRefused(f"{name}: a parameter cannot name an option ({template!r})")
+            kind = long.get(option)
+            if kind is None:
+                raise ShellRefused(
+                    f"{name}: option --{option} is not allowed (allowed: {allowed}; long options in full)"
+                )
+            if eq and kind == _NONE:
+                raise ShellRefused(f"{name}: option --{option} takes no argument")
+            options.append(value)
+            if kind == _REQUIRED and not eq:
+                i = _take_argument(name, f"--{option}", templates, filled, i, options)
+            continue
+        j = 1
+        while j < len(template):
+            if named <= j:
+                raise ShellRefused(f"{name}: a parameter cannot name an option ({template!r})")
+            letter = template[j]
+            kind = short.get(letter)
+            if kind is None:
+                raise ShellRefused(
+                    f"{name}: option -{letter} is not allowed (allowed: {allowed}; "
+                    "an operand that starts with '-' goes after '--')"
+                )
+            j += 1
+            if kind != _NONE:
+                break  # the rest of the element is its argument, or (required) the next element is
+        options.append(value)
+        if short.get(template[j - 1]) == _REQUIRED and j == len(template):
+            i = _take_argument(name, f"-{template[j - 1]}", templates, filled, i, options)
+    return options, operands
+
+
+def _take_argument(name: str, option: str, templates: list[str], filled: list[str], i: int, out: list[str]) -> int:
+    if i >= len(templates):
+        raise ShellRefused(f"{name}: option {option} needs an argument")
+    out.append(filled[i])
+    return i + 1
+
+
+def _echo(templates: list[str], filled: list[str]) -> list[str]:
+    """coreutils echo: leading elements made only of -n, -e, -E are options; --help/--version alone are too."""
+    echo_option = re.compile(r"-[neE]+")
+    if len(filled) == 1 and filled[0] in ("--help", "--version"):
+        raise ShellRefused("echo: --help and --version are not allowed")
+    for template, value in zip(templates, filled, strict=True):
+        if not echo_option.fullmatch(value):
+            break  # echo prints this element and everything after it
+        if template != value:
+            raise ShellRefused(f"echo: a parameter value that echo would read as an option ({value!r}) is refused")
+    return filled
+
+
 def build_env(secret: dict[str, str] | None) -> dict[str, str]:
     """The fixed environment, plus the one secret variable a tool may name."""
     env = dict(SHELL_ENV)
@@ -83,6 +213,38 @@ def build_env(secret: dict[str, str] | None) -> dict[str, str]:
     if len(secret or {}) > 1:
         raise ShellRefused("at most one secret variable")
     return env
+
+
+# ---- what a run may execute ------------------------------------------------------------------------------------
+
+_PT_INTERP = 3
+
+
+@cache
+def executables(path: str) -> tuple[str, ...]:
+    """The files the kernel must execute to start ``path``: the program and its ELF interpreter (the dynamic
+    loader, which ``execve`` opens for execution too), as real paths. Read from the host's copy of ``/usr``, which
+    the jail shows at the same place. Raises OSError when the program is not a readable ELF file."""
+    real = os.path.realpath(path)
+    with open(real, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] != 1:
+            raise OSError(f"{path} is not a little-endian ELF program")
+        wide = head[4] == 2  # 64-bit
+        phoff = struct.unpack_from("<Q" if wide else "<I", head, 32 if wide else 28)[0]
+        phentsize, phnum = struct.unpack_from("<HH", head, 54 if wide else 42)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for n in range(phnum):
+            entry = table[n * phentsize : (n + 1) * phentsize]
+            if struct.unpack_from("<I", entry, 0)[0] != _PT_INTERP:
+                continue
+            # p_offset and p_filesz: 64-bit entries at 8 and 32, 32-bit ones at 4 and 16
+            offset, size = struct.unpack_from("<QxxxxxxxxxxxxxxxxQ" if wide else "<IxxxxxxxxI", entry, 8 if wide else 4)
+            f.seek(offset)
+            interpreter = f.read(size).rstrip(b"\x00").decode()
+            return real, os.path.realpath(interpreter)
+    return (real,)  # a static program
 
 
 def exec_job(path: str, argv: list[str], env: dict[str, str], cwd: str | None) -> Any:

@@ -117,7 +117,9 @@ def _result(kind: str, reply: dict[str, Any]) -> Any:
         out = {"stdout": reply.get("stdout", ""), "stderr": reply.get("stderr", ""), "exitCode": reply.get("exit_code")}
     else:
         out = {
-            k: v for k, v in reply.items() if k not in ("id", "ok", "exit_code", "killed", "truncated", "duration_ms")
+            k: v
+            for k, v in reply.items()
+            if k not in ("id", "ok", "exit_code", "killed", "truncated", "duration_ms", "cpu_ms")
         }
     if reply.get("truncated"):
         out["truncated"] = True

@@ -32,11 +32,12 @@ from sandbox import policy
 from sandbox.client import MARGIN, SandboxClient, SandboxError
 from sandbox.protocol import ProtocolError, read_frame
 
-UID = GID = 150_001
+import kit
+
 CAP = policy.MAX_FRAME_BYTES
 VICTIM = {"kind": "file", "op": "write", "path": "ran.txt", "content": "it ran", "scope": "victim"}
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the full jail is built by a root-run sandbox (as in CI)")
+UID, GID = kit.JAIL_UID + 1, kit.JAIL_GID + 1
 
 
 def _payload(message: Any) -> bytes:
@@ -47,8 +48,8 @@ def _frame(payload: bytes, length: int | None = None) -> bytes:
     return struct.pack(">I", len(payload) if length is None else length) + payload
 
 
-def _leftovers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == UID]
+def _leftovers() -> list[int]:
+    return kit.run_processes()
 
 
 def _wait_until(predicate: Callable[[], Any], timeout: float) -> bool:
@@ -76,7 +77,7 @@ def root() -> Iterator[Path]:
     left = _leftovers() if not _wait_until(lambda: not _leftovers(), 3.0) else []
     _kill_forked_from(path)
     shutil.rmtree(path, ignore_errors=True)
-    assert not left, f"processes of the jail uid outlived the test: {[(p.pid, p.ppid()) for p in left]}"
+    assert not left, f"processes of a run outlived the test: {left}"
 
 
 class Raw:
@@ -334,6 +335,9 @@ def test_a_hung_sandbox_fails_the_request_at_its_deadline_and_is_replaced(client
 
 _PTRACE_CONT, _PTRACE_DETACH, _PTRACE_GETEVENTMSG, _PTRACE_SEIZE, _PTRACE_INTERRUPT = 7, 17, 0x4201, 0x4206, 0x4207
 _O_TRACEFORK, _EVENT_FORK, _WALL = 2, 1, 0x40000000
+_ROOT_ONLY = pytest.mark.skipif(
+    not kit.ROOT_MODE, reason="tracing the non-dumpable sandbox process takes CAP_SYS_PTRACE (root's pass runs it)"
+)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 _libc.ptrace.restype = ctypes.c_long
@@ -431,6 +435,7 @@ def _hold_run(sandbox: int, who_dies: str, seen: dict[str, Any]) -> None:
 # alive after arming, and the keeper checks the sandbox process.
 
 
+@_ROOT_ONLY
 def test_a_run_whose_keeper_dies_at_the_deadline_before_init_is_armed_leaves_nothing(
     client: SandboxClient, root: Path
 ) -> None:
@@ -443,7 +448,7 @@ def test_a_run_whose_keeper_dies_at_the_deadline_before_init_is_armed_leaves_not
         # matters is that the deadline kill (the keeper's whole process group) leaves nothing behind.
         with contextlib.suppress(SandboxError):
             reply = client.call(
-                {"kind": "shell", "command": "tail -f /dev/null", "params": {}, "limits": {"wall_seconds": 1}}
+                {"kind": "shell", "command": "tail -c 1 /dev/zero", "params": {}, "limits": {"wall_seconds": 1}}
             )
             assert reply["killed"] == "wall_time", reply
         tracer.join(20)
@@ -457,6 +462,7 @@ def test_a_run_whose_keeper_dies_at_the_deadline_before_init_is_armed_leaves_not
         _kill_forked_from(root)  # the orphaned init (the job's namespace dies with it)
 
 
+@_ROOT_ONLY
 def test_a_run_whose_sandbox_dies_before_the_keeper_is_armed_leaves_nothing(client: SandboxClient, root: Path) -> None:
     assert client.proc is not None
     seen: dict[str, Any] = {}
@@ -465,7 +471,7 @@ def test_a_run_whose_sandbox_dies_before_the_keeper_is_armed_leaves_nothing(clie
     try:
         with pytest.raises(SandboxError):
             client.call(
-                {"kind": "shell", "command": "tail -f /dev/null", "params": {}, "limits": {"wall_seconds": 0.5}}
+                {"kind": "shell", "command": "tail -c 1 /dev/zero", "params": {}, "limits": {"wall_seconds": 0.5}}
             )
         tracer.join(20)
         assert "error" not in seen and seen.get("keeper"), seen

@@ -610,3 +610,28 @@ def test_warm_up_preloads_everything_a_run_needs():
 def test_warm_up_is_idempotent():
     warm_up()
     warm_up()
+
+
+def test_no_class_whose_python_methods_take_any_self_is_reachable() -> None:
+    """Counter.copy(int) returned `type`: every class a script can reach through a proxy or the builtins exposes
+    only C methods (which check their self), or is a stand-in that exposes nothing of the class."""
+    proxies = script._make_modules()
+    reachable = [(f"{name}.{member}", getattr(proxies[name], member)) for name in script.MODULES
+                 for member in script.MODULES[name]]  # fmt: skip
+    reachable += list(script.BUILTINS.items())
+    classes = [(name, value) for name, value in reachable if isinstance(value, type)]
+    assert classes, "expected some real classes (exception types, datetime) to be checked"
+    for name, cls in classes:
+        assert not script.exposes_python_code(cls), f"{name} hands out Python methods that take any self"
+    assert isinstance(proxies["collections"].Counter, script.ClassStandIn)
+
+
+def test_a_stand_in_class_still_works_as_a_class() -> None:
+    assert ok("import collections\nc = collections.Counter('abca')\nresult = [c.most_common(1), isinstance(c, collections.Counter)]") == [[["a", 2]], True]  # fmt: skip
+    fails("import collections\nresult = collections.Counter.copy(int)", "runtime_error")
+    fails("import collections\nclass C(collections.Counter):\n    pass", "runtime_error")
+
+
+def test_an_error_whose_message_cannot_be_shown_is_reported_in_our_words() -> None:
+    outcome = fails("raise ValueError(10 ** 5000)", "runtime_error")
+    assert "could not be shown" in outcome["error"] and outcome["line"] == 1
