@@ -74,7 +74,7 @@ SRC = Path(os.environ.get("SANDBOX_BENCH_SRC") or ROOT).resolve()
 sys.path.insert(0, str(SRC))
 
 from sandbox import __main__ as server_mod  # noqa: E402
-from sandbox import files, jail, landlock, linux, policy, script, seccomp, shell  # noqa: E402
+from sandbox import cgroup, files, jail, landlock, linux, policy, script, seccomp, shell  # noqa: E402
 from sandbox.client import SandboxClient  # noqa: E402
 
 NOBODY = 65534
@@ -164,18 +164,36 @@ def reply_of(req: dict[str, Any], out: jail.Outcome) -> dict[str, Any]:
     return server_mod._parse_result(out) or {"ok": False, "error": out.stderr.decode(errors="replace")[-300:]}
 
 
+_GROUPS: dict[int, cgroup.RunGroups] = {}  # this process's run cgroups (the unprivileged helper has its own)
+
+
+def run_groups() -> cgroup.RunGroups:
+    if os.getpid() not in _GROUPS:
+        _GROUPS[os.getpid()] = cgroup.RunGroups.create()
+    return _GROUPS[os.getpid()]
+
+
 def jail_run_once(req: dict[str, Any], root: Path, uid: int, gid: int, weak: bool = False) -> tuple[float, dict]:
-    """One jail.run of the request; only jail.run is timed (the work directory is made and removed around it)."""
+    """One jail.run of the request as Server._run makes it (its cgroup slot, /files, what it may execute); only
+    jail.run is timed (a weak run's work directory and the slot's release are outside the timer)."""
     job = build_job(req, weak, root)
-    work = root / "runs" / uuid.uuid4().hex
-    work.mkdir(mode=0o700)
-    if os.geteuid() == 0:
-        os.chown(work, uid, gid)
-    paths = jail.Paths(root / "jail", work, root / "files" / req["scope"] if req.get("scope") else None)
+    work = None
+    if weak:
+        work = root / "runs" / uuid.uuid4().hex
+        work.mkdir(mode=0o700)
+        if os.geteuid() == 0:
+            os.chown(work, uid, gid)
+    execute = shell.executables(shell.build_argv(req["command"], req["params"])[0]) if req["kind"] == "shell" else ()
+    files_dir = root / "files" / req["scope"] if req.get("scope") else None
+    paths = jail.Paths(root / "jail", work, files_dir, req.get("op") == "write", execute)
+    groups = run_groups()
+    slot = groups.acquire()
     t0 = time.perf_counter()
-    out = jail.run(job, paths, uid, gid, dict(policy.DEFAULT_LIMITS), weak)
+    out = jail.run(job, paths, uid, gid, dict(policy.DEFAULT_LIMITS), weak, group=slot)
     dt = (time.perf_counter() - t0) * 1000
-    shutil.rmtree(work, ignore_errors=True)
+    groups.release(slot)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
     return dt, reply_of(req, out)
 
 
@@ -268,6 +286,7 @@ class UnprivilegedHelper:
 
     def __init__(self) -> None:
         self.root = make_root(owner=NOBODY)
+        self.groups = cgroup.delegate(f"bench-{os.getpid()}", NOBODY, NOBODY)  # as systemd's Delegate=yes does
         self.error: str | None = None
         cmd_r, self.cmd_w = os.pipe()
         self.rep_r, rep_w = os.pipe()
@@ -277,6 +296,7 @@ class UnprivilegedHelper:
             try:
                 os.close(self.cmd_w)
                 os.close(self.rep_r)
+                cgroup.join(self.groups)
                 os.setgroups([])
                 os.setresgid(NOBODY, NOBODY, NOBODY)
                 os.setresuid(NOBODY, NOBODY, NOBODY)
@@ -292,6 +312,7 @@ class UnprivilegedHelper:
                         dt, ok = float("nan"), False
                         self.error = self.error or repr(exc)
                     os.write(rep_w, self._REPLY.pack(dt, ok))
+                run_groups().close()
                 code = 0
             finally:
                 with contextlib.suppress(OSError):
@@ -322,6 +343,8 @@ class UnprivilegedHelper:
         os.close(self.rep_r)
         os.waitpid(self.pid, 0)
         shutil.rmtree(self.root, ignore_errors=True)
+        for group in self.groups:
+            cgroup.remove_tree(group)
         return tail[-300:].decode(errors="replace")
 
 
@@ -425,18 +448,23 @@ def measure(n: int, warmup: int, uid: int, gid: int, userns: bool) -> dict[str, 
 # ---- breakdown of one full run -----------------------------------------------------------------------------------
 
 EVENTS = (
-    "handle_start", "run_start", "fork_keeper", "keeper_start", "fork_init", "unshare_start", "unshare_end", "init_start",
-    "build_start", "build_end", "fork_runner", "runner_start", "limits_start", "limits_end", "landlock_start",
-    "landlock_end", "seccomp_start", "seccomp_end", "job_start", "job_end", "runner_exit", "init_reaped",
-    "init_exit", "keeper_reaped", "keeper_exit", "parent_reaped", "run_end", "rmtree_start",
-    "rmtree_end", "handle_end",
+    "handle_start", "acquire_start", "acquire_end", "run_start", "configure_end", "fork_keeper", "keeper_start",
+    "enter_start", "enter_end", "fork_init", "unshare_start", "unshare_end", "init_start",
+    "build_start", "build_end", "fork_runner", "runner_start", "limits_start", "limits_end", "ruleset_start",
+    "ruleset_end", "landlock_start", "landlock_end", "seccomp_start", "seccomp_end", "job_start", "job_end",
+    "runner_exit", "init_reaped", "init_exit", "keeper_reaped", "keeper_exit", "parent_reaped", "run_end",
+    "release_start", "release_end", "handle_end",
 )  # fmt: skip
 
 # (label, from event, to event): consecutive, so they add up to handle_start -> handle_end
 PHASES = (
-    ("server: parse request, build job, uuid, mkdir + chown work dir", "handle_start", "run_start"),
-    ("jail.run: 4 pipes, then fork() of the keeper (until it runs)", "run_start", "keeper_start"),
-    ("keeper: setsid, pdeathsig, stdio, close fds", "keeper_start", "unshare_start"),
+    ("server: parse request, build job (argv policy, executables)", "handle_start", "acquire_start"),
+    ("server: a cgroup slot for the run", "acquire_start", "acquire_end"),
+    ("server: files dir, Paths", "acquire_end", "run_start"),
+    ("jail.run: cgroup limits (written only when they change), counters", "run_start", "configure_end"),
+    ("jail.run: 4 pipes, then fork() of the keeper (until it runs)", "configure_end", "keeper_start"),
+    ("keeper: stderr, then into the run's cgroup", "keeper_start", "enter_end"),
+    ("keeper: setsid, pdeathsig, stdio, close fds", "enter_end", "unshare_start"),
     ("keeper: unshare(NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS)", "unshare_start", "unshare_end"),
     ("keeper: fork() of init (until it runs)", "unshare_end", "init_start"),
     ("init: pdeathsig and its checks", "init_start", "build_start"),
@@ -444,16 +472,17 @@ PHASES = (
     ("init: sethostname, fork() of the runner (until it runs)", "build_end", "runner_start"),
     ("runner: stdio, close fds, chdir, environ", "runner_start", "limits_start"),
     ("runner: rlimits", "limits_start", "limits_end"),
-    ("runner: setgroups/setresgid/setresuid, capget, dumpable, nnp", "limits_end", "landlock_start"),
-    ("runner: Landlock", "landlock_start", "landlock_end"),
+    ("runner: Landlock ruleset (open the rules' paths)", "limits_end", "ruleset_end"),
+    ("runner: capabilities, setgroups/setresgid/setresuid, dumpable, nnp", "ruleset_end", "landlock_start"),
+    ("runner: Landlock restrict_self", "landlock_start", "landlock_end"),
     ("runner: seccomp", "landlock_end", "seccomp_end"),
     ("job (umask, the job itself)", "seccomp_end", "job_end"),
     ("runner exit (os._exit until init reaps it)", "job_end", "init_reaped"),
     ("init exit: PID namespace dies (until the keeper reaps it)", "init_reaped", "keeper_reaped"),
     ("keeper exit: mount/net/IPC/UTS namespaces released (until the sandbox reaps it)", "keeper_reaped", "parent_reaped"),
-    ("jail.run: close pipes, return", "parent_reaped", "run_end"),
-    ("server: shutil.rmtree of the run dir", "run_end", "rmtree_end"),
-    ("server: reply dict", "rmtree_end", "handle_end"),
+    ("jail.run: close pipes, CPU and OOM counters, return", "parent_reaped", "run_end"),
+    ("server: release the slot (check it is empty, force_empty)", "run_end", "release_end"),
+    ("server: reply dict", "release_end", "handle_end"),
 )  # fmt: skip
 
 
@@ -491,8 +520,10 @@ def instrumented(stamps: Stamps):
     """Wrap the jail's steps so each marks a timestamp; the run itself is unchanged. Restores everything after."""
     role = {"name": "sandbox"}  # per process: every child gets its own copy at fork
     real = {name: getattr(jail, name) for name in ("run", "_child", "_init", "_build_root", "_runner", "_set_limits")}
-    real_os, real_libc, real_shutil = jail.os, jail.LIBC, server_mod.shutil
-    real_restrict, real_install = landlock.restrict, seccomp.install
+    real_os, real_libc = jail.os, jail.LIBC
+    real_ruleset, real_enforce, real_install = landlock.ruleset, landlock.enforce, seccomp.install
+    real_slot = {name: getattr(cgroup.Slot, name) for name in ("configure", "enter")}
+    real_groups = {name: getattr(cgroup.RunGroups, name) for name in ("acquire", "release")}
 
     def run(job, *args, **kwargs):
         def timed_job(fd: int) -> None:
@@ -553,31 +584,32 @@ def instrumented(stamps: Stamps):
         finally:
             stamps.mark("unshare_end")
 
-    def rmtree(path, *args, **kwargs):
-        stamps.mark("rmtree_start")
-        try:
-            return real_shutil.rmtree(path, *args, **kwargs)
-        finally:
-            stamps.mark("rmtree_end")
-
     jail.run = run
     jail._child = enter("keeper", "keeper_start")
     jail._init = enter("init", "init_start")
     jail._runner = enter("runner", "runner_start")
     jail._build_root = span(real["_build_root"], "build_start", "build_end")
     jail._set_limits = span(real["_set_limits"], "limits_start", "limits_end")
-    landlock.restrict = span(real_restrict, "landlock_start", "landlock_end")
+    landlock.ruleset = span(real_ruleset, "ruleset_start", "ruleset_end")
+    landlock.enforce = span(real_enforce, "landlock_start", "landlock_end")
     seccomp.install = span(real_install, "seccomp_start", "seccomp_end")
+    cgroup.Slot.configure = span(real_slot["configure"], "", "configure_end")
+    cgroup.Slot.enter = span(real_slot["enter"], "enter_start", "enter_end")
+    cgroup.RunGroups.acquire = span(real_groups["acquire"], "acquire_start", "acquire_end")
+    cgroup.RunGroups.release = span(real_groups["release"], "release_start", "release_end")
     jail.os = _Proxy(os, fork=fork, wait=wait, waitpid=waitpid, _exit=_exit)
     jail.LIBC = _Proxy(real_libc, unshare=unshare)
-    server_mod.shutil = _Proxy(shutil, rmtree=rmtree)
     try:
         yield
     finally:
         for name, fn in real.items():
             setattr(jail, name, fn)
-        jail.os, jail.LIBC, server_mod.shutil = real_os, real_libc, real_shutil
-        landlock.restrict, seccomp.install = real_restrict, real_install
+        jail.os, jail.LIBC = real_os, real_libc
+        landlock.ruleset, landlock.enforce, seccomp.install = real_ruleset, real_enforce, real_install
+        for name, fn in real_slot.items():
+            setattr(cgroup.Slot, name, fn)
+        for name, fn in real_groups.items():
+            setattr(cgroup.RunGroups, name, fn)
 
 
 def breakdown(runs: int, uid: int, gid: int, workloads: tuple[str, ...]) -> dict[str, Any]:
@@ -799,7 +831,7 @@ class Prototype:
                     linux.check(linux.LIBC.sethostname(b"sandbox", 7), "sethostname")
                     os.write(fds[3], b"r")
                     if os.read(go_r, 1):
-                        jail._runner(job, paths, uid, gid, limits, False, fds)
+                        os._exit(jail._runner(job, paths, uid, gid, limits, False, fds))
                 except BaseException as exc:
                     jail._report(f"prototype setup failed: {exc}")
                 os._exit(jail.EXIT_SETUP_FAILED)
@@ -833,7 +865,10 @@ class Prototype:
                             os._exit(0)
                         runner = os.fork()
                         if runner == 0:
-                            jail._runner(job, paths, uid, gid, limits, False, fds)
+                            try:
+                                os._exit(jail._runner(job, paths, uid, gid, limits, False, fds))
+                            finally:
+                                os._exit(jail.EXIT_SETUP_FAILED)
                         for fd in fds:
                             os.close(fd)
                         if self.early_eof:
@@ -903,11 +938,7 @@ def experiments(runs: int, uid: int, gid: int) -> dict[str, Any]:
     }
     layers: dict[str, str] = {}
     for name, fn in variants.items():  # first, the sandbox's own probe through each variant: same confinement?
-        work = root / "runs" / uuid.uuid4().hex
-        work.mkdir(mode=0o700)
-        os.chown(work, uid, gid)
-        out = fn(server_mod._probe_job, jail.Paths(root / "jail", work, None))
-        shutil.rmtree(work, ignore_errors=True)
+        out = fn(server_mod._probe_job, jail.Paths(root / "jail"))
         layers[name] = _probe_verdict(out["result"], 1 if "1 process" in name else 2)
     seen: dict[str, dict[str, list[float]]] = {
         v: {"critical": [], "reaped": [], "prebuild": [], "cpu": []} for v in variants
@@ -916,14 +947,10 @@ def experiments(runs: int, uid: int, gid: int) -> dict[str, Any]:
     errors: dict[str, str] = {}
     for i in range(runs + 3):
         for name, fn in variants.items():
-            work = root / "runs" / uuid.uuid4().hex
-            work.mkdir(mode=0o700)
-            os.chown(work, uid, gid)
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            out = fn(build_job(req, False, root), jail.Paths(root / "jail", work, None))
+            out = fn(build_job(req, False, root), jail.Paths(root / "jail"))
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             out["cpu"] = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000
-            shutil.rmtree(work, ignore_errors=True)
             if i < 3:
                 continue
             try:
@@ -1292,6 +1319,56 @@ def print_report(m: dict[str, Any], bd: dict[str, Any] | None, ex: dict[str, Any
             print(f"| {k} | {v:.0f} |" if k.startswith("  minor") else f"| {k} | {v:.3f} |")
 
 
+def compare(n: int, warmup: int, uid: int, gid: int, other: Path, as_user: bool) -> None:
+    """The worker's view (``SandboxClient.call``) of this tree's sandbox and of ``other``'s (e.g. ``git archive``
+    of an older commit: the wire protocol has not changed), interleaved request by request in one run."""
+    from sandbox import client as client_module
+
+    trees = {"this tree": SRC, f"{other}": other.resolve()}
+    roots, clients = {}, {}
+    for label, tree in trees.items():
+        roots[label] = make_root(owner=os.getuid())
+        os.chown(roots[label] / "files" / SCOPE, os.getuid(), gid)
+        saved, client_module._PACKAGE_PARENT = client_module._PACKAGE_PARENT, str(tree)
+        try:
+            clients[label] = SandboxClient(roots[label], uid, gid)
+            hello = clients[label].start()
+        finally:
+            client_module._PACKAGE_PARENT = saved
+        if not hello.get("ok"):
+            raise SystemExit(f"{label}: the sandbox is unavailable: {hello.get('error')}")
+    mode = "unprivileged (a user namespace per run)" if os.geteuid() else "root"
+    print(f"compare, {mode}: about {n} runs per workload and tree, alternating in blocks ({warmup} unmeasured first)\n")
+    samples = {(w, t): [] for w in WORKLOADS for t in trees}
+    bad = dict.fromkeys(samples, 0)
+    # Blocks of BLOCK runs per tree, alternating, the first SETTLE of each block unmeasured: a run right after a
+    # run of the other tree pays for that one's teardown (a run without a cgroup slows the next cgroup migration
+    # by several ms on cgroup v1), which strict one-by-one interleaving would charge to one tree only.
+    block, settle = 10, 2
+    for i in range((n + warmup + block - settle - 1) // (block - settle)):
+        for name, (req, check) in WORKLOADS.items():
+            for label in trees:
+                for j in range(block):
+                    t = time.perf_counter()
+                    reply = clients[label].call(req)
+                    dt = (time.perf_counter() - t) * 1000
+                    if j >= settle and i * (block - settle) >= warmup:
+                        samples[(name, label)].append(dt)
+                        bad[(name, label)] += not check(reply)
+    for c in clients.values():
+        c.close()
+    for r in roots.values():
+        shutil.rmtree(r, ignore_errors=True)
+    labels = list(trees)
+    print("| workload | " + " | ".join(f"{t} p50 / p90, ms" for t in labels) + " | ratio p50 |")
+    print("|---|" + "---:|" * (len(labels) + 1))
+    for name in WORKLOADS:
+        cells = [percentiles(samples[(name, t)]) for t in labels]
+        row = " | ".join(f"{c['p50']:.2f} / {c['p90']:.2f}" + (f" ({bad[(name, t)]} bad)" if bad[(name, t)] else "")
+                         for c, t in zip(cells, labels, strict=True))  # fmt: skip
+        print(f"| {name} | {row} | {cells[0]['p50'] / cells[1]['p50']:.2f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="measured runs per workload and level (default 200)")
@@ -1301,10 +1378,15 @@ def main() -> int:
     parser.add_argument("--no-userns", dest="userns", action="store_false", help="skip the uid-65534 level")
     parser.add_argument("--no-experiments", dest="experiments", action="store_false")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument("--compare", type=Path, metavar="DIR",
+                        help="only the client level, this tree against DIR's sandbox/, interleaved")  # fmt: skip
     args = parser.parse_args()
+    uid = gid = args.uid
+    if args.compare:
+        compare(args.n, args.warmup, uid, gid, args.compare, os.geteuid() != 0)
+        return 0
     if os.geteuid() != 0:
         raise SystemExit("run as root: the full jail is built by a root-run sandbox (as in production)")
-    uid = gid = args.uid
     started = time.monotonic()
     warm_like_the_sandbox()
     print(f"measuring {len(WORKLOADS)} workloads x {len(LEVELS)} levels x {args.n} runs ...", file=sys.stderr)

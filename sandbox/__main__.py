@@ -78,7 +78,7 @@ class Server:
             with contextlib.suppress(OSError):  # a program missing here is refused when a command names it
                 shell.executables(program.path)
         try:
-            self.groups = cgroup.RunGroups.create()
+            self.groups = cgroup.RunGroups.create(home=True)  # this process lives in its runs' group
         except cgroup.CgroupUnavailable as exc:
             self.cgroup_error = str(exc)
         self.probe()
@@ -224,7 +224,10 @@ class Server:
                     os.chown(files_dir, 0, self.gid)
                 files_dir.chmod(0o2770)  # setgid: files stay in the sandbox group whoever writes them
         paths = jail.Paths(self.root / "jail", work, files_dir, files_writable, execute)
-        slot = self.groups.acquire() if self.groups else None
+        try:
+            slot = self.groups.acquire() if self.groups else None
+        except cgroup.CgroupUnavailable as exc:
+            raise Refused(str(exc)) from None
         try:
             return jail.run(job, paths, self.uid, self.gid, limits, self.weak, group=slot)
         finally:

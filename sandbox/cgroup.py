@@ -8,21 +8,21 @@ else, in a group of its own, and the group is what the limits hold:
 limit           cgroup v2                                  cgroup v1
 ==============  =========================================  ==================================================
 memory_bytes    ``memory.max``, ``memory.swap.max`` = 0     ``memory.limit_in_bytes`` (+ ``memsw``: no swap)
-processes       ``pids.max`` = processes + 2 (the jail's keeper and init)
+processes       ``pids.max`` = processes + 3 (the jail's keeper and init, and the sandbox process: see ``Slot``)
 cpu_seconds     ``cpu.stat`` usage, polled by the sandbox   ``cpuacct.usage``, polled the same way
                 (jail.py kills the run at the budget)
 CPU rate        ``cpu.max`` = ``policy.RUN_CPU_CORES``      ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``
-kill            ``cgroup.kill``, else SIGKILL to every      SIGKILL to every member until none is left
-                member until none is left
+kill            SIGKILL to every member of the run (the sandbox process excepted) until none is left
 ==============  =========================================  ==================================================
 
 Where the groups live: under the cgroup the sandbox process starts in (``/proc/self/cgroup``), in each hierarchy
 that holds one of ``policy.CGROUP_CONTROLLERS`` (v2 when the unified hierarchy has it, else its v1 hierarchy, plus
 v1 ``cpuacct`` for the usage)::
 
-    <own cgroup>/sandbox-<pid>/run-<n>      one per run slot of this sandbox process, emptied and reset between
-                                            runs and reused (a group made and removed per run would leave a
-                                            "dying" memory cgroup behind for as long as its page cache lives)
+    <own cgroup>/sandbox-<pid>/run-0        the sandbox process lives here; each run's processes are born here
+                                            (no migration per run) and are killed and waited for after it; the
+                                            group is reused (one made and removed per run would leave a "dying"
+                                            memory cgroup behind for as long as its page cache lives)
 
 Under systemd the service needs ``Delegate=yes`` so that its (unprivileged) user may create groups there. On v2 a
 group that holds processes cannot hand controllers to its children ("no internal processes"): when enabling them
@@ -180,16 +180,22 @@ def remove_tree(directory: str) -> None:
 
 @dataclass
 class Slot:
-    """The group of one run at a time: configure, enter (from the run's first process), watch, kill, reset."""
+    """The group of one run at a time: configure, enter (from the run's first process), watch, kill.
+
+    A *home* slot holds the sandbox process itself: a run's first process is then in the group from its fork on,
+    and no run ever migrates. (Migrating a process takes the cgroup core's thread-group lock for writing, which
+    waits for an RCU grace period: measured here, 8-30 ms for one run in ten.) The sandbox is one more member
+    (``pids.max`` counts it); its own CPU and memory while a run goes on count too, and are small."""
 
     dirs: list[tuple[Hierarchy, str]]
+    home: bool = False
     procs_fds: list[int] = field(default_factory=list)
     _written: dict[str, str] = field(default_factory=dict)
     _cpu_base: int = 0
     _oom_base: int = 0
 
     def __post_init__(self) -> None:
-        for _, directory in self.dirs:
+        for _, directory in self.dirs if not self.home else ():
             self.procs_fds.append(os.open(f"{directory}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
 
     def _dir(self, controller: str) -> tuple[int, str]:
@@ -218,7 +224,7 @@ class Slot:
                 if path == limit or os.path.exists(memsw):
                     self._set(path, str(memory_bytes))
         version, pids = self._dir("pids")
-        self._set(f"{pids}/pids.max", str(processes + 2))
+        self._set(f"{pids}/pids.max", str(processes + 2 + self.home))  # + the jail's keeper and init (+ us)
         version, cpu = self._dir("cpu")
         quota = int(RUN_CPU_CORES * PERIOD_US)
         if version == 2:
@@ -230,7 +236,8 @@ class Slot:
         self._oom_base = self._oom_total()
 
     def enter(self) -> None:
-        """Move the calling process into the group (the run's first process calls this right after its fork)."""
+        """Move the calling process into the group (the run's first process calls this right after its fork;
+        nothing to do in a home slot, where it was born in the group)."""
         for fd in self.procs_fds:
             os.write(fd, b"0")
 
@@ -254,11 +261,12 @@ class Slot:
         return self._oom_total() - self._oom_base
 
     def members(self) -> list[int]:
-        return _members(self.dirs[0][1])
+        """The run's processes in the group (the sandbox itself not counted)."""
+        return [pid for pid in _members(self.dirs[0][1]) if pid != os.getpid()]
 
     def kill(self) -> None:
-        """SIGKILL every process of the group (cgroup.kill where the kernel has it)."""
-        for hierarchy, directory in self.dirs:
+        """SIGKILL every process of the run (cgroup.kill where the kernel has it and the group is not home)."""
+        for hierarchy, directory in self.dirs if not self.home else ():
             if hierarchy.version == 2 and os.path.exists(f"{directory}/cgroup.kill"):
                 with contextlib.suppress(OSError):
                     _write(f"{directory}/cgroup.kill", "1")
@@ -281,16 +289,6 @@ class Slot:
             time.sleep(0.002)
         return True
 
-    def reset(self) -> None:
-        """Between runs, in an empty group: give back the memory still charged to it (page cache, v1)."""
-        version, memory = self._dir("memory")
-        if version == 1:
-            with contextlib.suppress(OSError):
-                _write(f"{memory}/memory.force_empty", "0")
-        elif os.path.exists(f"{memory}/memory.reclaim"):
-            with contextlib.suppress(OSError):  # EAGAIN when less than asked could be reclaimed: fine
-                _write(f"{memory}/memory.reclaim", str(1 << 30))
-
     def close(self) -> None:
         for fd in self.procs_fds:
             with contextlib.suppress(OSError):
@@ -299,75 +297,88 @@ class Slot:
 
 
 class RunGroups:
-    """The groups of one sandbox process: ``<own cgroup>/sandbox-<pid>/run-<n>`` in each hierarchy."""
+    """The groups of one sandbox process: ``<own cgroup>/sandbox-<pid>/run-<n>`` in each hierarchy.
+
+    ``home=True`` (the sandbox process): one slot, run-0, which the process moves into once, at start. Otherwise
+    (tests that call jail.run in-process) slots are made as needed and each run's first process enters its own."""
 
     _made = 0
 
-    def __init__(self, hierarchies: list[Hierarchy]) -> None:
+    def __init__(self, hierarchies: list[Hierarchy], home: bool = False) -> None:
         self.hierarchies = hierarchies
-        self.version = (
-            "v2"
-            if all(h.version == 2 for h in hierarchies)
-            else "v1"
-            if all(h.version == 1 for h in hierarchies)
-            else "v1+v2"
-        )
+        versions = {h.version for h in hierarchies}
+        self.version = "v2" if versions == {2} else "v1" if versions == {1} else "v1+v2"
         RunGroups._made += 1  # a second set in one process (tests) gets a name of its own: sandbox-<pid>.<n>
         name = f"{_PREFIX}{os.getpid()}" + (f".{RunGroups._made - 1}" if RunGroups._made > 1 else "")
         self.parents = [f"{h.base}/{name}" for h in hierarchies]
+        self.origins = [h.base for h in hierarchies]  # where this process was (to go back there at close)
+        self.home: Slot | None = None
+        self._want_home = home
         self._free: list[Slot] = []
         self._dirty: list[Slot] = []
         self._count = 0
 
     @classmethod
-    def create(cls) -> RunGroups:
-        """Find the hierarchies, sweep what dead sandboxes left, and make this process's parent groups."""
+    def create(cls, home: bool = False) -> RunGroups:
+        """Find the hierarchies, sweep what dead sandboxes left, and make this process's parent groups (and, with
+        ``home``, its run group, with this process in it)."""
         try:
             found = find_hierarchies(_read("/proc/self/mountinfo"), _read("/proc/self/cgroup"))
         except OSError as exc:
             raise CgroupUnavailable(f"cannot read this process's cgroups: {exc}") from None
-        groups = cls(found)
+        groups = cls(found, home)
         for hierarchy in found:
             _sweep(hierarchy.base)
         try:
-            for hierarchy, parent in zip(found, groups.parents, strict=True):
-                if hierarchy.version == 2:
-                    _enable(hierarchy.base, hierarchy.controllers, move_processes=True)
+            for n, (hierarchy, parent) in enumerate(zip(found, groups.parents, strict=True)):
+                if hierarchy.version == 2 and _enable(hierarchy.base, hierarchy.controllers, move_processes=True):
+                    groups.origins[n] = f"{hierarchy.base}/{PROCESS_LEAF}"
                 if os.path.isdir(parent):  # left by an earlier process that had our pid
                     remove_tree(parent)
                 os.mkdir(parent, 0o755)
                 if hierarchy.version == 2:
                     _enable(parent, hierarchy.controllers, move_processes=False)
+            if home:
+                groups.home = groups._new_slot(home=True)
+                join([directory for _, directory in groups.home.dirs])
         except OSError as exc:
             groups.close()
             hint = " (under systemd: Delegate=yes in the unit)" if exc.errno in (errno.EACCES, errno.EPERM) else ""
             raise CgroupUnavailable(f"cannot create run cgroups: {exc}{hint}") from None
         return groups
 
-    def acquire(self) -> Slot:
-        """A clean group for the next run."""
-        for slot in list(self._dirty):  # a group that could not be emptied earlier may be empty by now
-            if not slot.members():
-                self._dirty.remove(slot)
-                slot.reset()
-                self._free.append(slot)
-        if self._free:
-            return self._free.pop()
+    def _new_slot(self, home: bool = False) -> Slot:
         directories = [(h, f"{p}/run-{self._count}") for h, p in zip(self.hierarchies, self.parents, strict=True)]
         self._count += 1
         for _, directory in directories:
             os.mkdir(directory, 0o755)
-        return Slot(directories)
+        return Slot(directories, home)
+
+    def acquire(self) -> Slot:
+        """A group with no process of an earlier run in it, for the next run."""
+        if self.home is not None:
+            if not self.home.drain(2.0):
+                raise CgroupUnavailable("processes of an earlier run cannot be removed from the run group")
+            return self.home
+        for slot in list(self._dirty):  # a group that could not be emptied earlier may be empty by now
+            if not slot.members():
+                self._dirty.remove(slot)
+                self._free.append(slot)
+        return self._free.pop() if self._free else self._new_slot()
 
     def release(self, slot: Slot) -> None:
-        """After a run: an empty group is reset and reused; one still holding processes is set aside."""
-        if slot.drain(2.0):
-            slot.reset()
-            self._free.append(slot)
-        else:
-            self._dirty.append(slot)
+        """After a run: kill what is left of it; a group that cannot be emptied is set aside (home: retried at the
+        next acquire). Leftover page cache charged to a group stays until the kernel reclaims it."""
+        emptied = slot.drain(2.0)
+        if slot.home:
+            return
+        (self._free if emptied else self._dirty).append(slot)
 
     def close(self) -> None:
+        if self.home is not None:
+            with contextlib.suppress(OSError):
+                join([origin for origin in self.origins])  # back where we came from, so the groups can go
+            self.home = None
         for slot in self._free + self._dirty:
             slot.close()
         self._free.clear()
@@ -377,12 +388,41 @@ class RunGroups:
                 remove_tree(parent)
 
 
-def _enable(directory: str, controllers: frozenset[str], move_processes: bool) -> None:
-    """Hand ``controllers`` to the children of a v2 group."""
+def delegate(name: str, uid: int, gid: int) -> list[str]:
+    """As root: a group ``<our cgroup>/<name>`` in every hierarchy the sandbox uses, owned by ``uid`` the way
+    systemd's ``Delegate=yes`` hands a service its cgroup (the directory and its ``cgroup.procs``, ``tasks``,
+    ``cgroup.subtree_control``, ``cgroup.threads``). A process that joins them (``join``) and then drops to that
+    uid can run an unprivileged sandbox with run cgroups. For the tests' and benchmarks' unprivileged passes."""
+    hierarchies = find_hierarchies(_read("/proc/self/mountinfo"), _read("/proc/self/cgroup"))
+    made = []
+    for hierarchy in hierarchies:
+        group = f"{hierarchy.base}/{name}"
+        os.mkdir(group, 0o755)
+        made.append(group)
+        for entry in ("", "cgroup.procs", "tasks", "cgroup.subtree_control", "cgroup.threads"):
+            path = f"{group}/{entry}" if entry else group
+            if os.path.exists(path):
+                os.chown(path, uid, gid)
+        if hierarchy.version == 2:
+            with contextlib.suppress(OSError):  # (systemd may have done it; EBUSY if our own group holds processes)
+                _write(
+                    f"{hierarchy.base}/cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(hierarchy.controllers))
+                )
+    return made
+
+
+def join(groups: list[str]) -> None:
+    """Move the calling process into ``groups``."""
+    for group in groups:
+        _write(f"{group}/cgroup.procs", "0")
+
+
+def _enable(directory: str, controllers: frozenset[str], move_processes: bool) -> bool:
+    """Hand ``controllers`` to the children of a v2 group. True when its processes had to move to its leaf."""
     wanted = " ".join(f"+{c}" for c in sorted(controllers))
     try:
         _write(f"{directory}/cgroup.subtree_control", wanted)
-        return
+        return False
     except OSError as exc:
         if exc.errno != errno.EBUSY or not move_processes:
             raise
@@ -398,6 +438,7 @@ def _enable(directory: str, controllers: frozenset[str], move_processes: bool) -
             with contextlib.suppress(ProcessLookupError):
                 _write(f"{leaf}/cgroup.procs", str(pid))
     _write(f"{directory}/cgroup.subtree_control", wanted)
+    return True
 
 
 def _sweep(base: str) -> None:

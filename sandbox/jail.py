@@ -254,8 +254,17 @@ def _child(
     _, err_w, _, pid_w = fds
     os.dup2(err_w, 2)  # setup errors go to the run's stderr
     if group is not None:
-        group.enter()  # first of all: everything the run does from here on counts against its group
+        group.enter()  # first of all (a no-op when born in it): everything the run does counts against its group
         group.close()
+    if uid is None:
+        # The sandbox process is non-dumpable, which makes our own /proc files root's; undo that here (the runner
+        # sets it again before any untrusted code) so that we can write them: oom_score_adj just below, and, in a
+        # user namespace, the uid and gid maps.
+        prctl(PR_SET_DUMPABLE, 1)
+    if group is not None:
+        # When the run's memory runs out, the kernel kills the largest process of the group: any of the run's,
+        # never the sandbox process that shares the group (see cgroup.Slot).
+        Path("/proc/self/oom_score_adj").write_text("1000")
     os.setsid()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != sandbox_pid:
@@ -271,9 +280,6 @@ def _child(
     check(LIBC.unshare(NAMESPACES | (0 if uid is not None else CLONE_NEWUSER)), "unshare(namespaces)")
     if uid is None:
         # Our own uid and gid become 0 inside: capabilities over the new namespaces only, none on the host.
-        # (The sandbox process is non-dumpable, which would make our own /proc files root's: undo that here;
-        # the runner sets it again before any untrusted code.)
-        prctl(PR_SET_DUMPABLE, 1)
         Path("/proc/self/setgroups").write_text("deny")
         Path("/proc/self/uid_map").write_text(f"0 {outer_uid} 1")
         Path("/proc/self/gid_map").write_text(f"0 {outer_gid} 1")

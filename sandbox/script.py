@@ -263,6 +263,7 @@ class ClassStandIn:
         return repr(self._type)
 
 
+@functools.cache  # decided once per class in the sandbox process (warm_up), not in every run
 def exposes_python_code(cls):
     """True when a public attribute of ``cls`` is Python code that would take any ``self``: a plain function (an
     unbound method) or a property (whose fget/fset are such functions)."""

@@ -5,8 +5,9 @@ uid of its own, and once as an unprivileged user in a delegated cgroup, where ea
 own, the way the systemd unit (``User=botworker``) runs it. ``service_user.py`` starts that second pass.
 Expectations that differ between the modes (the uid a run has, who owns a file it wrote) read ``ROOT_MODE``.
 
-A run's processes, whatever they do, stay in the run's cgroup (``sandbox-<pid>/run-<n>``): a process left behind
-by a run is found there, in both modes, rather than by its uid (which, unprivileged, is our own).
+A run's processes, whatever they do, stay in the run's cgroup (``sandbox-<pid>/run-<n>``, where the sandbox
+process <pid> lives too): a process left behind by a run is found there, in both modes, rather than by its uid
+(which, unprivileged, is our own).
 """
 
 from __future__ import annotations
@@ -18,19 +19,21 @@ import time
 ROOT_MODE = os.geteuid() == 0
 MODE = "root" if ROOT_MODE else "unprivileged"
 JAIL_UID = JAIL_GID = 150_000  # the uid/gid root-mode runs get (unused in unprivileged mode)
-_RUN_GROUP = re.compile(r":/(?:.*/)?sandbox-\d+(?:\.\d+)?/run-\d+$", re.MULTILINE)
+_RUN_GROUP = re.compile(r":/(?:.*/)?sandbox-(\d+)(?:\.\d+)?/run-\d+$", re.MULTILINE)
 
 
 def run_processes() -> list[int]:
-    """Processes that are in some sandbox's run group right now."""
+    """Processes that are in some sandbox's run group right now (the sandbox process itself, which lives in its
+    run group, not counted)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cgroup") as f:
-                if _RUN_GROUP.search(f.read()):
-                    found.append(int(entry))
+                group = _RUN_GROUP.search(f.read())
+            if group and group.group(1) != entry:
+                found.append(int(entry))
         except OSError:
             continue  # gone meanwhile
     return found

@@ -22,7 +22,6 @@ status is pytest's.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import stat
@@ -51,31 +50,6 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
                        data and data.encode()), f"mount {target}")  # fmt: skip
 
 
-def delegate_cgroups() -> list[str]:
-    """A group per hierarchy, owned by the service uid (the test process joins it with ``join``)."""
-    with open("/proc/self/mountinfo") as m, open("/proc/self/cgroup") as c:
-        hierarchies = cgroup.find_hierarchies(m.read(), c.read())
-    made = []
-    for hierarchy in hierarchies:
-        group = f"{hierarchy.base}/botworker-test-{os.getpid()}"
-        os.mkdir(group, 0o755)
-        made.append(group)
-        for name in ("", "cgroup.procs", "tasks", "cgroup.subtree_control", "cgroup.threads"):
-            path = f"{group}/{name}" if name else group
-            if os.path.exists(path):
-                os.chown(path, SERVICE_UID, SERVICE_GID)
-        if hierarchy.version == 2:
-            with contextlib.suppress(OSError), open(f"{hierarchy.base}/cgroup.subtree_control", "w") as f:
-                f.write(" ".join(f"+{c}" for c in sorted(hierarchy.controllers)))  # (systemd may have done it)
-    return made
-
-
-def join(groups: list[str]) -> None:
-    for group in groups:
-        with open(f"{group}/cgroup.procs", "w") as f:
-            f.write("0")
-
-
 def reachable_paths(paths: list[Path]) -> None:
     """In a private mount namespace, make every directory on the way to ``paths`` traversable by others."""
     _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
@@ -102,12 +76,12 @@ def main(args: list[str]) -> int:
     if os.geteuid() != 0:
         print("service_user.py: run it as root (it creates the unprivileged pass's user and cgroup)", file=sys.stderr)
         return 2
-    groups = delegate_cgroups()
+    groups = cgroup.delegate(f"botworker-test-{os.getpid()}", SERVICE_UID, SERVICE_GID)
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the test process
             try:
-                join(groups)
+                cgroup.join(groups)
                 reachable_paths([Path(sys.base_prefix), Path(sys.prefix), REPO])
                 os.setgroups([])
                 os.setresgid(SERVICE_GID, SERVICE_GID, SERVICE_GID)

@@ -152,3 +152,19 @@ def test_work_directories_of_a_dead_sandbox_are_swept() -> None:
     finally:
         client.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_sandbox_process_lives_in_its_run_group_so_runs_never_migrate() -> None:
+    root = Path(tempfile.mkdtemp(prefix="sandbox-home-"))
+    root.chmod(0o755)
+    client = SandboxClient(root, kit.JAIL_UID + 3, kit.JAIL_GID + 3)
+    try:
+        assert client.start()["ok"] and client.proc is not None
+        lines = Path(f"/proc/{client.proc.pid}/cgroup").read_text().splitlines()
+        homes = [line for line in lines if "memory" in line.split(":")[1] or line.startswith("0::")]
+        assert any(line.endswith(f"/sandbox-{client.proc.pid}/run-0") for line in homes), lines
+        reply = client.call({"kind": "shell", "command": "echo hi", "params": {}})
+        assert reply["ok"] and reply["cpu_ms"] > 0, reply  # the run's CPU was seen in the group it was born in
+    finally:
+        client.close()
+        shutil.rmtree(root, ignore_errors=True)

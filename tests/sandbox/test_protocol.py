@@ -374,13 +374,14 @@ def _waitpid(pid: int, deadline: float) -> tuple[int, int]:
     raise TimeoutError("no ptrace event before the deadline")
 
 
-def _hold_run(sandbox: int, who_dies: str, seen: dict[str, Any]) -> None:
+def _hold_run(sandbox: int, who_dies: str, seen: dict[str, Any], seized: threading.Event) -> None:
     """Tracer thread. who_dies="keeper": let the keeper fork init, then hold both until the sandbox's deadline kill
     lands on the keeper. who_dies="sandbox": hold the fresh keeper and kill the sandbox itself. Then release the
     orphan, which arms its parent-death signal too late."""
     deadline = time.monotonic() + 15
     try:
         _ptrace(_PTRACE_SEIZE, sandbox, _O_TRACEFORK)
+        seized.set()
         keeper = init = None
         first_stops: set[int] = set()
         while not (who_dies == "sandbox" and keeper in first_stops) and not (
@@ -417,7 +418,9 @@ def _hold_run(sandbox: int, who_dies: str, seen: dict[str, Any]) -> None:
         seen["keeper_killed"] = _wait_until(lambda: _state(keeper) in ("Z", "gone"), 10)  # the deadline kill
         with contextlib.suppress(ProcessLookupError):  # (a fix that kills the keeper's process group kills init too)
             _ptrace(_PTRACE_DETACH, init)  # runs on as an orphan: its PR_SET_PDEATHSIG comes after its parent died
-        seen["runner_started"] = _wait_until(_leftovers, 3)
+        # A runner: a process of the run other than the keeper and init (init, killed while held, can linger in
+        # the group until it is reaped)
+        seen["runner_started"] = _wait_until(lambda: [p for p in _leftovers() if p not in (keeper, init)], 3)
         _waitpid(keeper, deadline)  # only now can the sandbox reap the keeper (and delete the run's directory)
         _ptrace(_PTRACE_INTERRUPT, sandbox)
         while True:
@@ -427,6 +430,8 @@ def _hold_run(sandbox: int, who_dies: str, seen: dict[str, Any]) -> None:
                 break
     except Exception as exc:  # reported by the test; ending this thread detaches every tracee anyway
         seen["error"] = repr(exc)
+    finally:
+        seized.set()
 
 
 # These two once found a hole: init (and the keeper) armed PR_SET_PDEATHSIG without checking that their parent
@@ -441,8 +446,10 @@ def test_a_run_whose_keeper_dies_at_the_deadline_before_init_is_armed_leaves_not
 ) -> None:
     assert client.proc is not None
     seen: dict[str, Any] = {}
-    tracer = threading.Thread(target=_hold_run, args=(client.proc.pid, "keeper", seen))
+    seized = threading.Event()
+    tracer = threading.Thread(target=_hold_run, args=(client.proc.pid, "keeper", seen, seized))
     tracer.start()
+    seized.wait(10)  # the request goes only once the sandbox is traced: its next fork is the run's keeper
     try:
         # The tracer holds the processes longer than the client waits, so the call itself may time out; what
         # matters is that the deadline kill (the keeper's whole process group) leaves nothing behind.
@@ -466,8 +473,10 @@ def test_a_run_whose_keeper_dies_at_the_deadline_before_init_is_armed_leaves_not
 def test_a_run_whose_sandbox_dies_before_the_keeper_is_armed_leaves_nothing(client: SandboxClient, root: Path) -> None:
     assert client.proc is not None
     seen: dict[str, Any] = {}
-    tracer = threading.Thread(target=_hold_run, args=(client.proc.pid, "sandbox", seen))
+    seized = threading.Event()
+    tracer = threading.Thread(target=_hold_run, args=(client.proc.pid, "sandbox", seen, seized))
     tracer.start()
+    seized.wait(10)  # the request goes only once the sandbox is traced: its next fork is the run's keeper
     try:
         with pytest.raises(SandboxError):
             client.call(
