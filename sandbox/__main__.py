@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cgroup, check, files, jail, policy, script, seccomp, shell
+from .linux import alive
 from .protocol import ProtocolError, read_frame, write_frame
 
 _SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -244,7 +245,7 @@ class Server:
         stale = []
         for entry in (self.root / "runs").iterdir():
             pid = entry.name.split("-", 1)[0]
-            if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+            if not (pid.isdigit() and int(pid) != os.getpid() and alive(int(pid))):
                 stale.append(entry)
         if stale:
             self._remove_later(stale)
@@ -340,16 +341,6 @@ def _death(out: jail.Outcome, what: str) -> str:
     if out.exit_code and out.exit_code > 128:
         return f"{what} killed by signal {out.exit_code - 128}"
     return f"{what} exited with status {out.exit_code}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _remove_tree(path: Path) -> None:

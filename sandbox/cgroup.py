@@ -41,6 +41,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from .linux import alive
 from .policy import CGROUP_CONTROLLERS, RUN_CPU_CORES
 
 PERIOD_US = 100_000  # CPU bandwidth period
@@ -146,16 +147,6 @@ def _members(directory: str) -> list[int]:
         return []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_tree(directory: str) -> None:
     """Kill whatever is left in a group tree and remove it, deepest first (errors ignored: swept again later)."""
     with contextlib.suppress(OSError):
@@ -172,10 +163,10 @@ def remove_tree(directory: str) -> None:
             return
         except FileNotFoundError:
             return
-        except OSError:
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.01)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                return  # not ours to remove, or still busy: the next sweep tries again
+            time.sleep(0.01)  # killed members take a moment to leave
 
 
 @dataclass
@@ -446,5 +437,5 @@ def _sweep(base: str) -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(base):
             pid = entry.name[len(_PREFIX) :].split(".")[0]
-            if entry.name.startswith(_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            if entry.name.startswith(_PREFIX) and pid.isdigit() and not alive(int(pid)):
                 remove_tree(entry.path)

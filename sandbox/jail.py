@@ -273,7 +273,8 @@ def _child(
     devnull = os.open("/dev/null", os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    close_all_but(*fds)
+    close_all_but(*fds)  # kept on purpose: while the keeper lives, the pipes do not end, so the sandbox keeps
+    # watching the deadline even after a run closed its own ends
     if weak:
         return _runner(job, paths, uid, gid, limits, weak, fds)
     outer_uid, outer_gid = os.geteuid(), os.getegid()

@@ -89,6 +89,17 @@ def bounding_set_empty() -> bool:
     return all(LIBC.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) != 1 for cap in range(64))
 
 
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a process we may not signal exists too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def close_all_but(*keep: int) -> None:
     """Close every descriptor above 2 except ``keep``."""
     low = 3

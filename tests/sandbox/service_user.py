@@ -1,8 +1,10 @@
 """The sandbox tests' second pass: as an unprivileged user, the way the systemd unit runs the worker.
 
     .venv/bin/python tests/sandbox/service_user.py [pytest arguments]     (as root; ./dev test runs it)
+    .venv/bin/python tests/sandbox/service_user.py --run COMMAND...       (any command, the same way)
 
-Without a path among the arguments it runs ``tests/sandbox``.
+Without a path among the arguments it runs ``tests/sandbox``. ``--run`` is for measuring the production mode too
+(``--run .venv/bin/python bench/sandbox_latency.py --compare DIR``).
 
 The unit runs the worker as ``User=botworker`` with ``Delegate=yes`` and ``NoNewPrivileges=yes``, in a mount
 namespace of its own (``ProtectHome=``, ``PrivateTmp=``). This launcher, started as root (as CI is), gives a test
@@ -90,6 +92,8 @@ def main(args: list[str]) -> int:
                 os.chdir(REPO)
                 env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tempfile.gettempdir(),
                        "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": tempfile.gettempdir()}  # fmt: skip
+                if args[:1] == ["--run"]:
+                    os.execve(args[1], args[1:], env)
                 # Only the sandbox's tests: other test paths among the arguments are left to root's pass.
                 args = [a for a in args if a.startswith("tests/sandbox") or not a.startswith("tests")]
                 paths = [] if any(a.startswith("tests/sandbox") for a in args) else ["tests/sandbox"]

@@ -7,9 +7,11 @@ the others create, reuse, sweep and remove real groups under this test process's
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from sandbox import cgroup
 from sandbox.client import SandboxClient
 
 import kit
+import service_user
 
 V1_SEPARATE = """\
 30 25 0:26 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu
@@ -168,3 +171,33 @@ def test_the_sandbox_process_lives_in_its_run_group_so_runs_never_migrate() -> N
     finally:
         client.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(not kit.ROOT_MODE, reason="needs a user with no delegated cgroup: root's pass makes one")
+def test_without_a_cgroup_of_its_own_the_sandbox_refuses_to_run() -> None:
+    """A sandbox whose user may not create cgroups (a service without Delegate=yes) fails closed and says why."""
+    root = Path(tempfile.mkdtemp(prefix="sandbox-nocgroup-"))
+    root.chmod(0o777)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - an unprivileged process in root's (not delegated) cgroup
+        try:
+            service_user.reachable_paths([Path(sys.base_prefix), Path(sys.prefix), service_user.REPO])
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            client = SandboxClient(root, 1, 1)
+            hello = client.start()
+            reply = client.call({"kind": "script", "source": "result = 1", "params": {}}) if hello["ok"] else None
+            client.close()
+            os.write(write_end, json.dumps({"hello": hello, "reply": reply}).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        seen = json.loads(pipe.read() or b"{}")
+    os.waitpid(pid, 0)
+    shutil.rmtree(root, ignore_errors=True)
+    hello = seen["hello"]
+    assert hello["ok"] is False and hello["layers"]["cgroup"] is False, hello
+    assert "cgroup" in hello["error"] and "Delegate=yes" in hello["error"], hello

@@ -478,3 +478,16 @@ def test_cant_reach_another_bots_files_in_weak_mode(groups: cgroup.RunGroups) ->
         groups.release(slot)
         shutil.rmtree(tmp_path, ignore_errors=True)
     assert json.loads(out.result) == ["PermissionError", "ok"], out
+
+
+def test_cant_outlast_the_deadline_by_closing_every_pipe(run: Run) -> None:
+    """A run that closed stdout, stderr and its result pipe (nothing left to read) is still killed at its deadline."""
+
+    def job(result_fd: int) -> None:
+        for fd in (1, 2, result_fd):
+            os.close(fd)
+        time.sleep(60)
+
+    started = time.monotonic()
+    out = _raw(run, job, wall_seconds=1)
+    assert out.killed == "wall_time" and time.monotonic() - started < 5, out
