@@ -28,7 +28,8 @@ process boundary            The worker execs ``python -I`` with an environment b
 cgroup (per run)            Every run's whole process tree is in a cgroup of its own (``cgroup.py``, v2 or
                             v1): memory (no swap; its tmpfs pages count), processes and CPU rate are held for
                             the tree as a whole, the sandbox kills it at its CPU-time budget, and a kill at
-                            the deadline reaches every member. Required: no cgroup, no runs.
+                            the deadline reaches every member. The sandbox process lives in the group (runs are
+                            born in it) under no limit between runs. Required: no cgroup, no runs.
 namespaces                  Each run gets new mount, PID, network, IPC and UTS namespaces (plus a user
                             namespace when the sandbox is not root): no network interface but a downed
                             loopback, no view of host processes, its own hostname.
@@ -61,8 +62,9 @@ RestrictedPython            Custom scripts also pass a policy layer (``script.py
                             not the boundary: the layers above are.
 shell without a shell       Commands become an argv of an allowlisted program at a fixed path, read the way the
                             program reads it: only the options ``policy.py`` lists for that program (long ones
-                            in full), parameters as operands or option arguments only, ``--`` before the
-                            operands; environment fixed; stdin /dev/null (``shell.py``).
+                            in full), parameters as operands or option arguments only, one option per
+                            element and ``--`` before the operands; environment fixed; stdin /dev/null
+                            (``shell.py``).
 files without symlinks      File operations walk paths one component at a time with ``O_NOFOLLOW`` from the
                             bot's directory; ``..`` and NUL are refused; only regular files, opened
                             non-blocking; every write checked against the bot's quota (``files.py``).
@@ -89,7 +91,7 @@ What is not defended
   core).
 - Tool side effects when a message is retried after a crash: a run is not transactional.
 - Concurrent writes of one bot may overshoot its ``/files`` quota by one file each (each write checks the quota on
-  its own).
+  its own). File operation paths are at most 16 directories deep and 1024 characters long.
 - ``SANDBOX_ALLOW_WEAK`` (development only): without namespaces a run still has its cgroup (where the machine has
   one), uid, no-new-privs, rlimits, seccomp and, where the kernel has it, Landlock on host paths (the run's own
   work directory and bot directory; ``/usr`` to read). It loses the private root (without Landlock it sees the

@@ -318,11 +318,17 @@ def _parse_result(out: jail.Outcome) -> dict[str, Any] | None:
 def _meta(out: jail.Outcome) -> dict[str, Any]:
     return {
         "exit_code": out.exit_code,
-        "killed": out.killed or ("memory" if out.oom_kills and out.exit_code == 128 + signal.SIGKILL else None),
+        "killed": out.killed or ("memory" if _oom_killed(out) else None),
         "truncated": out.truncated,
         "duration_ms": out.duration_ms,
         "cpu_ms": out.cpu_ms,
     }
+
+
+def _oom_killed(out: jail.Outcome) -> bool:
+    """The kernel killed part of the run for its memory limit, and the run died of SIGKILL: the runner (137 from
+    the keeper) or the keeper itself (-9), whichever the kernel chose."""
+    return bool(out.oom_kills) and out.exit_code in (128 + signal.SIGKILL, -signal.SIGKILL)
 
 
 def _death(out: jail.Outcome, what: str) -> str:
@@ -331,15 +337,15 @@ def _death(out: jail.Outcome, what: str) -> str:
         return f"{what} killed: wall-clock time limit"
     if out.killed == "cpu_time":
         return f"{what} killed: CPU time limit of the run"
-    if out.oom_kills and out.exit_code == 128 + signal.SIGKILL:
+    if _oom_killed(out):
         return f"{what} killed: memory limit of the run"
-    if out.exit_code == 128 + signal.SIGKILL:
-        return f"{what} killed (CPU time, memory or process limit)"
+    if out.exit_code in (128 + signal.SIGKILL, -signal.SIGKILL):
+        return f"{what} killed (CPU time or memory limit of a process)"
     if out.exit_code == jail.EXIT_SETUP_FAILED:
         tail = out.stderr.decode(errors="replace").strip().splitlines()
         return f"{what} could not start: {tail[-1] if tail else 'sandbox setup failed'}"
-    if out.exit_code and out.exit_code > 128:
-        return f"{what} killed by signal {out.exit_code - 128}"
+    if out.exit_code and (out.exit_code > 128 or out.exit_code < 0):
+        return f"{what} killed by signal {out.exit_code - 128 if out.exit_code > 0 else -out.exit_code}"
     return f"{what} exited with status {out.exit_code}"
 
 

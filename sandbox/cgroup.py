@@ -210,7 +210,7 @@ class Slot:
         else:
             limit, memsw = f"{memory}/memory.limit_in_bytes", f"{memory}/memory.memsw.limit_in_bytes"
             # memsw (memory + swap) may never be below the memory limit: lower the limit first, raise memsw first.
-            current = int(self._written.get(limit) or _read(limit))
+            current = int(_read(limit))
             for path in [limit, memsw] if memory_bytes < current else [memsw, limit]:
                 if path == limit or os.path.exists(memsw):
                     self._set(path, str(memory_bytes))
@@ -225,6 +225,20 @@ class Slot:
             self._set(f"{cpu}/cpu.cfs_quota_us", str(quota))
         self._cpu_base = self._cpu_total()
         self._oom_base = self._oom_total()
+
+    def relax(self) -> None:
+        """Between runs, lift the memory and process limits of a home slot: the sandbox process, alone in it then,
+        reads the next request (frames of up to 8 MiB) under no run's budget."""
+        version, memory = self._dir("memory")
+        if version == 2:
+            self._set(f"{memory}/memory.max", "max")
+        else:
+            memsw = f"{memory}/memory.memsw.limit_in_bytes"
+            if os.path.exists(memsw):
+                self._set(memsw, "-1")  # raised first: it may never be below the memory limit
+            self._set(f"{memory}/memory.limit_in_bytes", "-1")
+        _, pids = self._dir("pids")
+        self._set(f"{pids}/pids.max", "max")
 
     def enter(self) -> None:
         """Move the calling process into the group (the run's first process calls this right after its fork;
@@ -362,6 +376,7 @@ class RunGroups:
         next acquire). Leftover page cache charged to a group stays until the kernel reclaims it."""
         emptied = slot.drain(2.0)
         if slot.home:
+            slot.relax()
             return
         (self._free if emptied else self._dirty).append(slot)
 

@@ -20,7 +20,14 @@ import resource
 import stat
 from typing import Any
 
-from .policy import FILES_QUOTA_BYTES, FILES_QUOTA_ENTRIES, MAX_FILE_BYTES, MAX_LIST_ENTRIES
+from .policy import (
+    FILES_QUOTA_BYTES,
+    FILES_QUOTA_ENTRIES,
+    MAX_FILE_BYTES,
+    MAX_LIST_ENTRIES,
+    MAX_PATH_CHARS,
+    MAX_PATH_DEPTH,
+)
 
 OPERATIONS = ("read", "write", "list", "exists")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -32,11 +39,13 @@ class FileRefused(ValueError):
 
 def split_path(path: str) -> list[str]:
     """A path relative to the base directory, as components. A leading '/' means the base directory itself."""
-    if not isinstance(path, str) or "\x00" in path or len(path) > 4096:
-        raise FileRefused("path must be a string without NUL bytes, at most 4096 characters")
+    if not isinstance(path, str) or "\x00" in path or len(path) > MAX_PATH_CHARS:
+        raise FileRefused(f"path must be a string without NUL bytes, at most {MAX_PATH_CHARS} characters")
     parts = [p for p in path.strip().split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
         raise FileRefused("path must not contain '..'")
+    if len(parts) > MAX_PATH_DEPTH:
+        raise FileRefused(f"path must not be more than {MAX_PATH_DEPTH} directories deep")
     return parts
 
 
@@ -158,20 +167,33 @@ def _write(parent: int, name: str, data: bytes, left: int) -> int:
 
 
 def usage(base: str, stop_after: int) -> tuple[int, int]:
-    """(bytes of regular files, entries) under ``base``, symlinks not followed; counting stops after
-    ``stop_after`` entries (the directory is over its quota by then anyway)."""
-    total, entries = 0, 0
-    pending = [base]
-    while pending and entries < stop_after:
-        with os.scandir(pending.pop()) as it:
+    """(bytes, entries) under ``base``: regular files and directories by their size, symlinks not followed, walked
+    by descriptor (no path grows past PATH_MAX however deep the tree); counting stops after ``stop_after`` entries
+    (the directory is over its quota by then anyway)."""
+    counted = [0, 0]
+
+    def walk(fd: int) -> None:
+        with os.scandir(fd) as it:
             for entry in it:
-                entries += 1
+                counted[1] += 1
+                if counted[1] >= stop_after:  # (each level stops at its next entry)
+                    return
                 st = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode):
-                    total += st.st_size
-                elif stat.S_ISDIR(st.st_mode):
-                    pending.append(entry.path)
-    return total, entries
+                if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                    counted[0] += st.st_size
+                if stat.S_ISDIR(st.st_mode):
+                    child = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+                    try:
+                        walk(child)
+                    finally:
+                        os.close(child)
+
+    top = os.open(base, _DIR_FLAGS)
+    try:
+        walk(top)
+    finally:
+        os.close(top)
+    return counted[0], counted[1]
 
 
 def _only_regular(parent: int, name: str) -> None:

@@ -40,7 +40,7 @@ MIN_LIMITS: dict[str, float] = {"wall_seconds": 0.1, "cpu_seconds": 1, "memory_b
 
 RUN_CPU_CORES = 1.0  # a run's processes together get at most this many cores' worth of time (cgroup CPU bandwidth)
 TMPFS_INODES = 4096  # files and directories each of /work and /tmp may hold
-FILES_QUOTA_BYTES = 64 << 20  # a bot's /files as a whole (bytes of regular files), checked by every file write
+FILES_QUOTA_BYTES = 64 << 20  # a bot's /files as a whole (bytes of files and directories), checked by every write
 FILES_QUOTA_ENTRIES = 10_000  # files and directories in a bot's /files
 
 MAX_FRAME_BYTES = 8 << 20  # the largest request or response frame on the pipes
@@ -48,6 +48,8 @@ MAX_ARGV_BYTES = 64 << 10  # total size of a shell command's argv
 MAX_SCRIPT_BYTES = 64 << 10  # largest custom script source
 MAX_FILE_BYTES = 1 << 20  # largest file a file_operation reads or writes
 MAX_LIST_ENTRIES = 1000  # entries returned by a file_operation "list"
+MAX_PATH_CHARS = 1024  # a file_operation's path
+MAX_PATH_DEPTH = 16  # directories in a file_operation's path
 
 # ---- shell programs ----------------------------------------------------------------------------------------
 # How a program reads its command line (shell.py parses the command exactly this way before anything runs):
@@ -65,8 +67,9 @@ class Program(NamedTuple):
     takes no argument, ``name=`` one (``--name=v`` or the next element), ``name[=]`` an optional one (``--name=v``).
     Abbreviations of long options are refused, so what the program sees is exactly what is listed here. Every
     parameter value fills an operand (or an option's argument), never an option: the command becomes
-    ``program OPTIONS -- OPERANDS`` (see ``shell.build_argv``), and ``echo``, which has no ``--``, refuses a value it
-    would read as an option.
+    ``program OPTIONS -- OPERANDS`` with one short option per element and its argument apart (``-rnk2`` is given as
+    ``-r -n -k 2``, so no program's own reading of a cluster, such as tail's obsolete ``-cf`` "follow", applies);
+    see ``shell.build_argv``. ``echo``, which has no ``--``, refuses a value it would read as an option.
     """
 
     path: str
@@ -228,9 +231,9 @@ FORBIDDEN_ENV_NAMES = frozenset({
     "PATH", "HOME", "IFS", "ENV", "BASH_ENV", "SHELL", "TMPDIR", "TZ", "TZDIR", "LANG", "LANGUAGE", "NLSPATH",
     "GCONV_PATH", "LOCPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN", "PYTHONPATH", "PYTHONHOME",
     "POSIXLY_CORRECT", "GREP_OPTIONS", "GREP_COLOR", "GREP_COLORS", "LS_COLORS", "QUOTING_STYLE", "TIME_STYLE",
-    "BLOCK_SIZE", "BLOCKSIZE", "DU_BLOCK_SIZE", "LS_BLOCK_SIZE", "COLUMNS", "TABSIZE", "TERM",
+    "BLOCK_SIZE", "BLOCKSIZE", "DU_BLOCK_SIZE", "LS_BLOCK_SIZE", "COLUMNS", "TABSIZE", "TERM", "OUTPUT_CHARSET",
 })  # fmt: skip
-FORBIDDEN_ENV_PREFIXES: tuple[str, ...] = ("LD_", "LC_", "MALLOC_", "GLIBC_", "PYTHON")
+FORBIDDEN_ENV_PREFIXES: tuple[str, ...] = ("LD_", "LC_", "MALLOC_", "GLIBC_", "LIBC_", "PYTHON", "OMP_")
 
 # ---- the jail's file system --------------------------------------------------------------------------------
 # Host directories bind-mounted read-only (nosuid, nodev) into the jail. Everything else of the host is absent.

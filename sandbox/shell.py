@@ -9,9 +9,11 @@ only the options ``policy.SHELL_PROGRAMS`` lists for it.
   every option must be listed for that program, long options spelled out in full (``getopt_long`` would accept any
   unique prefix, ``--compress-prog`` for ``--compress-program``: a prefix is refused rather than guessed), and a
   parameter may fill an operand or an option's argument but never name an option. The program then gets
-  ``OPTIONS -- OPERANDS``, so a parameter value that starts with ``-`` is still an operand; ``echo``, which has no
+  ``OPTIONS -- OPERANDS``, one short option per element with its argument apart, so a parameter value that starts
+  with ``-`` is still an operand and no program-specific reading of a cluster applies; ``echo``, which has no
   ``--``, refuses a value it would read as an option.
-- NUL bytes and an argv over ``policy.MAX_ARGV_BYTES`` are refused. The environment is ``policy.SHELL_ENV`` plus
+- NUL bytes, a command and an argv over ``policy.MAX_ARGV_BYTES`` are refused (the argv while it is being filled,
+  so a parameter repeated a thousand times is never built). The environment is ``policy.SHELL_ENV`` plus
   at most one secret variable whose name matches ``policy.SECRET_ENV_NAME`` and is not one programs read.
 - stdin is /dev/null; stdout and stderr are captured and capped by the jail. ``executables`` names the only files
   the run may execute (the program and its ELF interpreter), which jail.py hands to Landlock.
@@ -51,6 +53,8 @@ def build_argv(command: str, params: dict[str, Any]) -> tuple[str, list[str]]:
     """(absolute program path, argv) for a command template and its parameters."""
     if not isinstance(command, str) or "\x00" in command:
         raise ShellRefused("command must be a string without NUL bytes")
+    if len(command) > MAX_ARGV_BYTES:  # before shlex, which is slow on megabytes
+        raise ShellRefused(f"command exceeds {MAX_ARGV_BYTES} characters")
     try:
         tokens = shlex.split(command, posix=True)
     except ValueError as exc:
@@ -64,7 +68,8 @@ def build_argv(command: str, params: dict[str, Any]) -> tuple[str, list[str]]:
         allowed = ", ".join(sorted(SHELL_PROGRAMS))
         raise ShellRefused(f"program {name!r} is not allowed (allowed: {allowed})")
     program = SHELL_PROGRAMS[name]
-    filled = [_fill(token, params) for token in tokens[1:]]
+    budget = [MAX_ARGV_BYTES]  # counted down while filling: a parameter used a thousand times is refused early
+    filled = [_fill(token, params, budget) for token in tokens[1:]]
     if program.syntax == ECHO:
         args = _echo(tokens[1:], filled)
     else:
@@ -79,7 +84,7 @@ def build_argv(command: str, params: dict[str, Any]) -> tuple[str, list[str]]:
     return program.path, argv
 
 
-def _fill(token: str, params: dict[str, Any]) -> str:
+def _fill(token: str, params: dict[str, Any], budget: list[int]) -> str:
     def value(match: re.Match[str]) -> str:
         key = match.group(1)
         if key not in params:
@@ -90,6 +95,9 @@ def _fill(token: str, params: dict[str, Any]) -> str:
         text = str(v)
         if "\x00" in text:
             raise ShellRefused(f"parameter {key!r} contains a NUL byte")
+        budget[0] -= len(text)
+        if budget[0] < 0:
+            raise ShellRefused(f"arguments exceed {MAX_ARGV_BYTES} bytes")
         return text
 
     return _PLACEHOLDER.sub(value, token)
@@ -160,6 +168,9 @@ def _getopt(name: str, program: Program, templates: list[str], filled: list[str]
             if kind == _REQUIRED and not eq:
                 i = _take_argument(name, f"--{option}", templates, filled, i, options)
             continue
+        # A cluster comes out one option per element, a required argument in an element of its own ("-rnk2" ->
+        # "-r", "-n", "-k", "2"): what the program sees then never depends on how it reads a cluster itself
+        # (tail reads "-cf" in argv[1] as its obsolete "-c, follow" form before getopt does).
         j = 1
         while j < len(template):
             if named <= j:
@@ -172,11 +183,17 @@ def _getopt(name: str, program: Program, templates: list[str], filled: list[str]
                     "an operand that starts with '-' goes after '--')"
                 )
             j += 1
-            if kind != _NONE:
-                break  # the rest of the element is its argument, or (required) the next element is
-        options.append(value)
-        if short.get(template[j - 1]) == _REQUIRED and j == len(template):
-            i = _take_argument(name, f"-{template[j - 1]}", templates, filled, i, options)
+            rest = value[j:]  # the letters before j are literal: the same in the template and the value
+            if kind == _OPTIONAL:  # an optional argument can only be attached
+                options.append(f"-{letter}{rest}")
+                break
+            options.append(f"-{letter}")
+            if kind == _REQUIRED:
+                if rest:
+                    options.append(rest)
+                else:
+                    i = _take_argument(name, f"-{letter}", templates, filled, i, options)
+                break
     return options, operands
 
 

@@ -730,3 +730,42 @@ def test_cant_find_a_layer_missing_in_sandbox_check(client: SandboxClient) -> No
     assert report["ok"] and not failed, failed
     assert {c["layer"] for c in report["checks"]} >= {"namespaces", "identity", "capabilities", "seccomp",
         "cgroup memory", "cgroup pids", "cgroup cpu", "disk /work and /tmp", "disk /files"}  # fmt: skip
+
+
+# ---- the sandbox process itself ------------------------------------------------------------------------------
+
+
+def test_cant_kill_the_sandbox_with_a_request_after_a_small_run(client: SandboxClient) -> None:
+    """The sandbox lives in its runs' cgroup: between runs it must not be held to the last run's memory."""
+    assert client.proc is not None
+    pid = client.proc.pid
+    assert script(client, "result = 1", memory_bytes=32 << 20)["ok"]
+    reply = script(client, "result = len(params['a'])", {"a": [{"k": "v"}] * 300_000})
+    assert reply["ok"] and reply["result"] == 300_000, reply
+    assert client.proc.pid == pid, "the sandbox process was replaced"
+
+
+@pytest.mark.parametrize(
+    ("command", "params"),
+    [("echo " + "{{a}}" * 1000, {"a": "x" * (1 << 20)}), ("echo " + "a " * 2_000_000, {})],
+    ids=["placeholder_amplification", "megabytes_of_command"],
+)
+def test_cant_stall_or_kill_the_sandbox_with_a_huge_command(
+    client: SandboxClient, command: str, params: dict[str, Any]
+) -> None:
+    assert client.proc is not None
+    pid = client.proc.pid
+    started = time.monotonic()
+    reply = shell(client, command, params, limits={"wall_seconds": 0.5})
+    assert refused(reply) and "exceed" in reply["error"], {**reply, "stdout": "..."}
+    assert time.monotonic() - started < 2 and client.proc.pid == pid
+
+
+@pytest.mark.parametrize("value", ["f", "bf", "lf", "+1f"])
+def test_cant_make_tail_follow_through_an_attached_argument(client: SandboxClient, value: str) -> None:
+    """tail reads a "-c<x>f" in argv[1] as its obsolete "follow" form before getopt: the argument is kept apart."""
+    assert file_op(client, "write", "t.txt", "tail", content="line\n")["ok"]
+    started = time.monotonic()
+    reply = shell(client, "tail -c{{n}} /files/t.txt", {"n": value}, scope="tail", limits={"wall_seconds": 3})
+    assert reply["killed"] is None and time.monotonic() - started < 2, reply
+    assert reply["ok"] is False and "invalid number of bytes" in reply["stderr"], reply

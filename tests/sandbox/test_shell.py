@@ -16,7 +16,8 @@ def argv(command: str, **params: object) -> list[str]:
 
 
 def test_options_first_then_operands_after_a_double_dash() -> None:
-    assert argv("sort -rn -k2 {{f}} -o /tmp/x", f="--help") == ["sort", "-rn", "-k2", "-o", "/tmp/x", "--", "--help"]
+    assert argv("sort -rn -k2 {{f}} -o /tmp/x", f="--help") == [
+        "sort", "-r", "-n", "-k", "2", "-o", "/tmp/x", "--", "--help"]  # fmt: skip
     assert argv("sort /files/a --reverse") == ["sort", "--reverse", "--", "/files/a"]  # getopt permutes
     assert argv("cat") == ["cat"]
     assert argv("cat -- -n") == ["cat", "--", "-n"]
@@ -68,8 +69,8 @@ def test_a_parameter_cannot_name_an_option(command: str) -> None:
     [
         ("sort --key={{k}} x", ["sort", "--key=--compress-program=dash", "--", "x"]),  # an argument, not an option
         ("sort -k {{k}} x", ["sort", "-k", "--compress-program=dash", "--", "x"]),
-        ("sort -k{{k}} x", ["sort", "-k--compress-program=dash", "--", "x"]),
-        ("sort -rnk{{k}} x", ["sort", "-rnk--compress-program=dash", "--", "x"]),
+        ("sort -k{{k}} x", ["sort", "-k", "--compress-program=dash", "--", "x"]),
+        ("sort -rnk{{k}} x", ["sort", "-r", "-n", "-k", "--compress-program=dash", "--", "x"]),
         ("head -n {{k}} x", ["head", "-n", "--compress-program=dash", "--", "x"]),
         ("sort {{k}}", ["sort", "--", "--compress-program=dash"]),
         ("sort -- {{k}} -r", ["sort", "--", "--compress-program=dash", "-r"]),
@@ -78,6 +79,22 @@ def test_a_parameter_cannot_name_an_option(command: str) -> None:
 )
 def test_a_parameter_fills_an_argument_or_an_operand(command: str, expected: list[str]) -> None:
     assert argv(command, k="--compress-program=dash") == expected
+
+
+def test_clusters_come_out_one_option_per_element() -> None:
+    """tail reads a "-cf" in argv[1] as its obsolete "bytes, follow" form before getopt: the value "f" of
+    `tail -c{{n}}` would follow forever. One option per element, arguments apart, leaves nothing to such readings."""
+    assert argv("tail -c{{n}} /files/x", n="f") == ["tail", "-c", "f", "--", "/files/x"]
+    assert argv("tail -cf /files/x") == ["tail", "-c", "f", "--", "/files/x"]
+    assert argv("ls -lah") == ["ls", "-l", "-a", "-h"]
+    assert argv("date -Iseconds") == ["date", "-Iseconds"]  # an optional argument stays attached
+
+
+def test_a_command_or_its_arguments_past_the_cap_are_refused_before_the_work() -> None:
+    with pytest.raises(ShellRefused, match="exceeds"):
+        build_argv("echo " + "a " * policy.MAX_ARGV_BYTES, {})
+    with pytest.raises(ShellRefused, match="exceed"):  # 1,000 copies of 1 MiB are never built
+        build_argv("echo " + "{{a}}" * 1000, {"a": "x" * (1 << 20)})
 
 
 def test_a_missing_option_argument_is_refused() -> None:
@@ -106,7 +123,8 @@ def test_echo_refuses_a_value_it_would_read_as_an_option() -> None:
 
 
 def test_secret_names_that_programs_read_are_refused() -> None:
-    for name in ("POSIXLY_CORRECT", "GREP_OPTIONS", "TIME_STYLE", "QUOTING_STYLE", "LS_COLORS", "BLOCK_SIZE"):
+    for name in ("POSIXLY_CORRECT", "GREP_OPTIONS", "TIME_STYLE", "QUOTING_STYLE", "LS_COLORS", "BLOCK_SIZE",
+                 "OMP_NUM_THREADS", "OMP_THREAD_LIMIT", "OUTPUT_CHARSET", "LIBC_FATAL_STDERR_"):  # fmt: skip
         with pytest.raises(ShellRefused):
             shell.build_env({name: "x"})
 
