@@ -213,42 +213,18 @@ def _iterating(fn, spec):
     return call
 
 
-class GuardedType:
-    """Calls go through _iterating; isinstance, issubclass and class bases see the real type."""
-
-    __slots__ = ("_call", "_type")
-
-    def __init__(self, typ, spec):
-        self._type, self._call = typ, _iterating(typ, spec)
-
-    def __call__(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
-
-    def __instancecheck__(self, ob):
-        return isinstance(ob, self._type)
-
-    def __subclasscheck__(self, cls):
-        return issubclass(cls, self._type)
-
-    def __mro_entries__(self, bases):
-        return (self._type,)
-
-    def __repr__(self):
-        return repr(self._type)
-
-
 class ClassStandIn:
     """A class whose plain-Python methods could be called unbound with any object as ``self`` (``Counter.copy(int)``
     returns ``type``): calls construct instances, isinstance sees the real class, and nothing else of the class is
     reachable, not even by subclassing (a subclass would hand out the same methods)."""
 
-    __slots__ = ("_type",)
+    __slots__ = ("_call", "_type")
 
-    def __init__(self, typ):
-        self._type = typ
+    def __init__(self, typ, call=None):
+        self._type, self._call = typ, call or typ
 
     def __call__(self, *args, **kwargs):
-        return self._type(*args, **kwargs)
+        return self._call(*args, **kwargs)
 
     def __instancecheck__(self, ob):
         return isinstance(ob, self._type)
@@ -261,6 +237,18 @@ class ClassStandIn:
 
     def __repr__(self):
         return repr(self._type)
+
+
+class GuardedType(ClassStandIn):
+    """A builtin type (C methods only) whose calls go through _iterating; class bases see the real type."""
+
+    __slots__ = ()
+
+    def __init__(self, typ, spec):
+        super().__init__(typ, _iterating(typ, spec))
+
+    def __mro_entries__(self, bases):
+        return (self._type,)
 
 
 @functools.cache  # decided once per class in the sandbox process (warm_up), not in every run
