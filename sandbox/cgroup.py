@@ -182,12 +182,17 @@ class Slot:
     home: bool = False
     procs_fds: list[int] = field(default_factory=list)
     _written: dict[str, str] = field(default_factory=dict)
+    _absent: set[str] = field(default_factory=set)  # optional files this kernel does not have (no swap accounting)
     _cpu_base: int = 0
     _oom_base: int = 0
 
     def __post_init__(self) -> None:
         for _, directory in self.dirs if not self.home else ():
             self.procs_fds.append(os.open(f"{directory}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+        _, memory = self._dir("memory")
+        for name in ("memory.swap.max", "memory.memsw.limit_in_bytes"):
+            if not os.path.exists(f"{memory}/{name}"):
+                self._absent.add(f"{memory}/{name}")
 
     def _dir(self, controller: str) -> tuple[int, str]:
         for hierarchy, directory in self.dirs:
@@ -196,7 +201,7 @@ class Slot:
         raise CgroupUnavailable(f"no {controller} controller")  # find_hierarchies made sure there is one
 
     def _set(self, path: str, value: str) -> None:
-        if self._written.get(path) != value:
+        if self._written.get(path) != value and path not in self._absent:
             _write(path, value)
             self._written[path] = value
 
@@ -205,15 +210,13 @@ class Slot:
         version, memory = self._dir("memory")
         if version == 2:
             self._set(f"{memory}/memory.max", str(memory_bytes))
-            if os.path.exists(f"{memory}/memory.swap.max"):
-                self._set(f"{memory}/memory.swap.max", "0")
+            self._set(f"{memory}/memory.swap.max", "0")
         else:
             limit, memsw = f"{memory}/memory.limit_in_bytes", f"{memory}/memory.memsw.limit_in_bytes"
             # memsw (memory + swap) may never be below the memory limit: lower the limit first, raise memsw first.
             current = int(_read(limit))
             for path in [limit, memsw] if memory_bytes < current else [memsw, limit]:
-                if path == limit or os.path.exists(memsw):
-                    self._set(path, str(memory_bytes))
+                self._set(path, str(memory_bytes))
         version, pids = self._dir("pids")
         self._set(f"{pids}/pids.max", str(processes + 2 + self.home))  # + the jail's keeper and init (+ us)
         version, cpu = self._dir("cpu")
@@ -233,9 +236,7 @@ class Slot:
         if version == 2:
             self._set(f"{memory}/memory.max", "max")
         else:
-            memsw = f"{memory}/memory.memsw.limit_in_bytes"
-            if os.path.exists(memsw):
-                self._set(memsw, "-1")  # raised first: it may never be below the memory limit
+            self._set(f"{memory}/memory.memsw.limit_in_bytes", "-1")  # first: never below the memory limit
             self._set(f"{memory}/memory.limit_in_bytes", "-1")
         _, pids = self._dir("pids")
         self._set(f"{pids}/pids.max", "max")
@@ -318,7 +319,6 @@ class RunGroups:
         self.parents = [f"{h.base}/{name}" for h in hierarchies]
         self.origins = [h.base for h in hierarchies]  # where this process was (to go back there at close)
         self.home: Slot | None = None
-        self._want_home = home
         self._free: list[Slot] = []
         self._dirty: list[Slot] = []
         self._count = 0
@@ -383,7 +383,7 @@ class RunGroups:
     def close(self) -> None:
         if self.home is not None:
             with contextlib.suppress(OSError):
-                join([origin for origin in self.origins])  # back where we came from, so the groups can go
+                join(self.origins)  # back where we came from, so the groups can go
             self.home = None
         for slot in self._free + self._dirty:
             slot.close()
@@ -411,9 +411,7 @@ def delegate(name: str, uid: int, gid: int) -> list[str]:
                 os.chown(path, uid, gid)
         if hierarchy.version == 2:
             with contextlib.suppress(OSError):  # (systemd may have done it; EBUSY if our own group holds processes)
-                _write(
-                    f"{hierarchy.base}/cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(hierarchy.controllers))
-                )
+                _enable(hierarchy.base, hierarchy.controllers, move_processes=False)
     return made
 
 

@@ -144,9 +144,7 @@ def run(
     finally:
         for fd in (out_r, err_r, res_r, pid_r):
             os.close(fd)
-    if group is not None:
-        if weak or outcome.killed:
-            group.kill()  # without a PID namespace, leftovers of the run are found by their group
+    if group is not None:  # (what a run leaves, a weak one especially, is killed when its group is released)
         outcome.cpu_ms = round(group.cpu_seconds() * 1000, 3)
         outcome.oom_kills = group.oom_kills()
     outcome.duration_ms = int((time.monotonic() - started) * 1000)
@@ -253,15 +251,14 @@ def _child(
     """The keeper."""
     _, err_w, _, pid_w = fds
     os.dup2(err_w, 2)  # setup errors go to the run's stderr
-    if group is not None:
-        group.enter()  # first of all (a no-op when born in it): everything the run does counts against its group
-        group.close()
     if uid is None:
         # The sandbox process is non-dumpable, which makes our own /proc files root's; undo that here (the runner
         # sets it again before any untrusted code) so that we can write them: oom_score_adj just below, and, in a
         # user namespace, the uid and gid maps.
         prctl(PR_SET_DUMPABLE, 1)
     if group is not None:
+        group.enter()  # (a no-op when born in it) everything the run does from here on counts against its group
+        group.close()
         # When the run's memory runs out, the kernel kills the largest process of the group: any of the run's,
         # never the sandbox process that shares the group (see cgroup.Slot).
         Path("/proc/self/oom_score_adj").write_text("1000")

@@ -5,8 +5,8 @@ the run may do even inside that view (jail.py chooses the rules per run): read `
 write only where the run may write (``/work`` and ``/tmp``; ``/files`` in file operations), and **execute only the
 one program of a shell run and its ELF interpreter** (nothing at all in script and file runs); no TCP bind/connect
 (ABI >= 4); no signals or abstract unix sockets outside the run (ABI >= 6). Every file-system right the kernel
-knows is handled, so whatever no rule grants is denied. It is an optional layer: ``restrict`` returns the ABI it
-used, or 0 when the kernel has no Landlock (the run is still confined by the other layers). Standard library only
+knows is handled, so whatever no rule grants is denied. It is an optional layer: ``ruleset`` returns None when the
+kernel has no Landlock, and ``enforce`` then does nothing (the run is still confined by the other layers). Standard library only
 (ctypes).
 """
 

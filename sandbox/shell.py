@@ -43,6 +43,7 @@ from .policy import (
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _NONE, _REQUIRED, _OPTIONAL = "none", "required", "optional"
+_ECHO_OPTION = re.compile(r"-[neE]+")
 
 
 class ShellRefused(ValueError):
@@ -206,11 +207,10 @@ def _take_argument(name: str, option: str, templates: list[str], filled: list[st
 
 def _echo(templates: list[str], filled: list[str]) -> list[str]:
     """coreutils echo: leading elements made only of -n, -e, -E are options; --help/--version alone are too."""
-    echo_option = re.compile(r"-[neE]+")
     if len(filled) == 1 and filled[0] in ("--help", "--version"):
         raise ShellRefused("echo: --help and --version are not allowed")
     for template, value in zip(templates, filled, strict=True):
-        if not echo_option.fullmatch(value):
+        if not _ECHO_OPTION.fullmatch(value):
             break  # echo prints this element and everything after it
         if template != value:
             raise ShellRefused(f"echo: a parameter value that echo would read as an option ({value!r}) is refused")

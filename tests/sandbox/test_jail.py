@@ -21,7 +21,6 @@ import kit
 
 UID, GID = kit.JAIL_UID + 2, kit.JAIL_GID + 2
 Run = Callable[..., tuple[jail.Outcome, Any]]
-RunWith = Callable[..., tuple[jail.Outcome, Any]]
 
 
 @pytest.fixture(scope="module")
@@ -77,25 +76,21 @@ def _reporting(job: Callable[[], Any]) -> jail.Job:
 
 
 @pytest.fixture
-def run_paths(groups: cgroup.RunGroups, jail_root: Path) -> RunWith:
-    """Run a raw Python job (RestrictedPython assumed broken) in a full jail with a writable /files."""
+def run(groups: cgroup.RunGroups, jail_root: Path) -> Run:
+    """Run a raw Python job (RestrictedPython assumed broken) in a full jail with a writable /files; ``execute``
+    names the files it may execute (a shell run's program)."""
 
     def go(job: Callable[[], Any], execute: tuple[str, ...] = (), **limits: Any) -> tuple[jail.Outcome, Any]:
         out = _go(groups, jail_root, _reporting(job), execute, limits)
         return out, json.loads(out.result) if out.result else None
 
-    go.raw = lambda job, **limits: _go(groups, jail_root, job, (), limits)  # type: ignore[attr-defined]
     return go
 
 
 @pytest.fixture
-def run(run_paths: RunWith) -> Run:
-    return run_paths
-
-
-def _raw(run: Run, job: jail.Job, **limits: Any) -> jail.Outcome:
+def run_raw(groups: cgroup.RunGroups, jail_root: Path) -> Callable[..., jail.Outcome]:
     """The job as jail.run gets it (no wrapper catching its exceptions)."""
-    return run.raw(job, **limits)  # type: ignore[attr-defined]
+    return lambda job, **limits: _go(groups, jail_root, job, (), limits)
 
 
 def _try(fn: Callable[[], Any]) -> str:
@@ -329,20 +324,20 @@ def _exec(path: str, *args: str) -> str:
 
 
 @pytest.mark.skipif(not landlock.abi_version(), reason="this kernel has no Landlock")
-def test_cant_execute_anything_but_the_runs_own_program(run_paths: RunWith) -> None:
+def test_cant_execute_anything_but_the_runs_own_program(run: Run) -> None:
     true = shell.executables("/usr/bin/true")
-    _, got = run_paths(lambda: [_exec("/usr/bin/true"), _exec("/usr/bin/echo"), _exec("/usr/bin/dash", "-c", "id")],
+    _, got = run(lambda: [_exec("/usr/bin/true"), _exec("/usr/bin/echo"), _exec("/usr/bin/dash", "-c", "id")],
                        execute=true)  # fmt: skip
     assert got["value"] == ["ok", "EACCES", "EACCES"], got
     # A script or file run executes nothing at all.
-    _, got = run_paths(lambda: [_exec("/usr/bin/true"), _exec(true[1], "/usr/bin/true")])
+    _, got = run(lambda: [_exec("/usr/bin/true"), _exec(true[1], "/usr/bin/true")])
     assert got["value"] == ["EACCES", "EACCES"], got
 
 
 # ---- one budget for the whole run (its cgroup) ---------------------------------------------------------------
 
 
-def test_cant_use_more_memory_than_the_run_by_forking(run_paths: RunWith) -> None:
+def test_cant_use_more_memory_than_the_run_by_forking(run: Run) -> None:
     # Four sorts of an endless line: each grows its buffer until its own address-space limit (the run's memory)
     # refuses more. Together they would hold several times the run's memory; its cgroup lets them hold that much in
     # all, and the kernel kills the rest.
@@ -357,7 +352,7 @@ def test_cant_use_more_memory_than_the_run_by_forking(run_paths: RunWith) -> Non
 
     # The runner is a fork of this (large) test process: give it room beyond its own address space.
     memory = min(_own_size() + (192 << 20), int(policy.MAX_LIMITS["memory_bytes"]))
-    out, got = run_paths(job, execute=shell.executables("/usr/bin/sort"), memory_bytes=memory, wall_seconds=20)
+    out, got = run(job, execute=shell.executables("/usr/bin/sort"), memory_bytes=memory, wall_seconds=20)
     # The kernel killed processes of the run for the run's limit. (Which ones is its choice: when the runner, whose
     # copy of this test process counts as its size, is among them, the namespace takes the sorts with it.)
     assert out.oom_kills >= 1, (got, out)
@@ -440,7 +435,9 @@ def test_cant_keep_any_capability_in_the_bounding_set(run: Run) -> None:
     assert got["value"] == [True, 0], got
 
 
-def test_cant_make_a_child_return_into_the_sandbox_with_an_unprintable_error(run: Run) -> None:
+def test_cant_make_a_child_return_into_the_sandbox_with_an_unprintable_error(
+    run_raw: Callable[..., jail.Outcome],
+) -> None:
     class Unprintable(Exception):
         def __str__(self) -> str:
             raise RuntimeError("no")
@@ -448,7 +445,7 @@ def test_cant_make_a_child_return_into_the_sandbox_with_an_unprintable_error(run
     def job(result_fd: int) -> None:
         raise Unprintable()
 
-    out = _raw(run, job)
+    out = run_raw(job)
     assert out.exit_code == jail.EXIT_SETUP_FAILED and b"could not be formatted" in out.stderr, out
 
 
@@ -480,7 +477,7 @@ def test_cant_reach_another_bots_files_in_weak_mode(groups: cgroup.RunGroups) ->
     assert json.loads(out.result) == ["PermissionError", "ok"], out
 
 
-def test_cant_outlast_the_deadline_by_closing_every_pipe(run: Run) -> None:
+def test_cant_outlast_the_deadline_by_closing_every_pipe(run_raw: Callable[..., jail.Outcome]) -> None:
     """A run that closed stdout, stderr and its result pipe (nothing left to read) is still killed at its deadline."""
 
     def job(result_fd: int) -> None:
@@ -489,5 +486,5 @@ def test_cant_outlast_the_deadline_by_closing_every_pipe(run: Run) -> None:
         time.sleep(60)
 
     started = time.monotonic()
-    out = _raw(run, job, wall_seconds=1)
+    out = run_raw(job, wall_seconds=1)
     assert out.killed == "wall_time" and time.monotonic() - started < 5, out
