@@ -38,13 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import psutil  # noqa: E402
-import psycopg2  # noqa: E402
-import psycopg2.extras  # noqa: E402
+import psycopg  # noqa: E402
 import redis  # noqa: E402
 from throughput import Servers, machine_line, new_bot, payload, servers, text_for  # noqa: E402
 
 import botworker.pipeline  # noqa: E402
-import botworker.store as store_module  # noqa: E402
 from botworker.config import load_config  # noqa: E402
 from botworker.logs import setup_logging  # noqa: E402
 from botworker.queue import ERRORS, MESSAGES, RESPONSES, STATUS  # noqa: E402
@@ -55,12 +53,11 @@ from botworker.worker import Heartbeat, Worker  # noqa: E402
 
 SQL_TIME: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # kind -> [count, seconds]
 STEP_TIME: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-SAMPLES: dict[str, bytes] = {}  # kind -> one statement string as sent (for EXPLAIN ANALYZE)
-COUNTS = {"begin": 0}  # transactions opened by psycopg2 (each costs a BEGIN and a COMMIT/ROLLBACK round trip)
+SAMPLES: dict[str, list[tuple[str, Any]]] = {}  # kind -> one batch's (statement, parameters) (for EXPLAIN ANALYZE)
 TIMING = {"on": False}
 
-# What a statement does, by a piece of its text; a statement string holding several (psycopg2 sends a
-# "a; b" string in one round trip) is named after all of them.
+# What a statement does, by a piece of its text; a batch of several (the store sends them pipelined, in one round
+# trip) is named after all of them.
 _KINDS = (
     ("pg_advisory_xact_lock", "advisory lock"),
     ("UPDATE bot_instances", "UPDATE instance"),
@@ -81,30 +78,23 @@ def _sql_kind(sql: Any) -> str:
     return " + ".join(found) if found else text[:50]
 
 
-class TimedCursor(psycopg2.extras.RealDictCursor):
-    """RealDictCursor that times every execute (client view: round trip + server work) and counts BEGINs."""
+def timed_run(run: Callable[..., list[dict[str, Any]]]) -> Callable[..., list[dict[str, Any]]]:
+    """``Store._run`` timed (client view: one round trip + server work) and named by its statements."""
 
-    # (psycopg2's execute is C code: the BEGIN it may send first is inside the timed call.)
-
-    def execute(self, query: Any, vars: Any = None) -> None:
+    def wrapper(steps: Any) -> list[dict[str, Any]]:
         if not TIMING["on"]:
-            return super().execute(query, vars)
-        conn = self.connection
-        idle_before = conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
-        kind = _sql_kind(query)
-        if kind not in SAMPLES:
-            SAMPLES[kind] = self.mogrify(query, vars)
+            return run(steps)
+        kind = " + ".join(_sql_kind(sql) for sql, _ in steps)
+        SAMPLES.setdefault(kind, list(steps))
         t = time.perf_counter()
         try:
-            return super().execute(query, vars)
+            return run(steps)
         finally:
             slot = SQL_TIME[kind]
             slot[0] += 1
             slot[1] += time.perf_counter() - t
-            # Idle before, in a transaction after: psycopg2 sent a BEGIN first (one more round trip, and a COMMIT
-            # or ROLLBACK later). psycopg2 >= 2.9 does so inside ``with conn:`` even on an autocommit connection.
-            if idle_before and conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                COUNTS["begin"] += 1
+
+    return wrapper
 
 
 def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -135,8 +125,7 @@ NESTED = "tool dispatch (incl. its SQL)"
 
 def instrument(worker: Worker) -> list[str]:
     """Wrap the steps with timers; returns the labels of what was wrapped."""
-    # Store.cursor asks for psycopg2.extras.RealDictCursor by attribute at call time: swap in the timed one.
-    psycopg2.extras.RealDictCursor = TimedCursor  # type: ignore[misc]
+    worker.store._run = timed_run(worker.store._run)  # type: ignore[method-assign]
     wrapped = []
     for owner, method, label in STEPS:
         obj = getattr(worker, owner)
@@ -191,10 +180,10 @@ def cpu_of(pid: int | None) -> float:
     return t.user + t.system
 
 
-def backend_pid(worker: Worker) -> int:
-    with worker.store.cursor() as cur:
-        cur.execute("SELECT pg_backend_pid() AS pid")
-        return int(cur.fetchone()["pid"])
+def backend_pids(worker: Worker) -> list[int]:
+    """The PostgreSQL backends of the worker's pooled connections."""
+    rows = worker.store.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = 'botworker'")
+    return [int(row["pid"]) for row in rows]
 
 
 _UUID_TUPLE = re.compile(r"\(\s*'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'")
@@ -204,26 +193,20 @@ def explain(srv: Servers, repeat: int = 20) -> list[tuple[str, float, float]]:
     """(statement, median planning ms, median execution ms) of each sampled statement, under EXPLAIN ANALYZE in a
     transaction that is rolled back (writes included)."""
     out = []
-    conn = psycopg2.connect(srv.database_url, options="-c timezone=UTC")
-    try:
-        cur = conn.cursor()
-        cur.execute(store_module._PREPARE)  # the worker EXECUTEs prepared statements: prepare them here too
-        conn.commit()
-        for kind, sql in SAMPLES.items():
-            for part in re.split(r";\s*(?=SELECT|INSERT|UPDATE|WITH|EXECUTE)", sql.decode()):
-                if "INSERT INTO chat_messages" in part:  # new row ids, or the primary key clashes with the real rows
-                    part = _UUID_TUPLE.sub(lambda _: f"('{uuid.uuid4()}'", part)
+    with psycopg.connect(srv.database_url) as conn:
+        for kind, steps in SAMPLES.items():
+            for sql, params in steps:
+                if isinstance(params, dict) and "uid1" in params:  # new row ids, or the key clashes with real rows
+                    params = {**params, "uid1": str(uuid.uuid4()), "uid2": str(uuid.uuid4())}
                 plans, execs = [], []
                 for _ in range(repeat):
-                    cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + part)
-                    report = cur.fetchone()[0][0]
+                    conn.execute("SET LOCAL TimeZone = 'UTC'")
+                    report = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()[0][0]
                     plans.append(report["Planning Time"])
                     execs.append(report["Execution Time"])
                     conn.rollback()
-                label = next((lbl for needle, lbl in _KINDS if needle in part), kind)
+                label = next((lbl for needle, lbl in _KINDS if needle in sql), kind)
                 out.append((label, sorted(plans)[repeat // 2], sorted(execs)[repeat // 2]))
-    finally:
-        conn.close()
     return out
 
 
@@ -231,12 +214,10 @@ def floors(srv: Servers, n: int = 2000, rounds: int = 5) -> dict[str, tuple[floa
     """Per round trip of the cheapest PostgreSQL and Redis calls, over ``rounds`` rounds of ``n`` calls:
     (median wall µs, best wall µs, client CPU µs, server CPU µs)."""
     samples: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
-    conn = psycopg2.connect(srv.database_url)
-    conn.autocommit = True
+    conn = psycopg.connect(srv.database_url, autocommit=True)
     client = redis.Redis.from_url(srv.redis_url)
     cur = conn.cursor()
-    cur.execute("SELECT pg_backend_pid()")
-    backend = cur.fetchone()[0]
+    backend = conn.info.backend_pid
 
     def measure(name: str, server_pid: int | None, call: Callable[[], None]) -> None:
         w, c, s = time.perf_counter(), time.process_time(), cpu_of(server_pid)
@@ -255,16 +236,21 @@ def floors(srv: Servers, n: int = 2000, rounds: int = 5) -> dict[str, tuple[floa
         cur.fetchone()
 
     def transaction() -> None:
-        with conn:  # psycopg2 sends BEGIN before the first statement, COMMIT at the end
+        with conn.transaction():  # BEGIN, the statement, COMMIT: three round trips
             cur.execute("SELECT 1")
             cur.fetchone()
 
+    def pipelined() -> None:
+        with conn.pipeline():  # what the store sends: the transaction's settings and the statement, one Sync
+            conn.execute("SELECT set_config('statement_timeout', '30000', true), set_config('TimeZone', 'UTC', true)")
+            done = cur.execute("SELECT 1")
+        done.fetchone()
+
     try:
         for _ in range(rounds):
-            conn.autocommit = True
             measure("pg SELECT 1 (autocommit: 1 round trip)", backend, select1)
-            conn.autocommit = False
-            measure("pg BEGIN; SELECT 1; COMMIT (psycopg2 transaction: 3 round trips)", backend, transaction)
+            measure("pg settings + SELECT 1, pipelined (the store's frame: 1 round trip)", backend, pipelined)
+            measure("pg BEGIN; SELECT 1; COMMIT (a transaction block: 3 round trips)", backend, transaction)
             measure("redis PING", srv.redis_pid, client.ping)
     finally:
         conn.close()
@@ -308,7 +294,7 @@ def main() -> int:
         worker.init_process()
         try:
             instrument(worker)
-            be_pid = backend_pid(worker)
+            be_pids = backend_pids(worker)
             # warm-up: connections, plans, caches
             fill(client, srv.database_url, 100, args.tool)
             drain(worker, 100)
@@ -316,11 +302,11 @@ def main() -> int:
             # ---- pass 1: timing -------------------------------------------------------------------------------
             fill(client, srv.database_url, n, args.tool)
             stats0 = commandstats(client)
-            cpu0 = (time.process_time(), cpu_of(be_pid), cpu_of(srv.redis_pid))
+            cpu0 = (time.process_time(), sum(map(cpu_of, be_pids)), cpu_of(srv.redis_pid))
             TIMING["on"] = True
             wall = drain(worker, n)
             TIMING["on"] = False
-            cpu1 = (time.process_time(), cpu_of(be_pid), cpu_of(srv.redis_pid))
+            cpu1 = (time.process_time(), sum(map(cpu_of, be_pids)), cpu_of(srv.redis_pid))
             stats1 = commandstats(client)
             errors = client.llen(ERRORS)
 
@@ -328,7 +314,7 @@ def main() -> int:
             print(f"\n## one worker in-process, {n} messages, {kind}, log level {args.log_level}\n")
             print(f"wall: {wall:.2f}s = {wall / n * 1000:.3f} ms/message = {n / wall:.0f} messages/s; errors {errors}")
             print(
-                f"CPU per message: worker {1000 * (cpu1[0] - cpu0[0]) / n:.3f} ms, its PostgreSQL backend "
+                f"CPU per message: worker {1000 * (cpu1[0] - cpu0[0]) / n:.3f} ms, its PostgreSQL backends "
                 f"{1000 * (cpu1[1] - cpu0[1]) / n:.3f} ms, Redis {1000 * (cpu1[2] - cpu0[2]) / n:.3f} ms\n"
             )
             print("| step | calls/msg | ms/msg | share of wall |")
@@ -342,18 +328,14 @@ def main() -> int:
                 f"| rest (parse, events, JSON, pool, logging, loop) | | {rest / n * 1000:.3f} | {100 * rest / wall:.1f}% |"
             )
 
-            print("\nSQL round trips (client-timed: round trip + server work; BEGIN/COMMIT not included):\n")
+            print("\nSQL round trips (client-timed: round trip + server work; one pipelined batch each):\n")
             print("| statement | per msg | µs each | ms/msg |")
             print("|---|---:|---:|---:|")
             total_sql = 0
             for name, (count, secs) in sorted(SQL_TIME.items(), key=lambda kv: -kv[1][1]):
                 total_sql += count
                 print(f"| {name} | {count / n:.2f} | {secs / count * 1e6:.0f} | {secs / n * 1000:.3f} |")
-            trips = total_sql + 2 * COUNTS["begin"]
-            print(
-                f"\nPostgreSQL round trips per message: {total_sql / n:.1f} statement strings + "
-                f"{COUNTS['begin'] / n:.1f} BEGIN + {COUNTS['begin'] / n:.1f} COMMIT = {trips / n:.1f}"
-            )
+            print(f"\nPostgreSQL round trips per message: {total_sql / n:.1f}")
             print("\nRedis commands per message (server side, INFO commandstats):\n")
             print("| command | calls/msg | server µs each |")
             print("|---|---:|---:|")

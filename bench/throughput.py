@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
-import psycopg2  # noqa: E402
+import psycopg  # noqa: E402
 import redis  # noqa: E402
 
 from botworker.demo import seed  # noqa: E402
@@ -343,7 +343,7 @@ def new_bot(dsn: str, conversations: int = 0) -> Bot:
     user_id, bot_id = seed(dsn, user_id=str(uuid.uuid4()), bot_id=str(uuid.uuid4()))
     bot = Bot(user_id, bot_id, [str(uuid.uuid4()) for _ in range(conversations)])
     if bot.instances:
-        conn = psycopg2.connect(dsn)
+        conn = psycopg.connect(dsn)
         try:
             with conn, conn.cursor() as cur:
                 for iid in bot.instances:
@@ -392,7 +392,7 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 
 def chat_rows(dsn: str, bot_id: str) -> int:
-    conn = psycopg2.connect(dsn)
+    conn = psycopg.connect(dsn)
     try:
         with conn, conn.cursor() as cur:
             cur.execute(

@@ -10,7 +10,7 @@ HTTP server (a tiny JSON endpoint) in a thread. Measures, interleaved round by r
 - ``http: dispatch``: the same GET through ``tools.dispatch`` (access, params, the pinned outbound session,
   URL template, size-capped read, redaction);
 - ``http: dispatch + secret``: plus decrypting a secret from the database and redacting it;
-- ``db: psycopg2 select``: the floor, the statement on a warm connection;
+- ``db: psycopg select``: the floor, the statement on a warm connection;
 - ``db: dispatch``: the same statement as a ``database_query`` tool (template -> bound statement, READ ONLY
   transaction with its settings in one round trip, row cap, JSON rows, rollback + advisory unlock).
 Prints p50 / p90 / p99 in milliseconds.
@@ -28,8 +28,9 @@ import uuid
 from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
-import psycopg2
+import psycopg
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -80,7 +81,7 @@ def main() -> None:
 
 def run(database_url: str, base: str, n: int) -> None:
     user_id, bot_id = seed(database_url, str(uuid.uuid4()), str(uuid.uuid4()))
-    conn = psycopg2.connect(database_url)
+    conn = psycopg.connect(database_url)
     conn.autocommit = True
     secret_id = str(uuid.uuid4())
     with conn.cursor() as cur:
@@ -115,7 +116,7 @@ def run(database_url: str, base: str, n: int) -> None:
         "http: requests.Session.get": lambda: floor.get(base + "/json?q=x", timeout=5).json(),
         "http: dispatch": lambda: ok(ToolCall("h", "h", "http_request", None, {"q": "x"})),
         "http: dispatch + secret": lambda: ok(ToolCall("s", "s", "http_request", None, {})),
-        "db: psycopg2 select": lambda: _select(conn),
+        "db: psycopg select": lambda: _select(conn),
         "db: dispatch": lambda: ok(ToolCall("d", "d", "database_query", None, {"n": 41})),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -134,7 +135,7 @@ def run(database_url: str, base: str, n: int) -> None:
     conn.close()
 
 
-def _select(conn: psycopg2.extensions.connection) -> None:
+def _select(conn: psycopg.Connection[Any]) -> None:
     with conn.cursor() as cur:
         cur.execute("SELECT %s::int + 1 AS n", (41,))
         cur.fetchall()

@@ -17,13 +17,14 @@ import tempfile
 import uuid
 from typing import Any
 
-import psycopg2
-import psycopg2.extras
+import psycopg
 import redis
+from psycopg.types.json import Jsonb
 
 from .client import push_and_wait, send
 from .config import Config
 from .schema import migrate
+from .tools import platform
 
 DEMO_USER = "00000000-0000-4000-8000-000000000001"
 DEMO_BOT = "00000000-0000-4000-8000-000000000002"
@@ -36,7 +37,7 @@ def seed(dsn: str, user_id: str = DEMO_USER, bot_id: str = DEMO_BOT, email: str 
     def rid(name: str) -> str:
         return str(uuid.uuid5(ns, name))
 
-    conn = psycopg2.connect(dsn)
+    conn = psycopg.connect(dsn)
     try:
         with conn, conn.cursor() as cur:
             cur.execute(
@@ -70,20 +71,7 @@ def seed(dsn: str, user_id: str = DEMO_USER, bot_id: str = DEMO_BOT, email: str 
                            'mcp_tool', %s, %s) ON CONFLICT (id) DO NOTHING""",
                 (
                     rid("tool"),
-                    psycopg2.extras.Json(
-                        {
-                            "operations": [
-                                "list_models",
-                                "list_applications",
-                                "list_bots",
-                                "list_prompts",
-                                "list_tools",
-                                "get_user_info",
-                                "search_platform",
-                                "list_user_data",
-                            ]
-                        }
-                    ),
+                    Jsonb({"operations": list(platform.OPERATIONS)}),
                     bot_id,
                 ),
             )
@@ -92,20 +80,20 @@ def seed(dsn: str, user_id: str = DEMO_USER, bot_id: str = DEMO_BOT, email: str 
                 """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
                    VALUES (%s, 'word_count', 'Word counter', 'Counts the words of a quoted text',
                            'custom_script', %s, %s) ON CONFLICT (id) DO NOTHING""",
-                (rid("tool-script"), psycopg2.extras.Json({"script": WORD_COUNT}), bot_id),
+                (rid("tool-script"), Jsonb({"script": WORD_COUNT}), bot_id),
             )
             cur.execute(
                 """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
                    VALUES (%s, 'greeter', 'Greeter', 'Greets whoever is quoted', 'shell_command', %s, %s)
                    ON CONFLICT (id) DO NOTHING""",
-                (rid("tool-shell"), psycopg2.extras.Json({"command": "echo Hello, {{param1}}!", "timeout": 5}), bot_id),
+                (rid("tool-shell"), Jsonb({"command": "echo Hello, {{param1}}!", "timeout": 5}), bot_id),
             )
             # A database tool: one read-only statement, the user's choice bound as a parameter.
             cur.execute(
                 """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
                    VALUES (%s, 'app_status', 'Application status', 'Counts your applications in a status',
                            'database_query', %s, %s) ON CONFLICT (id) DO NOTHING""",
-                (rid("tool-db"), psycopg2.extras.Json(_app_status(user_id)), bot_id),
+                (rid("tool-db"), Jsonb(_app_status(user_id)), bot_id),
             )
             for name, display in (
                 ("sentiment", "Sentiment classifier"),

@@ -19,17 +19,7 @@ from typing import Any
 
 from .message import ToolCall
 from .tools.params import names as param_names
-
-PLATFORM_OPERATIONS = (
-    "list_models",
-    "list_applications",
-    "list_bots",
-    "list_prompts",
-    "list_tools",
-    "get_user_info",
-    "search_platform",
-    "list_user_data",
-)
+from .tools.platform import allowed_operations
 
 _KINDS = {
     "list_models": r"models?",
@@ -162,18 +152,6 @@ def _platform_calls(text: str, tools: Sequence[dict[str, Any]]) -> list[ToolCall
         if tool is not None:
             calls.append(ToolCall(str(tool["id"]), tool["name"], "mcp_tool", op, params))
     return calls
-
-
-def allowed_operations(tool: dict[str, Any]) -> tuple[str, ...]:
-    """The operations an mcp_tool's config allows: all of them when the config has no ``operations`` key; when it
-    has one, only the known operations it lists (a malformed or empty value allows nothing: fail closed)."""
-    config = tool.get("config") or {}
-    if not isinstance(config, dict) or "operations" not in config:
-        return PLATFORM_OPERATIONS
-    ops = config["operations"]
-    if not isinstance(ops, list):
-        return ()
-    return tuple(op for op in PLATFORM_OPERATIONS if op in ops)
 
 
 def _clean_query(raw: str) -> str:

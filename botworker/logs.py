@@ -27,6 +27,9 @@ def setup_logging(level: str = "INFO") -> None:
     # HTTP client libraries log every request at INFO (the Gemini SDK's httpx): one line per LLM call is noise.
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # psycopg's pool warns of every connection it discards or fails to open; the store logs the outage itself,
+    # with the reason, once per failed attempt.
+    logging.getLogger("psycopg.pool").setLevel(max(logging.ERROR, logging.getLevelName(level)))
 
 
 def set_role(role: str) -> None:

@@ -1,7 +1,8 @@
-"""The values that flow through one message's processing, and the parsing and validation of the raw payload.
+"""The values that flow through one message's processing, reading the raw payload, and the events' shapes.
 
-Everything here is a frozen dataclass or a pure function: no I/O. ``parse_message`` turns the bytes popped from
-``bot_messages`` into a validated ``Message`` or raises ``MessageError`` with the contract's error code.
+Everything here is a frozen dataclass or a pure function: no I/O. ``read`` turns the bytes popped from
+``bot_messages`` into an ``Envelope``: the ids it carries, the validated ``Message`` or the ``MessageError`` (with
+the contract's error code) that says why it is not one, and the id assigned when the producer gave none.
 """
 
 from __future__ import annotations
@@ -93,6 +94,40 @@ class Ids:
     bot_id: str | None = None
     user_id: str | None = None
     instance_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One popped payload, read once."""
+
+    ids: Ids  # message id always set (assigned when the payload has none)
+    message: Message | None  # None: ``error`` says why
+    error: MessageError | None = None
+    readable: bool = True  # a JSON object at all (an unreadable payload is answered at once, not attempted)
+    rewritten: str | None = None  # the payload with its assigned messageId, for the in-flight copy
+    preview: str = "?"  # the start of the text, for the log
+
+
+def read(raw: bytes | str, max_bytes: int, received_at: datetime) -> Envelope:
+    """The message boundary's one call: bytes from the queue -> an Envelope. Never raises."""
+    try:
+        payload = decode(raw, max_bytes)
+    except MessageError as exc:
+        return Envelope(Ids(str(uuid.uuid4())), None, exc, readable=False)
+    mid = message_id_of(payload)
+    rewritten = None
+    if mid is None:
+        mid = str(uuid.uuid4())
+        if payload.get("messageId") is None:
+            # Recorded in the in-flight copy, so that a retry after a crash keeps the same id.
+            rewritten = json.dumps({**payload, "messageId": mid}, ensure_ascii=False, separators=(",", ":"))
+    text = payload.get("message")
+    preview = text[:50] if isinstance(text, str) else "?"
+    ids = peek_ids(payload, mid)
+    try:
+        return Envelope(ids, parse_message(payload, mid, received_at, max_bytes), None, True, rewritten, preview)
+    except MessageError as exc:
+        return Envelope(ids, None, exc, True, rewritten, preview)
 
 
 def peek_ids(payload: Any, message_id: str) -> Ids:
@@ -187,6 +222,17 @@ def response_event(
         "userMessage": user_row,
         "botResponse": bot_row,
     }
+
+
+def reply_events(
+    msg: Message, instance_id: str, user_row: dict[str, Any], bot_row: dict[str, Any], code: str | None, error: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A settled message's ``bot_responses`` event, and its ``bot_errors`` event when a step failed on the way
+    (a tool, the LLM: the reply explains it)."""
+    response = response_event(instance_id, msg.bot_id, msg.user_id, msg.message_id, user_row, bot_row)
+    if not (code and error):
+        return response, None
+    return response, error_event(Ids(msg.message_id, msg.bot_id, msg.user_id, instance_id), code, error)
 
 
 def error_event(ids: Ids, code: str, error: str) -> dict[str, Any]:

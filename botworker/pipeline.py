@@ -110,7 +110,7 @@ class Pipeline:
         if llm_error:
             metadata["error"] = llm_error
         response_ms = max(0, int((reply_at - msg.received_at).total_seconds() * 1000))
-        user_row, bot_row, _ = self.store.save_exchange(
+        user_row, bot_row = self.store.save_exchange(
             msg,
             ctx.instance_id,
             secrets.redact(reply.text),  # a model quoting a tool's output cannot quote a secret it never saw; still

@@ -8,7 +8,7 @@ exactly-once check but is not required.
 
 from __future__ import annotations
 
-import psycopg2
+import psycopg
 
 # Types and defaults follow what the platform's API server (TypeORM) creates; see shared CONTRACT.md.
 _ENUMS = {
@@ -76,7 +76,8 @@ _INDEXES = [
 def migrate(dsn: str) -> list[str]:
     """Create what is missing; return the names of the tables and indexes that were created."""
     created: list[str] = []
-    conn = psycopg2.connect(dsn, connect_timeout=10)
+    # Client-side binding: CREATE TYPE ... AS ENUM takes its labels as literals, not parameters.
+    conn = psycopg.connect(dsn, connect_timeout=10, cursor_factory=psycopg.ClientCursor)
     try:
         with conn, conn.cursor() as cur:
             # Serialise concurrent `migrate` runs (tests start several) on one database.
@@ -85,7 +86,7 @@ def migrate(dsn: str) -> list[str]:
             try:
                 cur.execute('CREATE EXTENSION IF NOT EXISTS "uuid-ossp"')
                 uuid_default = "uuid_generate_v4"
-            except psycopg2.Error:
+            except psycopg.Error:
                 cur.execute("ROLLBACK TO SAVEPOINT ext")
                 uuid_default = "gen_random_uuid"
             for name, labels in _ENUMS.items():

@@ -1,8 +1,9 @@
 """The platform database: pooled connections, loading a bot and its conversation, saving an exchange.
 
-One ``Store`` per worker process, created after the fork. Connections come from a small pool and are reused across
-messages; a connection that fails is closed, never handed out again, and the failure becomes a ``TransientError``
-(the message is retried), so a PostgreSQL restart costs a retry, not a message.
+One ``Store`` per worker process, created after the fork, on psycopg 3 with a ``psycopg_pool`` pool (thread-safe).
+A pooled connection that the server closed is replaced before use or, failing that, its statements run again on a
+new one, so a PostgreSQL restart costs no attempt; other failures of the server become ``TransientError`` (the
+message is retried), never a lost message.
 
 Exactly-once: ``save_exchange`` writes the user row and the reply row in one transaction under an advisory lock
 keyed by the message id, after checking that no row carries that id yet; a second run of the same message returns
@@ -14,18 +15,17 @@ from __future__ import annotations
 import logging
 import select
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import psycopg
-import psycopg2
-import psycopg2.errors
-import psycopg2.extensions
-import psycopg2.extras
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import errors
 from .config import Config, redact_url
@@ -37,14 +37,6 @@ log = logging.getLogger(__name__)
 # Instances created for messages without instanceId get an id derived from the message id, so a retried message
 # reuses the instance its first attempt created instead of leaving a second one behind.
 INSTANCE_NAMESPACE = uuid.UUID("7d1f3c2e-5b0a-4c7e-9a55-2f0c8e6b9d41")
-
-# Errors after which the same statement may well succeed: the server went away, a timeout, a serialization clash.
-_TRANSIENT = (
-    psycopg2.OperationalError,
-    psycopg2.InterfaceError,
-    psycopg2.errors.SerializationFailure,
-    psycopg2.errors.DeadlockDetected,
-)
 
 CHAT_COLUMNS = (
     'id, "botInstanceId", "userId", role, content, metadata, "responseTime", "tokensUsed", "createdAt", "updatedAt"'
@@ -90,8 +82,9 @@ FROM ({_LOAD_BOT}) q
 
 _INSERT_ROW = """INSERT INTO chat_messages (id, "botInstanceId", "userId", role, content, metadata, "responseTime",
                                            "tokensUsed", "createdAt", "updatedAt")"""
-_SAVE = f"""SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0));
-WITH existing AS (
+# Serialises two attempts of the same message: held until the save's transaction ends.
+_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0))"
+_SAVE = f"""WITH existing AS (
   SELECT {CHAT_COLUMNS} FROM chat_messages WHERE "botInstanceId" = %(instance)s AND metadata->>'messageId' = %(mid)s),
 user_row AS ({_INSERT_ROW}
   SELECT %(uid1)s, %(instance)s, %(user)s, 'user', %(text)s, %(umeta)s, NULL, NULL, %(received)s, %(received)s
@@ -100,44 +93,7 @@ bot_row AS ({_INSERT_ROW}
   SELECT %(uid2)s, %(instance)s, %(user)s, 'bot', %(reply)s, %(rmeta)s, %(ms)s, %(tokens)s, %(at)s, %(at)s
   WHERE NOT EXISTS (SELECT 1 FROM existing) RETURNING {CHAT_COLUMNS}),
 touched AS (UPDATE bot_instances SET "updatedAt" = now() WHERE id = %(instance)s AND NOT EXISTS (SELECT 1 FROM existing))
-SELECT true AS created, * FROM user_row UNION ALL SELECT true, * FROM bot_row
-UNION ALL SELECT false, * FROM existing"""
-
-# The two statements every message runs are prepared once per connection (DB_PREPARE): PostgreSQL then neither
-# parses nor plans them again, which is most of its work per message. name -> (statement, parameters and types).
-_PREPARED: dict[str, tuple[str, list[tuple[str, str]]]] = {
-    "botworker_load": (
-        _LOAD,
-        [("instance", "uuid"), ("create", "boolean"), ("bot", "uuid"), ("user", "uuid"), ("mid", "text"),
-         ("limit", "integer")],
-    ),
-    "botworker_save": (
-        _SAVE.split(";", 1)[1],  # the statement after the advisory lock
-        [("instance", "uuid"), ("mid", "text"), ("user", "uuid"), ("uid1", "uuid"), ("text", "text"),
-         ("umeta", "jsonb"), ("received", "timestamptz"), ("uid2", "uuid"), ("reply", "text"), ("rmeta", "jsonb"),
-         ("ms", "integer"), ("tokens", "integer"), ("at", "timestamptz")],
-    ),
-}  # fmt: skip
-
-
-def _prepare_sql() -> str:
-    """PREPARE statements for a new connection: each %(name)s becomes its $n."""
-    out = []
-    for name, (sql, params) in _PREPARED.items():
-        for i, (param, _) in enumerate(params, 1):
-            sql = sql.replace(f"%({param})s", f"${i}")
-        out.append(f"PREPARE {name} ({', '.join(t for _, t in params)}) AS {sql}")
-    return ";\n".join(out)
-
-
-def _execute(name: str) -> str:
-    """The EXECUTE of a prepared statement, with psycopg2 placeholders for its parameters."""
-    return f"EXECUTE {name} (" + ", ".join(f"%({p})s" for p, _ in _PREPARED[name][1]) + ")"
-
-
-_PREPARE = _prepare_sql()
-_LOAD_PREPARED = _execute("botworker_load")
-_SAVE_PREPARED = _SAVE.split(";", 1)[0] + ";\n" + _execute("botworker_save")
+SELECT * FROM user_row UNION ALL SELECT * FROM bot_row UNION ALL SELECT * FROM existing"""
 
 
 @dataclass(frozen=True)
@@ -168,32 +124,160 @@ def jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: _iso(v) for k, v in row.items()}
 
 
+# PostgreSQL errors after which the same statements may well succeed: the server went away or is shutting down,
+# a timeout, a serialization clash.
+_TRANSIENT = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+)
+# Errors that say this client's prepared statements are not on the server session it is talking to: PgBouncer in
+# transaction mode (before 1.21, or without max_prepared_statements) gives each transaction any server connection.
+_PREPARED_ELSEWHERE = (
+    psycopg.errors.DuplicatePreparedStatement,
+    psycopg.errors.InvalidSqlStatementName,
+    psycopg.errors.ProtocolViolation,  # a Bind to a statement of another shape
+)
+
+Params = Mapping[str, Any] | Sequence[Any] | None
+
+
+class _Connection(psycopg.Connection[dict[str, Any]]):
+    """The pool's connections; remembers why the last connection attempt of this process failed (the pool itself
+    only says that it timed out)."""
+
+    failure = ""
+
+    @classmethod
+    def connect(cls, *args: Any, **kwargs: Any) -> _Connection:  # type: ignore[override]
+        try:
+            conn = super().connect(*args, **kwargs)
+        except psycopg.Error as exc:
+            _Connection.failure = _one_line(exc)
+            raise
+        _Connection.failure = ""
+        return conn  # type: ignore[return-value]
+
+
 class Store:
-    """Pooled access to the platform database for one process."""
+    """Pooled access to the platform database for one process.
+
+    Every statement batch runs in pipeline mode in one implicit transaction and one round trip: first the
+    transaction's own settings (``statement_timeout``, ``TimeZone`` = UTC, by ``set_config(..., true)``), then the
+    statements, then one Sync. Settings travel with each transaction, not with the connection (no ``options``
+    startup parameter, no session ``SET``), so the store works behind PgBouncer in transaction mode.
+    """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._idle: list[psycopg2.extensions.connection] = []
         self._tool_conn: psycopg.Connection[Any] | None = None
+        # psycopg prepares a statement on the server the first time it runs (threshold 0) when DB_PREPARE is on.
+        self._threshold: int | None = 0 if cfg.db_prepare else None
+        self._frame = (
+            f"SELECT set_config('statement_timeout', '{int(cfg.db_statement_timeout * 1000)}', true), "
+            "set_config('TimeZone', 'UTC', true)"
+        )
         self._connect_args: dict[str, Any] = {
-            "dsn": cfg.database_url,
             "connect_timeout": cfg.db_connect_timeout,
             "application_name": "botworker",
-            # Timestamps are written and read in UTC whatever the server's default; a stuck statement is bounded.
-            "options": f"-c timezone=UTC -c statement_timeout={int(cfg.db_statement_timeout * 1000)}",
             # A silently dead server is noticed in about a minute instead of hanging on TCP.
             "keepalives": 1,
             "keepalives_idle": 30,
             "keepalives_interval": 10,
             "keepalives_count": 3,
         }
+        self.pool: ConnectionPool[_Connection] = ConnectionPool(
+            cfg.database_url,
+            connection_class=_Connection,
+            kwargs={**self._connect_args, "autocommit": True, "row_factory": dict_row, "prepare_threshold": None},
+            min_size=1,
+            max_size=cfg.db_pool_size,
+            timeout=cfg.db_connect_timeout,  # how long a caller waits for a connection
+            # A failed connection attempt is retried with back-off for this long, then given up: the next caller
+            # starts a fresh attempt at once, so a server that is back is used within seconds.
+            reconnect_timeout=cfg.db_connect_timeout,
+            num_workers=1,
+            name="botworker",
+            open=True,
+        )
 
     def close(self) -> None:
-        while self._idle:
-            self._idle.pop().close()
+        self.pool.close(timeout=1.0)
         if self._tool_conn is not None:
             self._tool_conn.close()
             self._tool_conn = None
+
+    # ---- running statements --------------------------------------------------------------------------------
+
+    def fetch(self, sql: str, params: Params = None) -> list[dict[str, Any]]:
+        """The rows of one statement on a pooled connection, with the store's timeouts (platform operations,
+        secrets). Transient failures become ``TransientError``."""
+        return self._run([(sql, params)])
+
+    def ping(self) -> None:
+        """Raise TransientError unless the database answers."""
+        self._run([("SELECT 1", None)])
+
+    def _run(self, steps: Sequence[tuple[str, Params]]) -> list[dict[str, Any]]:
+        """Run ``steps`` in one transaction and one round trip; the rows of the last one.
+
+        A connection that the server closed while it was pooled (a restart) is replaced: the steps run once more on
+        a new one, so a PostgreSQL restart costs no message an attempt. They are safe to run again: an aborted
+        transaction wrote nothing, and the save is idempotent by message id.
+        """
+        for attempt in (1, 2):
+            try:
+                conn = self._checkout()
+            except PoolTimeout:
+                why = _Connection.failure or f"no connection within {self.cfg.db_connect_timeout}s"
+                raise TransientError(errors.DATABASE_UNAVAILABLE, f"cannot connect to PostgreSQL: {why}") from None
+            try:
+                conn.prepare_threshold = self._threshold
+                with conn.pipeline():
+                    conn.execute(self._frame)
+                    for sql, params in steps:
+                        cur = conn.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+            except _PREPARED_ELSEWHERE as exc:
+                self._stop_preparing(exc)
+                conn.close()  # its idea of which statements the server holds is wrong
+                if attempt == 2:
+                    raise TransientError(errors.DATABASE_UNAVAILABLE, f"PostgreSQL failed: {_one_line(exc)}") from exc
+            except _TRANSIENT as exc:
+                if attempt == 2 or not (conn.closed or conn.broken):
+                    raise TransientError(errors.DATABASE_UNAVAILABLE, f"PostgreSQL failed: {_one_line(exc)}") from exc
+                log.info("a pooled PostgreSQL connection was lost (%s): running the statements again on a new one",
+                         _one_line(exc))  # fmt: skip
+            finally:
+                self.pool.putconn(conn)
+        raise AssertionError("unreachable")
+
+    def _checkout(self) -> _Connection:
+        """A pooled connection that the server has not closed while it idled (a restart, an idle timeout, a
+        failover: bytes or end-of-file wait on its socket); found without a round trip. Stale ones are closed, and
+        the pool makes new ones."""
+        for _ in range(self.cfg.db_pool_size):
+            conn = self.pool.getconn()
+            if not (conn.closed or conn.broken or _has_news(conn)):
+                return conn
+            conn.close()
+            self.pool.putconn(conn)
+        return self.pool.getconn()
+
+    def _stop_preparing(self, exc: psycopg.Error) -> None:
+        if self._threshold is None:
+            return
+        self._threshold = None
+        log.error(
+            "PostgreSQL reports prepared statements missing or clashing (%s): is a connection pooler such as "
+            "PgBouncer in transaction mode between us? This worker stops preparing statements; set DB_PREPARE=false "
+            "(or give PgBouncer >= 1.21 max_prepared_statements)",
+            _one_line(exc),
+        )
+        self.pool.drain()  # every pooled connection may hold statements the server session does not
+
+    # ---- database tools ------------------------------------------------------------------------------------
 
     @contextmanager
     def tool_connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -227,7 +311,7 @@ class Store:
                 url,
                 autocommit=True,
                 prepare_threshold=None,  # no automatic server-side PREPARE: DISCARD ALL after each call drops them
-                **{**{k: v for k, v in self._connect_args.items() if k != "dsn"}, "application_name": "botworker-tool"},
+                **{**self._connect_args, "application_name": "botworker-tool"},
             )
         except psycopg.Error as exc:
             # libpq's message can quote the URL; the tool (and so the user, the LLM, the events) gets none of it.
@@ -239,60 +323,6 @@ class Store:
             raise psycopg.OperationalError("cannot connect to the tool database (see the worker log)") from None
         _warn_if_tool_login_is_powerful(conn)
         return conn
-
-    def _getconn(self) -> psycopg2.extensions.connection:
-        """An idle pooled connection, or a new one. (Single-threaded process: a plain list is the pool.)"""
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed:
-                return conn
-        conn = psycopg2.connect(**self._connect_args)
-        if self.cfg.db_prepare:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(_PREPARE)
-        return conn
-
-    def _putconn(self, conn: psycopg2.extensions.connection, broken: bool) -> None:
-        if broken or conn.closed or len(self._idle) >= self.cfg.db_pool_size:
-            conn.close()
-        else:
-            self._idle.append(conn)
-
-    @contextmanager
-    def cursor(self, autocommit: bool = True) -> Iterator[psycopg2.extras.RealDictCursor]:
-        """A cursor on a pooled connection. Autocommit by default: every statement string is its own implicit
-        transaction (a string of several statements runs as one), with no BEGIN/COMMIT round trips; with
-        ``autocommit=False`` the block is one transaction, committed at its end.
-
-        A transient failure (server gone, timeout, serialization clash) becomes ``TransientError``; a connection
-        that failed is closed, never reused.
-        """
-        try:
-            conn = self._getconn()
-            conn.autocommit = autocommit
-        except _TRANSIENT as exc:
-            raise TransientError(
-                errors.DATABASE_UNAVAILABLE, f"cannot connect to PostgreSQL: {_one_line(exc)}"
-            ) from exc
-        broken = False
-        try:
-            # `with conn` would open a transaction even in autocommit mode (psycopg2 >= 2.9).
-            with (
-                nullcontext() if autocommit else conn,
-                conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur,
-            ):
-                yield cur
-        except _TRANSIENT as exc:
-            broken = conn.closed != 0 or isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
-            raise TransientError(errors.DATABASE_UNAVAILABLE, f"PostgreSQL failed: {_one_line(exc)}") from exc
-        finally:
-            self._putconn(conn, broken)
-
-    def ping(self) -> None:
-        """Raise TransientError unless the database answers."""
-        with self.cursor() as cur:
-            cur.execute("SELECT 1")
 
     # ---- loading -------------------------------------------------------------------------------------------
 
@@ -311,9 +341,8 @@ class Store:
             "mid": msg.message_id,
             "limit": self.cfg.history_limit,
         }
-        with self.cursor() as cur:
-            cur.execute(_LOAD_PREPARED if self.cfg.db_prepare else _LOAD, params)
-            row = cur.fetchone()
+        rows = self._run([(_LOAD, params)])
+        row = rows[0] if rows else None
         if row is None or str(row["userId"]) != msg.user_id:
             # The same answer for "no such bot" and "not yours": ids of other users' bots are not revealed.
             raise MessageError(errors.BOT_NOT_FOUND, f"bot {msg.bot_id} not found for this user")
@@ -342,37 +371,34 @@ class Store:
         response_ms: int,
         user_meta: dict[str, Any],
         reply_meta: dict[str, Any],
-    ) -> tuple[dict[str, Any], dict[str, Any], bool]:
-        """Write both rows atomically; returns (user row, reply row, created). Idempotent by message id.
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Write both rows atomically; returns (user row, reply row). Idempotent by message id.
 
         One round trip: an advisory lock keyed by the message id, then one statement that inserts both rows and
-        touches the instance unless rows with this message id exist, and returns whichever rows there are. Both
-        statements run as one implicit transaction. The lock serialises two attempts of the same message (say, a
-        worker presumed dead that is still finishing): the second one gets the first one's rows.
+        touches the instance unless rows with this message id exist, and returns whichever rows there are, in one
+        transaction. The lock serialises two attempts of the same message (say, a worker presumed dead that is
+        still finishing): the second one gets the first one's rows.
         """
         params = {
-            "key": "botworker:" + msg.message_id,
             "instance": instance_id,
             "mid": msg.message_id,
             "user": msg.user_id,
             "uid1": str(uuid.uuid4()),
             "text": msg.text,
-            "umeta": psycopg2.extras.Json(user_meta),
+            "umeta": Jsonb(user_meta),
             "received": msg.received_at,
             "uid2": str(uuid.uuid4()),
             "reply": reply_text,
-            "rmeta": psycopg2.extras.Json(reply_meta),
+            "rmeta": Jsonb(reply_meta),
             "ms": response_ms,
             "tokens": tokens_used,
             "at": reply_at,
         }
-        with self.cursor() as cur:
-            cur.execute(_SAVE_PREPARED if self.cfg.db_prepare else _SAVE, params)
-            rows = cur.fetchall()
+        rows = self._run([(_LOCK, {"key": "botworker:" + msg.message_id}), (_SAVE, params)])
         pair = _pair([_chat_row(r) for r in rows])
         if pair is None:
             raise TransientError(errors.DATABASE_UNAVAILABLE, f"message {msg.message_id}: rows not found after saving")
-        return pair[0], pair[1], bool(rows[0]["created"])
+        return pair
 
 
 def _chat_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -393,12 +419,14 @@ def _pair(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] |
 
 
 def _has_news(conn: psycopg.Connection[Any]) -> bool:
-    """Whether an idle connection's socket is readable: the server said something unasked (it is closing)."""
+    """Whether an idle connection's socket is readable: the server said something unasked (it is closing), or
+    closed it."""
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError, psycopg.Error):
         return True
-    return bool(readable)
 
 
 def _warn_if_tool_login_is_powerful(conn: psycopg.Connection[Any]) -> None:

@@ -120,7 +120,7 @@ class Supervisor:
             return errors.EXIT_CONFIG
         log.info("tool types: %s", ", ".join(sorted(families)))
         if self.cfg.gemini_key:
-            from . import gemini  # noqa: F401  (imported once here, shared by every forked worker)
+            from .llm import gemini  # noqa: F401  (imported once here, shared by every forked worker)
 
         self._probe_sandbox()
         self._maintain(force=True)

@@ -13,12 +13,10 @@ SIGTTOU are the supervisor's, ignored here. Handlers only record.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import time
-import uuid
 from collections.abc import Callable
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, TypeVar
@@ -31,8 +29,8 @@ from . import errors
 from .config import Config
 from .errors import BootError, MessageError, TransientError
 from .llm import make_responder
-from .message import Ids, decode, error_event, message_id_of, parse_message, peek_ids, response_event
-from .pipeline import Outcome, Pipeline, utcnow
+from .message import Ids, error_event, read, reply_events
+from .pipeline import Pipeline, utcnow
 from .queue import ERRORS, RESPONSES, ReliableQueue, processing_key
 from .store import Store
 
@@ -200,66 +198,52 @@ class Worker:
         return True
 
     def process(self, raw: bytes | str) -> None:
-        """The message boundary: one popped payload in, one settled message out."""
-        received = utcnow()
-        try:
-            payload = decode(raw, self.cfg.max_message_bytes)
-        except MessageError as exc:
-            mid = str(uuid.uuid4())
-            log.error("❌ Error processing message %s: %s", mid, exc.error)
-            self._finish(raw, mid, [(ERRORS, error_event(Ids(mid), exc.code, exc.error))], "errors")
+        """The message boundary: one popped payload in, one settled message out (begin -> handle -> settle)."""
+        env = read(raw, self.cfg.max_message_bytes, utcnow())
+        mid = env.ids.message_id
+        if not env.readable:  # not a JSON object: nothing to attempt again
+            self._fail(raw, env.ids, env.error)
             return
-        mid = message_id_of(payload)
-        if mid is None:
-            mid = str(uuid.uuid4())
-            if payload.get("messageId") is None:
-                # Record the assigned id in the in-flight copy, so a retry after a crash keeps the same id.
-                new = json.dumps({**payload, "messageId": mid}, ensure_ascii=False, separators=(",", ":"))
-                if self._redis(lambda: self.queue.replace(raw, new)):
-                    raw = new
-        ids = peek_ids(payload, mid)
+        if env.rewritten is not None and self._redis(lambda: self.queue.replace(raw, env.rewritten)):
+            raw = env.rewritten
         attempts, done = self._redis(lambda: self.queue.begin(mid))
         if done:
             log.info("message %s was already answered: duplicate dropped", mid)
             self._finish(raw, mid, [], "duplicates")
             return
         if attempts > self.cfg.max_attempts:
-            self._dead_letter(raw, ids, attempts, errors.INTERNAL_ERROR, "the worker died while processing it")
+            self._dead_letter(raw, env.ids, attempts, errors.INTERNAL_ERROR, "the worker died while processing it")
             return
-
-        text = payload.get("message")
-        log.info('🤖 Processing message for bot %s: "%s"', ids.bot_id, str(text)[:50] if isinstance(text, str) else "?")
+        log.info('🤖 Processing message for bot %s: "%s"', env.ids.bot_id, env.preview)
+        if env.message is None:
+            self._fail(raw, env.ids, env.error)
+            return
         try:
-            msg = parse_message(payload, mid, received, self.cfg.max_message_bytes)
-            outcome = self.pipeline.handle(msg)
+            outcome = self.pipeline.handle(env.message)
         except TransientError as exc:
-            self._retry(raw, ids, attempts, exc)
+            self._retry(raw, env.ids, attempts, exc)
             return
         except MessageError as exc:
-            log.error("❌ Error processing message %s: %s (%s)", mid, exc.error, exc.code)
-            self._finish(raw, mid, [(ERRORS, error_event(ids, exc.code, exc.error))], "errors")
+            self._fail(raw, env.ids, exc)
             return
         except Exception as exc:  # the one catch-all: a bug ends this message with an event, not the worker
             log.exception("❌ Error processing message %s: unexpected %s", mid, type(exc).__name__)
-            event = error_event(
-                ids, errors.INTERNAL_ERROR, f"internal error while processing the message ({type(exc).__name__})"
-            )
-            self._finish(raw, mid, [(ERRORS, event)], "errors")
+            error = f"internal error while processing the message ({type(exc).__name__})"
+            self._finish(raw, mid, [(ERRORS, error_event(env.ids, errors.INTERNAL_ERROR, error))], "errors")
             return
-        self._finish(raw, mid, self._events(msg.bot_id, msg.user_id, mid, outcome), "processed")
+        response, error_ev = reply_events(
+            env.message, outcome.instance_id, outcome.user_row, outcome.bot_row, outcome.error_code, outcome.error or ""
+        )
+        if error_ev is not None:
+            log.error("❌ Error processing message %s: %s", mid, outcome.error)
+        self._finish(raw, mid, [(RESPONSES, response)] + ([(ERRORS, error_ev)] if error_ev else []), "processed")
         log.info("✅ Bot message processed successfully (%s%s)", mid, ", replayed" if outcome.replayed else "")
 
-    @staticmethod
-    def _events(bot_id: str, user_id: str, mid: str, outcome: Outcome) -> list[tuple[str, dict[str, Any]]]:
-        events = [
-            (RESPONSES, response_event(outcome.instance_id, bot_id, user_id, mid, outcome.user_row, outcome.bot_row))
-        ]
-        if outcome.error_code and outcome.error:
-            log.error("❌ Error processing message %s: %s", mid, outcome.error)
-            events.append(
-                (ERRORS, error_event(Ids(mid, bot_id, user_id, outcome.instance_id), outcome.error_code, outcome.error))
-            )
-        return events
+    def _fail(self, raw: bytes | str, ids: Ids, exc: MessageError | None) -> None:
+        """The message cannot be answered (bad input, unknown bot...): one error event, settled."""
+        assert exc is not None
+        log.error("❌ Error processing message %s: %s (%s)", ids.message_id, exc.error, exc.code)
+        self._finish(raw, ids.message_id, [(ERRORS, error_event(ids, exc.code, exc.error))], "errors")
 
     # ---- settling a message --------------------------------------------------------------------------------
 

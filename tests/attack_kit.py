@@ -14,8 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
 
-import psycopg2.errors
-import psycopg2.extensions
+import psycopg
 import pytest
 import redis
 
@@ -72,21 +71,21 @@ def other(servers: Servers) -> Bot:
 
 
 @pytest.fixture
-def tool_url(db: psycopg2.extensions.connection, servers: Servers) -> str:
-    """DB_TOOL_URL as the README recommends: a login granted nothing (cluster-wide, so created once and kept)."""
+def tool_url(db: psycopg.Connection[Any], servers: Servers) -> str:
+    """DB_TOOL_URL as docs/tools.md recommends: a login granted nothing (cluster-wide, so created once and kept)."""
     try:
         query(
             db,
             f"DO $$ BEGIN CREATE ROLE {ROLE} LOGIN PASSWORD '{ROLE_PASSWORD}'; "
             "EXCEPTION WHEN duplicate_object THEN NULL; END $$",
         )
-    except psycopg2.errors.InsufficientPrivilege:
+    except psycopg.errors.InsufficientPrivilege:
         pytest.skip("the test database user cannot create roles")
     parts = urlsplit(servers.database_url)
     return parts._replace(netloc=f"{ROLE}:{ROLE_PASSWORD}@{parts.hostname}:{parts.port}").geturl()
 
 
-def rows_of(db: psycopg2.extensions.connection, name: str) -> list[dict[str, Any]]:
+def rows_of(db: psycopg.Connection[Any], name: str) -> list[dict[str, Any]]:
     """The rows of a sweep's table (columns id, name, note), to show nothing changed."""
     return query(db, f"SELECT id, name, note FROM {name} ORDER BY id")
 

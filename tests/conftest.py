@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg2
-import psycopg2.extras
+import psycopg
 import pytest
 import redis
+from psycopg.rows import dict_row
+from psycopg.types.string import TextLoader
 
 from botworker.config import Config, load_config
 from botworker.demo import seed
@@ -89,15 +90,21 @@ def r(servers: Servers) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def db(servers: Servers) -> Iterator[psycopg2.extensions.connection]:
-    conn = psycopg2.connect(servers.database_url)
-    conn.autocommit = True
-    yield conn
-    conn.close()
+def db(servers: Servers) -> Iterator[psycopg.Connection[Any]]:
+    """The tests' own connection: autocommit, values quoted into the text by the client (so DDL and SET can take
+    them), uuids read as text as the events and Redis carry them."""
+    with connect(servers.database_url) as conn:
+        yield conn
 
 
-def query(conn: psycopg2.extensions.connection, sql: str, *args: Any) -> list[dict[str, Any]]:
-    with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+def connect(url: str) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(url, autocommit=True, cursor_factory=psycopg.ClientCursor)
+    conn.adapters.register_loader("uuid", TextLoader)
+    return conn
+
+
+def query(conn: psycopg.Connection[Any], sql: str, *args: Any) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(sql, args)
         return [dict(row) for row in cur.fetchall()] if cur.description else []
 
@@ -248,7 +255,7 @@ def start_fleet(spawn: Callable[..., Fleet]) -> Callable[..., Fleet]:
 
 
 @contextmanager
-def advisory_lock(conn: psycopg2.extensions.connection, message_id: str) -> Iterator[None]:
+def advisory_lock(conn: psycopg.Connection[Any], message_id: str) -> Iterator[None]:
     """Hold the lock a worker takes before saving this message: the worker blocks there, mid-message."""
     query(conn, "SELECT pg_advisory_lock(hashtextextended(%s, 0))", "botworker:" + message_id)
     try:

@@ -29,9 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import psycopg2
-import psycopg2.errors
-import psycopg2.extensions
+import psycopg
 import pytest
 import redis
 
@@ -67,7 +65,7 @@ NEUTRAL = "hello there"  # a message that makes detection run no tool: the model
 
 
 @pytest.fixture
-def table(db: psycopg2.extensions.connection) -> Iterator[str]:
+def table(db: psycopg.Connection[Any]) -> Iterator[str]:
     """A fresh table with three rows; dropped afterwards."""
     name = "attack2_" + uuid.uuid4().hex[:10]
     query(db, f"CREATE TABLE {name} (id serial PRIMARY KEY, name text NOT NULL, note text)")
@@ -361,7 +359,7 @@ def test_cant_see_a_secret_echoed_before_its_tool_ran(make_worker, r, db, bot, h
 # ---- holes: SQL ----------------------------------------------------------------------------------------------
 
 
-def _wait_active(db: psycopg2.extensions.connection, marker: str) -> None:
+def _wait_active(db: psycopg.Connection[Any], marker: str) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         # Not this query itself (it holds the same words), and the words in either order (the worker wraps selects).
@@ -379,7 +377,7 @@ def _wait_active(db: psycopg2.extensions.connection, marker: str) -> None:
 
 def while_busy(
     r: redis.Redis,
-    db: psycopg2.extensions.connection,
+    db: psycopg.Connection[Any],
     victim: tuple[Worker, Bot, str, str],
     attacker: tuple[Worker, Bot, str],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -425,7 +423,7 @@ def test_cant_read_another_users_running_tool_query(make_worker, r, db, bot, oth
     raises=AssertionError,
     reason=(
         "DEPLOYMENT: all tool connections log in as the one DB_TOOL_URL role, and PostgreSQL lets a role cancel its "
-        "own sessions unless EXECUTE on pg_cancel_backend is revoked (README: Tools; the worker warns at connect)"
+        "own sessions unless EXECUTE on pg_cancel_backend is revoked (docs/tools.md; the worker warns at connect)"
     ),
 )
 def test_cant_cancel_another_users_tool_query(make_worker, r, db, bot, other, tool_url) -> None:
@@ -476,8 +474,8 @@ def test_cant_reach_the_platform_database_past_db_tool_url_with_a_dsn(
     dbname, user = parts.path.lstrip("/"), parts.username or "postgres"
     dsn = f"host=127.0.0.1 port={parts.port or 5432} dbname={dbname} user={user}"  # no password at all
     try:
-        psycopg2.connect(dsn, passfile="/dev/null", connect_timeout=3).close()
-    except psycopg2.OperationalError:
+        psycopg.connect(dsn, passfile="/dev/null", connect_timeout=3).close()
+    except psycopg.OperationalError:
         pytest.skip("the test database wants a password: a DSN without one cannot log in")
     victim = add_secret(db, other.user_id, "another user's " + SECRET)
     stolen = query(db, 'SELECT "encryptedValue" AS v FROM secrets WHERE id = %s', victim)[0]["v"]
@@ -721,7 +719,7 @@ def test_cant_lock_notify_or_outlast_the_timeout_from_a_select_tool(make_worker,
     worker = make_worker(DB_TOOL_TIMEOUT="0.5")
     before = rows_of(db, table)
     objects = query(db, "SELECT count(*) AS n FROM pg_largeobject_metadata")
-    listener = psycopg2.connect(db.dsn)
+    listener = psycopg.connect(db.info.dsn)
     listener.autocommit = True
     try:
         query(listener, "LISTEN attack2")
@@ -749,11 +747,8 @@ def test_cant_lock_notify_or_outlast_the_timeout_from_a_select_tool(make_worker,
                 continue
             failed(made, *[c for c in codes if c])
         query(db, "NOTIFY attack2, 'control'")  # a committed notification does arrive: the listener listens
-        deadline = time.monotonic() + 2
-        while not listener.notifies and time.monotonic() < deadline:
-            time.sleep(0.02)
-            listener.poll()
-        assert [n.payload for n in listener.notifies] == ["control"]  # the tool's was rolled back, never sent
+        # The first notification to arrive is the control one: the tool's was rolled back, never sent.
+        assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == ["control"]
     finally:
         listener.close()
     assert rows_of(db, table) == before
@@ -844,7 +839,7 @@ def test_cant_run_a_tool_past_its_owners_restrictions(make_worker, r, db, bot, o
     # An account whose isActive is NULL (where the platform's column allows it) or false is not an active one.
     try:
         query(db, """UPDATE users SET "isActive" = NULL WHERE id = %s""", bot.user_id)
-    except psycopg2.errors.NotNullViolation:
+    except psycopg.errors.NotNullViolation:
         query(db, """UPDATE users SET "isActive" = false WHERE id = %s""", bot.user_id)
     gemini.script(call("authed", {}, ("admins", {}), ("odd_roles", {}), ("no_roles", {})), text("done"))
     reply, errs = ask(r, worker, bot, NEUTRAL)

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg2.extensions
+import psycopg
 import pytest
 import redis
 
@@ -361,12 +361,12 @@ def test_wildcard_allowed_host_does_not_cover_look_alike_names() -> None:
 # ---- the tool connection dying -----------------------------------------------------------------------------
 
 
-def _tool_backends(db: psycopg2.extensions.connection) -> list[int]:
+def _tool_backends(db: psycopg.Connection[Any]) -> list[int]:
     rows = query(db, "SELECT pid FROM pg_stat_activity WHERE application_name = 'botworker-tool'")
     return [row["pid"] for row in rows]
 
 
-def _kill_tool_backends(db: psycopg2.extensions.connection) -> int:
+def _kill_tool_backends(db: psycopg.Connection[Any]) -> int:
     pids = _tool_backends(db)
     for pid in pids:
         query(db, "SELECT pg_terminate_backend(%s)", pid)
@@ -374,14 +374,14 @@ def _kill_tool_backends(db: psycopg2.extensions.connection) -> int:
 
 
 @pytest.fixture
-def notes(db: psycopg2.extensions.connection) -> Iterator[str]:
+def notes(db: psycopg.Connection[Any]) -> Iterator[str]:
     name = "attack3_" + uuid.uuid4().hex[:10]
     query(db, f"CREATE TABLE {name} (id serial PRIMARY KEY, note text NOT NULL)")
     yield name
     query(db, f"DROP TABLE IF EXISTS {name}")
 
 
-def _db_tools(db: psycopg2.extensions.connection, bot: Bot, other: Bot, notes: str) -> None:
+def _db_tools(db: psycopg.Connection[Any], bot: Bot, other: Bot, notes: str) -> None:
     add_tool(db, bot, "reader", "database_query", {"query": f"SELECT count(*) AS n FROM {notes}"})
     add_tool(db, bot, "suicide", "database_query", {"query": "SELECT pg_terminate_backend(pg_backend_pid()) AS x"})
     insert = {"query": f"INSERT INTO {notes} (note) VALUES ({{{{v}}}})", "type": "insert"}

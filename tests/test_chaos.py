@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg2.extensions
+import psycopg
 import pytest
 import redis
 
@@ -59,7 +59,7 @@ def all_events(r: redis.Redis) -> list[dict[str, Any]]:
 
 
 def test_burst_under_random_sigkills_answers_every_message_exactly_once(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, start_fleet: Callable[..., Fleet]
 ) -> None:
     """300 messages (tool and plain, a fifth without messageId) go through 4 workers while a random worker is
     SIGKILLed every 0.3 s: every message gets exactly one bot_responses event and exactly its 2 rows, nothing is
@@ -159,7 +159,7 @@ def test_burst_under_random_sigkills_answers_every_message_exactly_once(
 
 def test_malformed_messages_get_one_error_each_and_good_ones_are_answered(
     r: redis.Redis,
-    db: psycopg2.extensions.connection,
+    db: psycopg.Connection[Any],
     bot: Bot,
     servers: Servers,
     start_fleet: Callable[..., Fleet],

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from botworker.detect import PLATFORM_OPERATIONS, allowed_operations, detect, extract_params
+from botworker.detect import detect, extract_params
+from botworker.tools.platform import OPERATIONS as PLATFORM_OPERATIONS
+from botworker.tools.platform import allowed_operations
 
 MCP = {"id": "t1", "name": "platform", "displayName": "Platform data", "type": "mcp_tool", "config": {}}
 WEATHER = {"id": "t2", "name": "weather_api", "displayName": "Weather API", "type": "http_request", "config": {}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-import psycopg2
+import psycopg
 import pytest
 
 from botworker.demo import seed
@@ -20,7 +20,7 @@ def test_embedded_postgres_fallback_runs_the_schema() -> None:
         created = migrate(stack.database_url)
         assert "chat_messages" in created and migrate(stack.database_url) == []  # idempotent
         user_id, bot_id = seed(stack.database_url, str(uuid.uuid4()), str(uuid.uuid4()))
-        with psycopg2.connect(stack.database_url) as conn, conn.cursor() as cur:
+        with psycopg.connect(stack.database_url) as conn, conn.cursor() as cur:
             cur.execute('INSERT INTO prompts (name, "userId") VALUES (%s, %s) RETURNING id', ("p", user_id))
             assert uuid.UUID(str(cur.fetchone()[0]))
             cur.execute("SELECT count(*) FROM bots WHERE id = %s", (bot_id,))

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
-import psycopg2.extras
+import psycopg
 import pytest
 import redis
 
 from botworker import errors
 from botworker.config import Config
+from botworker.errors import TransientError
 from botworker.message import Message
 from botworker.pipeline import utcnow
 from botworker.queue import ATTEMPTS, DEAD, ERRORS, MESSAGES, RESPONSES, STATS, requeue_list
+from botworker.store import Store
 from botworker.worker import Heartbeat, Worker
 
-from conftest import Bot, events, push, query, wait_for
+from conftest import Bot, connect, events, push, query, wait_for
 
 ROW_COLUMNS = {
     "id", "botInstanceId", "userId", "role", "content", "metadata", "responseTime", "tokensUsed", "createdAt", "updatedAt",
@@ -41,7 +45,7 @@ def make_worker(make_cfg: Callable[..., Config], r: redis.Redis) -> Iterator[Cal
         worker.redis.close()
 
 
-def rows_for(db: psycopg2.extensions.connection, message_id: str) -> list[dict]:
+def rows_for(db: psycopg.Connection[Any], message_id: str) -> list[dict]:
     return query(db, "SELECT * FROM chat_messages WHERE metadata->>'messageId' = %s ORDER BY \"createdAt\"", message_id)
 
 
@@ -214,17 +218,47 @@ def test_platform_tools_never_show_another_users_data(make_worker, r, db, bot: B
     assert counts_reply["metadata"]["toolCalls"][0]["result"]["models"] == 3
 
 
-def test_dropped_database_connection_is_retried_not_lost(make_worker, r, db, bot: Bot) -> None:
+def test_pooled_connections_the_server_closed_cost_no_attempt(make_worker, r, db, bot: Bot) -> None:
+    """A PostgreSQL restart (here: every pooled backend terminated) is noticed before use, not by a failed attempt."""
     worker = make_worker()
     worker.store.ping()  # make sure the pool holds a connection, then kill it under the worker
-    query(db, "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = 'botworker'")
+    assert query(
+        db, "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = 'botworker'"
+    )
     payload = bot.message("list my models")
     push(r, payload)
-    worker.run_once()  # attempt 1 fails on the dead connection; the message goes back to the head of the line
-    assert events(r, RESPONSES) == [] and r.llen(MESSAGES) == 1
-    worker.run_once()  # attempt 2 succeeds on a fresh connection
+    worker.run_once()
     assert len(events(r, RESPONSES)) == 1 and events(r, ERRORS) == []
     assert len(rows_for(db, payload["messageId"])) == 2 and r.hget(ATTEMPTS, payload["messageId"]) is None
+
+
+def test_a_connection_lost_mid_statement_is_retried_on_a_new_one(make_worker, r, db, bot: Bot) -> None:
+    """A backend that dies while the worker's statement runs: the statements run again on a new connection."""
+    worker = make_worker()
+    worker.store.ping()
+    killer = threading.Timer(
+        0.3,
+        query,
+        (
+            db,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%%pg_sleep(1.5)%%' AND pid <> pg_backend_pid()",
+        ),
+    )
+    killer.start()
+    try:
+        assert worker.store.fetch("SELECT 7 AS n FROM pg_sleep(1.5)") == [{"n": 7}]
+    finally:
+        killer.join()
+
+
+def test_postgresql_down_is_a_retry_with_the_reason(make_cfg) -> None:
+    cfg = make_cfg(DATABASE_URL="postgresql://postgres@127.0.0.1:1/nothing", DB_CONNECT_TIMEOUT="1")  # nothing listens
+    store = Store(cfg)
+    try:
+        with pytest.raises(TransientError, match=r"cannot connect to PostgreSQL: .*(refused|failed)"):
+            store.ping()
+    finally:
+        store.close()
 
 
 def test_message_that_keeps_killing_workers_is_dead_lettered(make_worker, r, db, bot: Bot) -> None:
@@ -242,12 +276,14 @@ def test_message_that_keeps_killing_workers_is_dead_lettered(make_worker, r, db,
 
 
 def test_transient_failures_past_max_attempts_are_dead_lettered(make_worker, r, db, bot: Bot) -> None:
-    worker = make_worker(MAX_ATTEMPTS="2")
+    worker = make_worker(MAX_ATTEMPTS="2", DB_STATEMENT_TIMEOUT="0.3")
     payload = bot.message("list my models")
     push(r, payload)
-    for _ in range(2):
-        query(db, "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = 'botworker'")
-        worker.run_once()
+    with connect(db.info.dsn) as blocker:  # the history cannot be read: every load runs into its timeout
+        blocker.autocommit = False
+        blocker.execute("LOCK TABLE chat_messages IN ACCESS EXCLUSIVE MODE")
+        for _ in range(2):
+            worker.run_once()
     [event] = events(r, ERRORS)
     assert event["code"] == errors.DEAD_LETTERED and errors.DATABASE_UNAVAILABLE not in event["error"]
     assert "PostgreSQL" in event["error"]
@@ -274,7 +310,7 @@ def test_malformed_payloads(make_worker, r, raw: str, code: str) -> None:
 
 
 def test_without_prepared_statements_the_flow_is_the_same(make_worker, r, db, bot: Bot) -> None:
-    """DB_PREPARE=false (PgBouncer in transaction mode) sends the same statements unprepared."""
+    """DB_PREPARE=false (PgBouncer before 1.21 in transaction mode) sends the same statements unprepared."""
     worker = make_worker(DB_PREPARE="false")
     payload = bot.message("list my models")
     push(r, payload)
@@ -285,10 +321,11 @@ def test_without_prepared_statements_the_flow_is_the_same(make_worker, r, db, bo
     assert "churn, sentiment, vision" in first["botResponse"]["content"]
     assert "Ada Lovelace" in second["botResponse"]["content"]
     assert len(rows_for(db, payload["messageId"])) == 2
-    with worker.store.cursor() as cur:  # the worker's own (pooled) connection prepared nothing
-        cur.execute("SELECT count(*) AS n FROM pg_prepared_statements")
-        assert cur.fetchone()["n"] == 0
+    # Neither of the worker's own pooled connections prepared anything; a worker with DB_PREPARE on did.
+    statements = "SELECT count(*) AS n FROM pg_prepared_statements"
+    assert [worker.store.fetch(statements) for _ in range(2)] == [[{"n": 0}], [{"n": 0}]]
     prepared = make_worker(1)
-    with prepared.store.cursor() as cur:
-        cur.execute("SELECT name FROM pg_prepared_statements ORDER BY name")
-        assert [row["name"] for row in cur.fetchall()] == ["botworker_load", "botworker_save"]
+    push(r, {**payload, "messageId": payload["messageId"] + "-3"})
+    prepared.run_once()
+    names = [row["name"] for _ in range(2) for row in prepared.store.fetch("SELECT name FROM pg_prepared_statements")]
+    assert names and all(name.startswith("_pg3_") for name in names)

@@ -19,13 +19,12 @@ import pytest
 import redis
 
 from botworker import errors
-from botworker import llm_failures as failures
 from botworker.config import Config
-from botworker.conversation import gemini_schema, history_turns
 from botworker.demo import seed
 from botworker.errors import LLMError
-from botworker.gemini import GeminiResponder
-from botworker.llm import OfflineResponder, make_responder
+from botworker.llm import OfflineResponder, failures, make_responder
+from botworker.llm.conversation import gemini_schema, history_turns
+from botworker.llm.gemini import GeminiResponder
 from botworker.message import Message, Reply
 from botworker.pipeline import APOLOGY
 from botworker.queue import ERRORS, RESPONSES

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from botworker.llm import OfflineResponder, describe
+from botworker.llm.offline import OfflineResponder, describe
 from botworker.message import Message, ToolCall, ToolResult
 from botworker.store import BotContext
 

@@ -9,7 +9,7 @@ import pytest
 
 from botworker import errors
 from botworker.errors import MessageError
-from botworker.message import decode, message_id_of, parse_message, peek_ids
+from botworker.message import Ids, Message, decode, message_id_of, parse_message, peek_ids, read
 
 BOT = "11111111-1111-4111-8111-111111111111"
 USER = "22222222-2222-4222-8222-222222222222"
@@ -89,3 +89,21 @@ def test_peek_ids_keeps_only_strings() -> None:
     ids = peek_ids({"botId": BOT, "userId": 7, "instanceId": None}, "m")
     assert (ids.message_id, ids.bot_id, ids.user_id, ids.instance_id) == ("m", BOT, None, None)
     assert peek_ids([1], "m").bot_id is None
+
+
+def test_read_gives_one_envelope_for_every_payload() -> None:
+    unreadable = read(b"[1, 2]", 16, NOW)
+    assert not unreadable.readable and unreadable.message is None and unreadable.error is not None
+    assert unreadable.error.code == errors.INVALID_JSON and unreadable.ids.message_id  # an id of its own
+
+    good = read(json.dumps({"botId": BOT, "userId": USER, "message": "hi", "messageId": "m7"}), 16, NOW)
+    assert good.readable and good.error is None and good.rewritten is None and good.preview == "hi"
+    assert good.message == Message(BOT, USER, "hi", "m7", None, NOW) and good.ids == Ids("m7", BOT, USER, None)
+
+    unnamed = read(json.dumps({"botId": BOT, "userId": USER, "message": "hi"}), 16, NOW)
+    assert unnamed.message is not None and unnamed.rewritten is not None
+    assert json.loads(unnamed.rewritten)["messageId"] == unnamed.message.message_id == unnamed.ids.message_id
+
+    invalid = read(json.dumps({"botId": BOT, "userId": "nope", "message": "hi", "messageId": "m8"}), 16, NOW)
+    assert invalid.readable and invalid.message is None and invalid.error is not None
+    assert invalid.error.code == errors.INVALID_MESSAGE and invalid.ids == Ids("m8", BOT, "nope", None)

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from botworker.detect import PLATFORM_OPERATIONS, detect, tool_params
+from botworker.detect import detect, tool_params
 from botworker.tools import params
 from botworker.tools.params import MAX_STRING, InvalidParams
+from botworker.tools.platform import OPERATIONS as PLATFORM_OPERATIONS
 
 GEMINI_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 

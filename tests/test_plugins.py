@@ -9,8 +9,9 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import psycopg2.extensions
+import psycopg
 import pytest
 import redis
 
@@ -88,7 +89,7 @@ def test_broken_plugins_are_configuration_errors(
 def test_plugin_tool_runs_from_a_real_message(
     tmp_path: Path,
     r: redis.Redis,
-    db: psycopg2.extensions.connection,
+    db: psycopg.Connection[Any],
     bot: Bot,
     start_fleet: Callable[..., Fleet],
 ) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg2.extensions
+import psycopg
 import pytest
 import redis
 
@@ -69,7 +69,7 @@ def queued_ids(r: redis.Redis) -> list[str | None]:
     return [json.loads(raw).get("messageId") for raw in reversed(r.lrange(MESSAGES, 0, -1))]
 
 
-def chat_rows(db: psycopg2.extensions.connection, mid: str) -> list[dict[str, Any]]:
+def chat_rows(db: psycopg.Connection[Any], mid: str) -> list[dict[str, Any]]:
     return query(db, """SELECT role, content FROM chat_messages WHERE metadata->>'messageId' = %s""", mid)
 
 
@@ -131,7 +131,7 @@ def test_fleet_boots_reports_status_and_unregisters_on_stop(
 
 
 def test_sigkilled_worker_message_is_requeued_at_head_and_answered_once(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, start_fleet: Callable[..., Fleet]
 ) -> None:
     """A worker SIGKILLed mid-message: the supervisor logs the death, puts the message back at the head of the line
     (ahead of messages that were queued behind it), respawns a worker with a new pid, and once the message can
@@ -171,7 +171,7 @@ def test_sigkilled_worker_message_is_requeued_at_head_and_answered_once(
 @pytest.mark.parametrize("with_id", [True, False], ids=["messageId", "no-messageId"])
 def test_worker_killed_between_commit_and_ack_is_replayed_once(
     r: redis.Redis,
-    db: psycopg2.extensions.connection,
+    db: psycopg.Connection[Any],
     bot: Bot,
     servers: Servers,
     start_fleet: Callable[..., Fleet],
@@ -188,7 +188,7 @@ def test_worker_killed_between_commit_and_ack_is_replayed_once(
     msg = bot.message(text)
     if not with_id:
         del msg["messageId"]
-    blocker = psycopg2.connect(servers.database_url)
+    blocker = psycopg.connect(servers.database_url)
     paused = False
     try:
         with blocker.cursor() as cur:
@@ -234,7 +234,7 @@ def test_worker_killed_between_commit_and_ack_is_replayed_once(
 
 
 def test_sigterm_drains_the_message_in_flight(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, start_fleet: Callable[..., Fleet]
 ) -> None:
     """SIGTERM is a warm stop: the supervisor waits for a busy worker to finish its message (answered once),
     then exits 0 leaving no processing list behind and nothing queued."""
@@ -258,7 +258,7 @@ def test_sigterm_drains_the_message_in_flight(
 
 
 def test_graceful_timeout_kills_busy_worker_and_requeues(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, start_fleet: Callable[..., Fleet]
 ) -> None:
     """With GRACEFUL_TIMEOUT=1 and a message that cannot finish, the warm stop turns into a kill after the timeout:
     the supervisor still exits 0, the message is back on bot_messages untouched, and no event exists. The killed
@@ -284,7 +284,7 @@ def test_graceful_timeout_kills_busy_worker_and_requeues(
 
 
 def test_second_sigterm_is_a_cold_stop(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, start_fleet: Callable[..., Fleet]
 ) -> None:
     """A second SIGTERM during a warm stop kills the workers at once (long before GRACEFUL_TIMEOUT=60):
     the supervisor exits 0 and the in-flight message is back on bot_messages, unanswered."""
@@ -378,7 +378,7 @@ def test_sigttin_and_sigttou_scale_the_fleet(start_fleet: Callable[..., Fleet]) 
 
 
 def test_silent_worker_is_killed_and_its_message_answered_once(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, start_fleet: Callable[..., Fleet]
 ) -> None:
     """A worker whose heartbeat stops for WORKER_TIMEOUT (blocked mid-message) is SIGKILLed and replaced; the message
     goes to another worker and, once it can proceed, is answered exactly once with exactly 2 rows."""
@@ -401,7 +401,7 @@ def test_silent_worker_is_killed_and_its_message_answered_once(
 
 
 def test_workers_of_a_sigkilled_supervisor_finish_their_message_and_exit(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, start_fleet: Callable[..., Fleet]
 ) -> None:
     """When the supervisor is SIGKILLed its workers do not live on: an idle one exits at once, a busy one finishes
     its message (answered once, 2 rows) and then exits, handing back nothing and unregistering its list."""
@@ -519,7 +519,7 @@ def test_top_level_worker_py_runs_the_same_program(
 
 
 def test_orphaned_processing_list_of_dead_node_is_recovered(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, start_fleet: Callable[..., Fleet]
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, start_fleet: Callable[..., Fleet]
 ) -> None:
     """A processing list left by a node whose key expired is requeued by a starting fleet and its message answered
     once; a processing list of a node that is still alive is left alone."""

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-import psycopg2.errors
-import psycopg2.extensions
+import psycopg
 import pytest
 
 from botworker import errors
@@ -65,7 +64,7 @@ WEIRD = "' OR '1'='1"  # a stored name that is itself an injection string: bindi
 
 
 @pytest.fixture
-def table(db: psycopg2.extensions.connection) -> Iterator[str]:
+def table(db: psycopg.Connection[Any]) -> Iterator[str]:
     """A fresh table with three rows; dropped afterwards."""
     name = "attack_" + uuid.uuid4().hex[:10]
     query(db, f"CREATE TABLE {name} (id serial PRIMARY KEY, name text NOT NULL, note text)")

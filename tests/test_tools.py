@@ -8,9 +8,10 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
-import psycopg2.extensions
+import psycopg
 import pytest
 import redis
 
@@ -48,7 +49,7 @@ def worker(make_worker: Callable[..., Worker]) -> Worker:
 
 
 @pytest.fixture
-def orders(db: psycopg2.extensions.connection) -> Iterator[str]:
+def orders(db: psycopg.Connection[Any]) -> Iterator[str]:
     """A table of the test's own, with three rows."""
     table = "orders_" + uuid.uuid4().hex[:8]
     query(db, f"CREATE TABLE {table} (id serial PRIMARY KEY, item text, qty int, price numeric(8,2))")
@@ -63,7 +64,7 @@ def orders(db: psycopg2.extensions.connection) -> Iterator[str]:
 
 
 def test_http_get_fills_parameters_url_encoded(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, http: LocalHTTP
 ) -> None:
     add_tool(
         db,
@@ -87,7 +88,7 @@ def test_http_get_fills_parameters_url_encoded(
 
 
 def test_http_post_json_body_is_built_not_spliced(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, http: LocalHTTP
 ) -> None:
     config = {
         "url": http.url + "/echo",
@@ -106,7 +107,7 @@ def test_http_post_json_body_is_built_not_spliced(
 
 
 def test_http_secret_goes_in_the_header_and_nowhere_else(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, http: LocalHTTP
 ) -> None:
     value = "tok_" + uuid.uuid4().hex
     secret = add_secret(db, bot.user_id, value)
@@ -129,7 +130,7 @@ def test_http_secret_goes_in_the_header_and_nowhere_else(
 
 
 def test_idempotent_calls_are_retried_and_counted(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, http: LocalHTTP
 ) -> None:
     add_tool(db, bot, "flaky_api", "http_request", {"url": http.url + "/flaky/2/503"})
     reply, errs = ask(r, worker, bot, "call the flaky api")
@@ -139,7 +140,7 @@ def test_idempotent_calls_are_retried_and_counted(
 
 
 def test_post_is_not_retried_unless_the_tool_opts_in(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, http: LocalHTTP
 ) -> None:
     add_tool(db, bot, "order_api", "http_request", {"url": http.url + "/flaky/1/503", "method": "POST"})
     reply, errs = ask(r, worker, bot, "call the order api")
@@ -153,7 +154,7 @@ def test_post_is_not_retried_unless_the_tool_opts_in(
 
 
 def test_retry_after_is_honoured_and_capped(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, http: LocalHTTP
 ) -> None:
     add_tool(db, bot, "limited_api", "http_request", {"url": http.url + "/flaky/1/429?retry_after=1"})
     reply, _ = ask(r, worker, bot, "call the limited api")
@@ -166,7 +167,7 @@ def test_retry_after_is_honoured_and_capped(
 
 
 def test_exhausted_retries_and_timeouts_fail_clearly(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, http: LocalHTTP
 ) -> None:
     add_tool(db, bot, "down_api", "http_request", {"url": http.url + "/status/504"})
     add_tool(db, bot, "slow_api", "http_request", {"url": http.url + "/slow?s=2", "timeout": 0.3, "retry": False})
@@ -179,7 +180,7 @@ def test_exhausted_retries_and_timeouts_fail_clearly(
 
 
 def test_large_responses_are_capped_and_budgeted(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, make_worker: Callable[..., Worker], http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, make_worker: Callable[..., Worker], http: LocalHTTP
 ) -> None:
     worker = make_worker(HTTP_MAX_RESPONSE_BYTES="4096", TOOL_RESULT_BUDGET="1000")
     add_tool(db, bot, "big_api", "http_request", {"url": http.url + "/big?bytes=100000"})
@@ -190,7 +191,7 @@ def test_large_responses_are_capped_and_budgeted(
 
 
 def test_redirects_are_followed_within_the_policy(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, http: LocalHTTP
 ) -> None:
     add_tool(db, bot, "moved_api", "http_request", {"url": http.url + "/redirect?to=/json%3Fmoved%3D1"})
     reply, _errs = ask(r, worker, bot, "call the moved api")
@@ -200,7 +201,7 @@ def test_redirects_are_followed_within_the_policy(
 
 
 def test_loopback_is_refused_without_an_allowlist(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, make_worker: Callable[..., Worker], http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, make_worker: Callable[..., Worker], http: LocalHTTP
 ) -> None:
     worker = make_worker(HTTP_ALLOWED_HOSTS="")
     add_tool(db, bot, "local_api", "http_request", {"url": http.url + "/json"})
@@ -215,7 +216,7 @@ def test_loopback_is_refused_without_an_allowlist(
 
 
 def test_select_binds_parameters_and_returns_rows(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, orders: str
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, orders: str
 ) -> None:
     add_tool(
         db,
@@ -239,7 +240,7 @@ def test_select_binds_parameters_and_returns_rows(
 
 
 def test_select_tools_are_read_only_and_capped(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, make_worker: Callable[..., Worker], orders: str
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, make_worker: Callable[..., Worker], orders: str
 ) -> None:
     worker = make_worker(DB_TOOL_MAX_ROWS="5", DB_TOOL_TIMEOUT="0.3")
     add_tool(
@@ -262,7 +263,7 @@ def test_select_tools_are_read_only_and_capped(
 
 
 def test_write_tools_run_when_their_config_says_so(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, orders: str
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, orders: str
 ) -> None:
     add_tool(
         db,
@@ -286,7 +287,7 @@ def test_write_tools_run_when_their_config_says_so(
 
 
 def test_database_from_a_secret_dsn(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, servers: Servers, orders: str
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, servers: Servers, orders: str
 ) -> None:
     parts = urlsplit(servers.database_url)
     # Another database server, as far as the worker can tell: a port of its own (forwarded to the test server).
@@ -311,7 +312,7 @@ def test_database_from_a_secret_dsn(
 
 
 def test_the_tool_connection_serves_many_calls(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker
 ) -> None:
     """Ten calls on the worker's one tool connection: nothing a call leaves (or DISCARD ALL removes, such as
     prepared statements a driver made on its own) breaks the next."""
@@ -322,7 +323,7 @@ def test_the_tool_connection_serves_many_calls(
 
 
 def test_no_session_state_survives_a_tool(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker
 ) -> None:
     key = uuid.uuid4().int % 2**31
     add_tool(db, bot, "locker", "database_query", {"query": f"SELECT pg_advisory_lock({key})"})
@@ -336,7 +337,7 @@ def test_no_session_state_survives_a_tool(
 
 
 def test_secret_of_another_user_or_inactive_is_not_found(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, http: LocalHTTP, servers: Servers
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, http: LocalHTTP, servers: Servers
 ) -> None:
     from botworker.demo import seed
 
@@ -353,7 +354,7 @@ def test_secret_of_another_user_or_inactive_is_not_found(
 
 
 def test_secrets_need_the_platform_key(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, make_worker: Callable[..., Worker], http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, make_worker: Callable[..., Worker], http: LocalHTTP
 ) -> None:
     secret = add_secret(db, bot.user_id, "tok-789")
     add_tool(db, bot, "keyed_api", "http_request", {"url": http.url + "/echo", "secretId": secret})
@@ -365,7 +366,7 @@ def test_secrets_need_the_platform_key(
 
 
 def test_requires_auth_and_roles(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker, http: LocalHTTP
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker, http: LocalHTTP
 ) -> None:
     add_tool(db, bot, "members_api", "http_request", {"url": http.url + "/json"}, requires_auth=True)
     add_tool(db, bot, "admin_api", "http_request", {"url": http.url + "/json", "roles": ["admin"]})
@@ -381,7 +382,7 @@ def test_requires_auth_and_roles(
 
 
 def test_workflow_actions_are_answered_unsupported(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker
 ) -> None:
     add_tool(db, bot, "deploy", "workflow_action", {"workflowActionId": "wf-9"})
     r.delete(RESPONSES, ERRORS)
@@ -393,7 +394,7 @@ def test_workflow_actions_are_answered_unsupported(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the sandbox as root (CI does)")
 def test_shell_secret_is_one_environment_variable(
-    r: redis.Redis, db: psycopg2.extensions.connection, bot: Bot, worker: Worker
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, worker: Worker
 ) -> None:
     value = "sh-" + uuid.uuid4().hex
     good = add_secret(db, bot.user_id, value, key="API_TOKEN")

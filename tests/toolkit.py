@@ -19,11 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import psycopg2.extensions
-import psycopg2.extras
+import psycopg
 import redis
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from psycopg.types.json import Jsonb
 
 from botworker.queue import ERRORS, RESPONSES
 from botworker.worker import Worker
@@ -44,7 +44,7 @@ def encrypt(plaintext: str, passphrase: str = PASSPHRASE) -> str:
 
 
 def add_tool(
-    db: psycopg2.extensions.connection,
+    db: psycopg.Connection[Any],
     bot: Bot,
     name: str,
     kind: str,
@@ -60,7 +60,7 @@ def add_tool(
         name,
         display or name.replace("_", " ").title(),
         kind,
-        psycopg2.extras.Json(config),
+        Jsonb(config),
         bot.bot_id,
         requires_auth,
         active,
@@ -69,7 +69,7 @@ def add_tool(
 
 
 def add_secret(
-    db: psycopg2.extensions.connection,
+    db: psycopg.Connection[Any],
     user_id: str,
     value: str,
     key: str = "API_TOKEN",

@@ -1,9 +1,9 @@
 """``database_query`` tools: one SQL statement from the tool's config, with the call's parameters bound.
 
 Config: ``{"query", "type"?: "select" | "insert" | "update" | "delete", "secretId"?, "retry"?, "maxAttempts"?}``.
-- ``sql.py`` turns ``{{name}}`` placeholders into bound parameters and refuses anything but one statement, before
-  the server sees it; the statement's first keyword must fit the type (``select`` tools: SELECT, WITH, VALUES,
-  TABLE);
+- ``sql.py`` turns ``{{name}}`` placeholders into bound parameters and refuses anything but one statement, read by
+  PostgreSQL's own parser before the server sees it; the statement must fit the type (``select`` tools: SELECT,
+  including VALUES, TABLE and WITH ... SELECT);
 - ``select`` tools run in a READ ONLY transaction (so a data-modifying CTE or function fails) and are rolled back;
   write types only when the config says so, in their own transaction, committed;
 - every statement gets ``statement_timeout`` = DB_TOOL_TIMEOUT and at most DB_TOOL_MAX_ROWS rows come back;
@@ -40,12 +40,7 @@ from . import ToolContext, ToolFailure, config_of, outbound
 from .sql import SqlRefused, prepare
 
 TYPES = ("database_query",)
-KINDS = {
-    "select": ("select", "with", "values", "table"),
-    "insert": ("insert",),
-    "update": ("update",),
-    "delete": ("delete",),
-}
+KINDS = ("select", "insert", "update", "delete")
 _TRANSIENT = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 
 
@@ -65,10 +60,9 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
         prepared = prepare(query, call.params)
     except SqlRefused as exc:
         raise ToolFailure(f"query refused: {exc}", errors.TOOL_INVALID_PARAMS) from None
-    if prepared.kind not in KINDS[kind]:
+    if prepared.kind != kind:
         raise ToolFailure(
-            f"a {kind} tool may only run {' / '.join(k.upper() for k in KINDS[kind])} statements, "
-            f"not {prepared.kind.upper()}",
+            f"a {kind} tool may only run {kind.upper()} statements, not {prepared.kind.upper()}",
             errors.TOOL_INVALID_PARAMS,
         )
     secret_id = config.get("secretId") or config.get("githubSecretId")
@@ -80,16 +74,16 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
         statement = f"SELECT * FROM (\n{statement}\n) AS botworker_tool LIMIT {limit + 1}"
     started = time.monotonic()
     try:
-        with _connection(ctx, secret_id) as conn, conn.cursor(row_factory=dict_row) as cur:
-            # standard_conforming_strings is forced on because sql.py splits statements the way a server with it
-            # on reads them. The frame is one simple query; the statement goes with its parameters bound on the
+        with _connection(ctx, secret_id) as conn, psycopg.RawCursor(conn, row_factory=dict_row) as cur:
+            # standard_conforming_strings is forced on because sql.py reads literals the way a server with it on
+            # does. The frame is one simple query; the statement goes with its parameters ($1...) bound on the
             # server (extended protocol: one statement, values never in the statement text).
             cur.execute(
                 f"BEGIN {'READ ONLY' if kind == 'select' else 'READ WRITE'}; "
                 f"SET LOCAL statement_timeout = {int(ctx.cfg.db_tool_timeout * 1000)}; "
-                "SET LOCAL standard_conforming_strings = on"
+                "SET LOCAL standard_conforming_strings = on; SET LOCAL TimeZone = 'UTC'"
             )
-            params = {k: _adapt(v) for k, v in prepared.params.items()}
+            params = [_adapt(v) for v in prepared.params]
             if kind == "select":
                 cur.execute(statement, params)
                 result = _rows(cur, cur.fetchall(), limit)

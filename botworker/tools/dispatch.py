@@ -20,11 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import errors
-from ..detect import allowed_operations
 from ..errors import TransientError
 from ..message import ToolCall, ToolResult
 from ..retry import backoff
 from . import Family, ToolContext, ToolFailure, access, config_of, params, registry
+from .platform import allowed_operations
 from .secrets import SecretError
 
 log = logging.getLogger(__name__)

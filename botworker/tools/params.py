@@ -21,6 +21,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from .platform import allowed_operations
+
 TYPES = ("string", "integer", "number", "boolean", "array", "object")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 MAX_STRING = 10_000  # characters of one string parameter, whatever the declaration says
@@ -214,8 +216,6 @@ def function_name(tool: Mapping[str, Any]) -> str:
 def json_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
     """The tool's parameters as a JSON-Schema object (declared ones, else its template placeholders)."""
     if tool.get("type") == "mcp_tool":
-        from ..detect import allowed_operations  # detect uses this module: imported here, not at the top
-
         ops = list(allowed_operations(dict(tool)))
         return {
             "type": "object",

@@ -1,4 +1,5 @@
-"""``mcp_tool`` tools: read-only platform operations, always scoped to the message's user.
+"""``mcp_tool`` tools: the read-only platform operations, which of them a tool allows, and running them, always
+scoped to the message's user.
 
 The user id comes from ``ToolContext.user_id`` (the validated message), never from parameters or text: every
 query below filters on it. Each operation returns at most ``LIMIT`` rows plus the total count, and never a
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..detect import allowed_operations
 from ..message import ToolCall
 from ..store import jsonable
 from . import ToolContext, ToolFailure
@@ -51,6 +51,22 @@ _SEARCHABLE = {
 }
 
 
+# Every operation, in the order they are offered; which of them a tool allows is its config's say.
+OPERATIONS = (*_LISTS, "get_user_info", "search_platform", "list_user_data")
+
+
+def allowed_operations(tool: dict[str, Any]) -> tuple[str, ...]:
+    """The operations an mcp_tool's config allows: all of them when the config has no ``operations`` key; when it
+    has one, only the known operations it lists (a malformed or empty value allows nothing: fail closed)."""
+    config = tool.get("config") or {}
+    if not isinstance(config, dict) or "operations" not in config:
+        return OPERATIONS
+    ops = config["operations"]
+    if not isinstance(ops, list):
+        return ()
+    return tuple(op for op in OPERATIONS if op in ops)
+
+
 def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
     op = call.operation
     if op not in allowed_operations(tool):
@@ -67,26 +83,21 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
 
 
 def _list(ctx: ToolContext, select: str, order: str) -> dict[str, Any]:
-    with ctx.store.cursor() as cur:
-        cur.execute(
-            f"SELECT count(*) OVER () AS total, q.* FROM ({select}) q ORDER BY {order} LIMIT {LIMIT}",
-            {"user": ctx.user_id},
-        )
-        rows = cur.fetchall()
+    rows = ctx.store.fetch(
+        f"SELECT count(*) OVER () AS total, q.* FROM ({select}) q ORDER BY {order} LIMIT {LIMIT}", {"user": ctx.user_id}
+    )
     total = rows[0]["total"] if rows else 0
     return {"total": total, "items": [jsonable({k: v for k, v in r.items() if k != "total"}) for r in rows]}
 
 
 def _user_info(ctx: ToolContext) -> dict[str, Any]:
-    with ctx.store.cursor() as cur:
-        cur.execute(
-            'SELECT id, email, "firstName", "lastName", role, "isActive", "createdAt" FROM users WHERE id = %s',
-            (ctx.user_id,),
-        )
-        row = cur.fetchone()
-    if row is None:
+    rows = ctx.store.fetch(
+        'SELECT id, email, "firstName", "lastName", role, "isActive", "createdAt" FROM users WHERE id = %s',
+        (ctx.user_id,),
+    )
+    if not rows:
         raise ToolFailure("user not found")
-    return jsonable(dict(row))
+    return jsonable(rows[0])
 
 
 def _search(ctx: ToolContext, query: str) -> dict[str, Any]:
@@ -100,17 +111,14 @@ def _search(ctx: ToolContext, query: str) -> dict[str, Any]:
         parts.append(
             f"(SELECT '{kind}' AS kind, x.id, x.name, x.description FROM {source} AND ({where}) LIMIT {LIMIT})"
         )
-    with ctx.store.cursor() as cur:
-        cur.execute(" UNION ALL ".join(parts), {"user": ctx.user_id, "pattern": pattern})
-        rows = cur.fetchall()
+    rows = ctx.store.fetch(" UNION ALL ".join(parts), {"user": ctx.user_id, "pattern": pattern})
     items = [jsonable(dict(r)) for r in rows[:LIMIT]]
     return {"query": query, "count": len(rows), "items": items}
 
 
 def _counts(ctx: ToolContext) -> dict[str, int]:
-    with ctx.store.cursor() as cur:
-        cur.execute(
-            """SELECT
+    [row] = ctx.store.fetch(
+        """SELECT
                  (SELECT count(*) FROM models WHERE "userId" = %(user)s) AS models,
                  (SELECT count(*) FROM applications WHERE "userId" = %(user)s) AS applications,
                  (SELECT count(*) FROM bots WHERE "userId" = %(user)s) AS bots,
@@ -118,6 +126,6 @@ def _counts(ctx: ToolContext) -> dict[str, int]:
                  (SELECT count(*) FROM bot_tools t JOIN bots b ON b.id = t."botId" WHERE b."userId" = %(user)s) AS tools,
                  (SELECT count(*) FROM bot_instances WHERE "userId" = %(user)s) AS conversations,
                  (SELECT count(*) FROM chat_messages WHERE "userId" = %(user)s) AS messages""",
-            {"user": ctx.user_id},
-        )
-        return {k: int(v) for k, v in cur.fetchone().items()}
+        {"user": ctx.user_id},
+    )
+    return {k: int(v) for k, v in row.items()}

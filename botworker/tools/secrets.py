@@ -89,11 +89,10 @@ class Secrets:
             raise SecretError(f"secret {str(secret_id)[:60]!r} not found") from None
         if not self._passphrase:
             raise SecretError("this worker cannot use secrets: ENCRYPTION_KEY is not set")
-        with self._store.cursor() as cur:
-            cur.execute(_SELECT, {"id": sid, "user": self._user_id})
-            row = cur.fetchone()
-        if row is None:
+        rows = self._store.fetch(_SELECT, {"id": sid, "user": self._user_id})
+        if not rows:
             raise SecretError(f"secret {sid} not found (or not active) for this user")
+        row = rows[0]
         try:
             value = decrypt(str(row["encryptedValue"]), derive_key(self._passphrase))
         except ValueError:

@@ -1,49 +1,48 @@
-"""SQL templates of ``database_query`` tools -> one safe statement for psycopg2. Pure; no I/O.
+"""SQL templates of ``database_query`` tools -> one statement with bound parameters, read by PostgreSQL's own
+lexer and parser (pglast: libpg_query, the server's grammar). Pure; no I/O.
 
-The contract: a template's ``{{name}}`` placeholders become bound parameters, never spliced text, so a value can
-hold quotes, semicolons or ``{{...}}`` of its own and still be only a value. A template is exactly one statement;
-which kinds of statement a tool may run (``Prepared.kind``) is for the caller to check.
+The contract: a template's ``{{name}}`` placeholders become bound parameters (``$1``, ``$2``...: one per name),
+never spliced text, so a value can hold quotes, semicolons or ``{{...}}`` of its own and still be only a value. A
+template is exactly one statement; which kinds of statement a tool may run (``Prepared.kind``, read from the parse
+tree) is for the caller to check.
 
-To know where a placeholder or a ``;`` really is, the template is read with PostgreSQL's lexical rules (strings,
-E'' and U&'' strings, dollar quotes, quoted identifiers, nested comments), assuming ``standard_conforming_strings``
-is on (the default since PostgreSQL 9.1): backslashes are plain characters in '...' literals.
-A placeholder in plain code becomes ``%(pN)s``; in a '...' literal, the literal becomes a concatenation of its
-pieces and the parameters. Anywhere else (comments, E'' strings, identifiers...) it is refused: its meaning there
-is unclear and a bound parameter cannot go there. A literal with more than a placeholder becomes an expression, so
-it cannot follow a type name: write '{{n}} days'::interval, not interval '{{n}} days'.
+How:
+1. each placeholder becomes `` $n `` (spaces around it, so it cannot glue to a neighbouring token), and the text is
+   split into tokens by the server's lexer. A placeholder must land on a parameter token of its own. In a plain
+   '...' literal, the literal becomes a concatenation of its pieces and the parameters ('%{{q}}%' becomes
+   ('%' || $1 || '%')). Anywhere else (a comment, an E'', U&'', B'', X'', N'' or dollar-quoted string, a quoted
+   identifier) it is refused: a parameter cannot go there, and its meaning is unclear. ``$1`` written in the
+   template itself is refused: parameters are the placeholders' alone.
+2. the result is parsed: exactly one statement, and every parameter reference in the tree is one of ours, each
+   occurrence there: the proof that no placeholder sat unbound inside a literal or a comment.
+
+The lexer reads backslashes in '...' as plain characters (``standard_conforming_strings`` on, the default since
+PostgreSQL 9.1; the database tool sets it for its transaction). A literal with a placeholder becomes an
+expression, so it cannot follow a type name: write '{{n}} days'::interval, not interval '{{n}} days'.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-# PostgreSQL identifiers: any non-ASCII character counts as a letter; '$' may follow the first character.
-_WORD = re.compile(r"[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*")
-_DOLLAR = re.compile(r"\$(?:[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_\u0080-\U0010ffff]*)?\$")  # $$ or $tag$, not $1
-# PostgreSQL's whitespace, exactly: Python's \s also matches U+00A0, U+2000-U+3000..., which the server reads as
-# identifier letters; treating them as blanks here would split statements differently from the server.
-_SPACE = re.compile(r"[ \t\n\r\f\v]+")
-_LINE_COMMENT = re.compile(r"--[^\n\r]*")
+from pglast import parser
 
-# Tokens that may end with a quote (a bound value is rendered as '...').
-_QUOTED_END = ("string", "estring", "ustring", "prefixed", "placeholder")
-# Tokens a placeholder must not appear in, and how to name them in the refusal.
-_OPAQUE = {
-    "comment": "a comment",
-    "estring": "an E'...' string",
-    "ustring": "a U&'...' string",
-    "prefixed": "a B'...', X'...' or N'...' string",
-    "dollar": "a dollar-quoted string",
-    "ident": "a quoted identifier",
-}
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+_MALFORMED = re.compile(r"\{\{[^{}]{0,40}\}\}")
+# Where a placeholder may not go, by the lexer's token name (and, for SCONST, how the token starts).
+_COMMENTS = ("C_COMMENT", "SQL_COMMENT")
+_PREFIXED = "a B'...', X'...' or N'...' string"
+_OPAQUE = {"USCONST": "a U&'...' string", "BCONST": _PREFIXED, "XCONST": _PREFIXED, "UIDENT": "a quoted identifier"}
+# Parse-tree statement nodes -> the kind a tool's type allows.
+_KINDS = {"SelectStmt": "select", "InsertStmt": "insert", "UpdateStmt": "update", "DeleteStmt": "delete"}
 
 
 class SqlRefused(ValueError):
-    """The template is not acceptable (several statements, placeholder in a comment, unterminated quote...).
+    """The template is not acceptable (several statements, a placeholder in a comment, not SQL...).
 
     ``str()`` is a clear, user-readable reason.
     """
@@ -51,13 +50,23 @@ class SqlRefused(ValueError):
 
 @dataclass(frozen=True)
 class Prepared:
-    """One statement for ``cursor.execute(sql, params)`` (always with the dict, so '%%' is read as '%')."""
+    """One statement for a cursor with PostgreSQL's own placeholders (psycopg's ``RawCursor``)."""
 
-    sql: str  # psycopg2 "pyformat": placeholders are %(p1)s, %(p2)s...; every literal '%' is doubled
-    params: dict[str, Any]  # {"p1": value, ...}
-    kind: str  # the statement's first keyword, lowercased: "select", "with", "insert"...
-    names: tuple[str, ...]  # the placeholder names in order of first appearance
+    sql: str  # the statement alone: no leading or trailing comments, no ';'
+    params: tuple[Any, ...]  # the value of $1, $2...
+    kind: str  # "select" (SELECT, VALUES, TABLE, WITH ... SELECT), "insert", "update", "delete", or another name
+    names: tuple[str, ...]  # the placeholder names in order of first appearance ($1 is names[0])
     returning: bool = False  # a RETURNING clause is present (a write that gives rows back)
+
+
+@dataclass(frozen=True)
+class _Spot:
+    """Where one placeholder's `` $n `` sits in the rewritten text."""
+
+    start: int
+    end: int  # exclusive
+    name: str
+    number: int
 
 
 def placeholders(query: str) -> tuple[str, ...]:
@@ -69,151 +78,124 @@ def prepare(query: str, values: Mapping[str, Any]) -> Prepared:
     """The template as one statement with bound parameters, or ``SqlRefused`` saying why it cannot be."""
     if "\0" in query:
         raise SqlRefused("the query contains a NUL character")
-    keys: dict[str, str] = {}  # placeholder name -> parameter key: one name binds one parameter
-    params: dict[str, Any] = {}
+    names = placeholders(query)
+    text, spots = _number(query, names)
+    text = _bind_literals(text, spots, _tokens(query, text))
+    missing = [name for name in names if name not in values]
+    if missing:
+        raise SqlRefused(f"parameter {missing[0]!r} is missing")
+    statement, node = _one_statement(query, text)
+    kind_node, body = next(iter(node.items()))
+    used = list(_param_refs(body))
+    if sorted(set(used)) != list(range(1, len(names) + 1)) or len(used) != len(spots):
+        # A placeholder the lexer saw as a parameter that the grammar does not use as one: refuse what we
+        # cannot explain rather than run a statement with a value unbound.
+        raise SqlRefused("a placeholder is not where a value can go")
+    kind = _KINDS.get(kind_node, kind_node.removesuffix("Stmt").lower())
+    returning = bool(body.get("returningList") or body.get("returningClause"))
+    return Prepared(statement, tuple(values[name] for name in names), kind, names, returning)
 
-    def bind(name: str) -> str:
-        if name not in values:
-            raise SqlRefused(f"parameter {name!r} is missing")
-        if name not in keys:
-            keys[name] = f"p{len(keys) + 1}"
-            params[keys[name]] = values[name]
-        return f"%({keys[name]})s"
 
+def _number(query: str, names: tuple[str, ...]) -> tuple[str, list[_Spot]]:
+    """The template with each placeholder replaced by `` $n ``, and where each one went."""
     out: list[str] = []
-    end = 0  # length of `out` up to the last token that is not whitespace or a comment
-    kind: str | None = None
-    ended = False  # a ';' was seen: from then on only whitespace and comments may follow
-    previous = ""  # kind of the previous token
-    depth = 0  # parentheses open
-    returning = False
-    for token, text in _tokens(query):
-        glued, previous = previous in _QUOTED_END, token
-        if token in ("space", "comment"):
-            if out:  # leading and (via `end`) trailing whitespace and comments are left out
-                out.append(text.replace("%", "%%"))
+    spots: list[_Spot] = []
+    length = last = 0
+    for m in _PLACEHOLDER.finditer(query):
+        piece = query[last : m.start()]
+        number = names.index(m.group(1)) + 1
+        param = f" ${number} "
+        spots.append(_Spot(length + len(piece), length + len(piece) + len(param), m.group(1), number))
+        out += [piece, param]
+        length += len(piece) + len(param)
+        last = m.end()
+    out.append(query[last:])
+    return "".join(out), spots
+
+
+def _tokens(query: str, text: str) -> list[parser.Token]:
+    try:
+        return list(parser.scan(text))
+    except parser.ParseError as exc:
+        raise _not_sql(query, exc) from None
+
+
+def _bind_literals(text: str, spots: list[_Spot], tokens: list[parser.Token]) -> str:
+    """Check where each placeholder landed; rewrite the plain literals that hold placeholders."""
+    rewrites: list[tuple[int, int, str]] = []  # (start, end exclusive, replacement)
+    for i, token in enumerate(tokens):
+        start, end = token.start, token.end + 1
+        inside = [s for s in spots if start < s.end and s.start < end]
+        if token.name == "PARAM" and not any(s.start <= start and end <= s.end for s in spots):
+            raise SqlRefused(f"{text[start:end]!r} is not allowed: values go in as {{{{name}}}} placeholders")
+        if not inside or token.name == "PARAM":
             continue
-        if ended:
-            raise SqlRefused("only one SQL statement is allowed")
-        if token == "semicolon":
-            ended = True
-            continue
-        if text in ("(", ")"):
-            # Balanced, so the caller may wrap the statement in parentheses (a row-capping subquery) without the
-            # template closing them early and going on outside.
-            depth += 1 if text == "(" else -1
-            if depth < 0:
-                raise SqlRefused("unbalanced parentheses: a ')' closes nothing")
-        if kind is None and text != "(":
-            if token != "word":
-                raise SqlRefused("the query must start with an SQL keyword such as SELECT")
-            kind = text.lower()
-        if glued and token in ("placeholder", "string"):
-            out.append(" ")  # psycopg2 renders a value as '...': glued to another literal, the two would merge
-        if token == "word" and text.lower() == "returning":
-            returning = True
-        if token == "placeholder":
-            out.append(bind(text))
-        elif token == "string":
-            out.append(_literal(text, bind))
-        else:
-            out.append(text.replace("%", "%%"))
-        end = len(out)
-    if not end:
+        raw = text[start:end]
+        where = _OPAQUE.get(token.name)
+        if token.name in _COMMENTS:
+            where = "a comment"
+        elif token.name == "SCONST" and raw[:1] in "eE":
+            where = "an E'...' string"
+        elif token.name == "SCONST" and raw[:1] == "$":
+            where = "a dollar-quoted string"
+        elif token.name == "SCONST" and i and tokens[i - 1].name == "NCHAR" and tokens[i - 1].end + 1 == start:
+            where = _PREFIXED
+        elif token.name == "IDENT" and raw[:1] == '"':
+            where = "a quoted identifier"
+        elif token.name != "SCONST" and not where:
+            where = "a name or keyword"
+        if where:
+            raise SqlRefused(f"placeholder {{{{{inside[0].name}}}}} inside {where} is not allowed")
+        rewrites.append((start, end, _concatenation(text, start, end, inside)))
+    for start, end, replacement in reversed(rewrites):
+        text = text[:start] + replacement + text[end:]
+    return text
+
+
+def _concatenation(text: str, start: int, end: int, spots: list[_Spot]) -> str:
+    """A '...' literal holding placeholders as an expression: the value alone, or its pieces joined by ||."""
+    terms: list[str] = []
+    at = start + 1  # after the opening quote
+    for spot in spots:
+        if spot.start > at:
+            terms.append("'" + text[at : spot.start] + "'")
+        terms.append(f"${spot.number}")
+        at = spot.end
+    if end - 1 > at:
+        terms.append("'" + text[at : end - 1] + "'")
+    return f" {terms[0]} " if len(terms) == 1 else " (" + " || ".join(terms) + ") "
+
+
+def _one_statement(query: str, text: str) -> tuple[str, dict[str, Any]]:
+    """The only statement in ``text`` (its own text, and its parse tree node), or SqlRefused."""
+    try:
+        stmts = json.loads(parser.parse_sql_json(text))["stmts"]
+    except parser.ParseError as exc:
+        raise _not_sql(query, exc) from None
+    if not stmts:
         raise SqlRefused("the query is empty")
-    if kind is None:
-        raise SqlRefused("the query must start with an SQL keyword such as SELECT")
-    if depth:
-        raise SqlRefused("unbalanced parentheses: a '(' is never closed")
-    return Prepared("".join(out[:end]), params, kind, tuple(keys), returning)
+    if len(stmts) > 1:
+        raise SqlRefused("only one SQL statement is allowed")
+    raw = text.encode()  # the parser's offsets count bytes
+    start = stmts[0].get("stmt_location", 0)
+    length = stmts[0].get("stmt_len") or len(raw) - start
+    return raw[start : start + length].decode().strip(), stmts[0]["stmt"]
 
 
-def _literal(text: str, bind: Callable[[str], str]) -> str:
-    """A '...' literal; with placeholders, the concatenation of its pieces and parameters in parentheses."""
-    parts = _PLACEHOLDER.split(text[1:-1])  # [piece, name, piece, name, ..., piece]; '' escapes stay intact
-    if len(parts) == 1:
-        return text.replace("%", "%%")
-    if len(parts) == 3 and parts[0] == parts[2] == "":
-        return bind(parts[1])  # '{{x}}' is just the value
-    terms = [bind(part) if i % 2 else "'" + part.replace("%", "%%") + "'" for i, part in enumerate(parts)]
-    return "(" + " || ".join(term for i, term in enumerate(terms) if i % 2 or parts[i]) + ")"
+def _param_refs(node: Any) -> Iterator[int]:
+    """The numbers of every parameter reference in a parse tree (as JSON)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "ParamRef":
+                yield int(value.get("number", 0))
+            else:
+                yield from _param_refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _param_refs(item)
 
 
-def _tokens(query: str) -> Iterator[tuple[str, str]]:
-    """(kind, text) pairs covering the whole query; refuses unterminated quotes and misplaced placeholders."""
-    i, n = 0, len(query)
-    while i < n:
-        char = query[i]
-        token = "other"
-        if m := _PLACEHOLDER.match(query, i):
-            yield "placeholder", m.group(1)
-            i = m.end()
-            continue
-        if m := _SPACE.match(query, i):
-            token, j = "space", m.end()
-        elif m := _LINE_COMMENT.match(query, i):
-            token, j = "comment", m.end()
-        elif query.startswith("/*", i):
-            token, j = "comment", _comment_end(query, i)
-        elif char == "'":
-            token, j = "string", _quote_end(query, i, "'", "string")
-        elif char == '"':
-            token, j = "ident", _quote_end(query, i, '"', "quoted identifier")
-        elif m := _DOLLAR.match(query, i):
-            close = query.find(m.group(), m.end())
-            if close < 0:
-                raise SqlRefused(f"unterminated dollar-quoted string (no closing {m.group()})")
-            token, j = "dollar", close + len(m.group())
-        elif m := _WORD.match(query, i):
-            token, j = "word", m.end()
-            prefix, after = m.group().lower(), query[j : j + 2]
-            if prefix == "e" and after[:1] == "'":  # E'...': backslash escapes, so \' does not end it
-                token, j = "estring", _quote_end(query, j, "'", "E'...' string", backslashes=True)
-            elif prefix == "u" and after == "&'":
-                token, j = "ustring", _quote_end(query, j + 1, "'", "U&'...' string")
-            elif prefix == "u" and after == '&"':
-                token, j = "ident", _quote_end(query, j + 1, '"', "quoted identifier")
-            elif prefix in ("b", "x", "n") and after[:1] == "'":
-                token, j = "prefixed", _quote_end(query, j, "'", "string")
-        elif char == ";":
-            token, j = "semicolon", i + 1
-        elif query.startswith("{{", i):
-            snippet = query[i : i + 40].split("}}")[0] + "}}"
-            raise SqlRefused(f"malformed placeholder {snippet!r}: use {{{{name}}}} with letters, digits and _")
-        else:
-            j = i + 1
-        text = query[i:j]
-        if token in _OPAQUE and (m := _PLACEHOLDER.search(text)):
-            raise SqlRefused(f"placeholder {{{{{m.group(1)}}}}} inside {_OPAQUE[token]} is not allowed")
-        yield token, text
-        i = j
-
-
-def _quote_end(query: str, start: int, quote: str, what: str, backslashes: bool = False) -> int:
-    """Index just past the quote closing the one at ``start`` (a doubled quote is part of the content)."""
-    j = start + 1
-    while j < len(query):
-        if backslashes and query[j] == "\\":
-            j += 2
-        elif query[j] != quote:
-            j += 1
-        elif query.startswith(quote, j + 1):
-            j += 2
-        else:
-            return j + 1
-    raise SqlRefused(f"unterminated {what} (missing closing {quote})")
-
-
-def _comment_end(query: str, start: int) -> int:
-    """Index just past the */ closing the /* at ``start``; PostgreSQL block comments nest."""
-    depth, j = 1, start + 2
-    while depth:
-        if j >= len(query):
-            raise SqlRefused("unterminated /* comment (missing */)")
-        if query.startswith("/*", j):
-            depth, j = depth + 1, j + 2
-        elif query.startswith("*/", j):
-            depth, j = depth - 1, j + 2
-        else:
-            j += 1
-    return j
+def _not_sql(query: str, exc: parser.ParseError) -> SqlRefused:
+    if m := next((m for m in _MALFORMED.finditer(query) if not _PLACEHOLDER.fullmatch(m.group())), None):
+        return SqlRefused(f"malformed placeholder {m.group()!r}: use {{{{name}}}} with letters, digits and _")
+    return SqlRefused(f"the query is not valid SQL: {exc.args[0] if exc.args else exc}")

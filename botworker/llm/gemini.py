@@ -19,7 +19,7 @@ One reply::
               (once) are retried with exponential back-off and jitter (base RETRY_DELAY), or after the server's
               Retry-After / RetryInfo delay, up to LLM_MAX_ATTEMPTS attempts and never past LLM_DEADLINE
 
-Failures raise ``LLMError`` with an ``llm_*`` code (the table is in ``llm_failures``); the pipeline then saves its
+Failures raise ``LLMError`` with an ``llm_*`` code (the table is in ``failures``); the pipeline then saves its
 apology reply and emits one ``bot_errors`` event. The key never reaches a log line or an error text.
 """
 
@@ -39,9 +39,14 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from . import errors
-from . import llm_failures as failures
-from .config import Config
+from .. import errors
+from ..config import Config
+from ..errors import LLMError
+from ..message import Message, Reply, ToolResult
+from ..retry import backoff
+from ..store import BotContext
+from ..tools.dispatch import ToolRunner
+from . import failures
 from .conversation import (
     ResultBudget,
     gemini_schema,
@@ -51,13 +56,9 @@ from .conversation import (
     system_instruction,
     valid_model_name,
 )
-from .errors import LLMError
-from .llm import describe, estimate_tokens
-from .llm_failures import Failure, one_line
-from .message import Message, Reply, ToolResult
-from .retry import backoff
-from .store import BotContext
-from .tools.dispatch import ToolRunner
+from .failures import Failure, one_line
+from .offline import describe
+from .responder import estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ _TIMEOUTS, _TRANSPORT = _http_errors()
 
 
 def classify(exc: BaseException) -> Failure:
-    """An exception from one ``generate_content`` call -> what it means (``llm_failures`` has the table)."""
+    """An exception from one ``generate_content`` call -> what it means (``failures`` has the table)."""
     if isinstance(exc, genai_errors.APIError):
         headers = getattr(exc.response, "headers", None)
         header = headers.get("retry-after") if hasattr(headers, "get") else None

@@ -29,8 +29,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from . import errors
-from .retry import retry_after
+from .. import errors
+from ..retry import retry_after
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 SAFETY_REASONS = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY"})

@@ -19,10 +19,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .llm import system_prompt
-from .message import ToolResult
-from .store import BotContext
-from .tools import budget
+from ..message import ToolResult
+from ..store import BotContext
+from ..tools import budget
+from .responder import system_prompt
 
 DEFAULT_MODEL = "gemini-2.5-flash"
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?")

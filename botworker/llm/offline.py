@@ -1,28 +1,16 @@
-"""Reply generation: the ``Responder`` interface, the offline responder, and ``make_responder`` that picks one.
-
-Two implementations:
-- ``gemini.GeminiResponder`` when GEMINI_KEY is set: native function calling, retries, real token counts. It is
-  the only module that imports the Gemini SDK (imported here only when a key is configured). A Gemini failure
-  raises ``LLMError``: the pipeline answers with its apology and one ``bot_errors`` event. The offline responder
-  is never a silent fallback for a configured key.
-- ``OfflineResponder`` otherwise (the demo, the tests): deterministic replies from the bot's prompt, the detected
-  tool results and the message, with no network, marked ``model: "offline"``. Pattern detection (``detect.py``)
-  is how its tools run; with Gemini it stays as a hint (its results are part of the request).
-"""
+"""The offline responder: deterministic replies from the bot's prompt, the detected tool results and the message,
+with no network, marked ``model: "offline"`` (the demo, the tests, a worker without GEMINI_KEY)."""
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
-from .config import Config
-from .message import Message, Reply, ToolResult
-from .store import BotContext
-from .tools.dispatch import ToolRunner
-
-log = logging.getLogger(__name__)
+from ..message import Message, Reply, ToolResult
+from ..store import BotContext
+from ..tools.dispatch import ToolRunner
+from .responder import estimate_tokens, system_prompt
 
 OFFLINE_MODEL = "offline"
 _NAMES_SHOWN = 20
@@ -33,24 +21,6 @@ _KIND_WORDS = {
     "list_prompts": "prompts",
     "list_tools": "tools",
 }
-
-
-class Responder(Protocol):
-    """Produces the bot's reply for one message."""
-
-    def reply(self, ctx: BotContext, msg: Message, results: Sequence[ToolResult], tools: ToolRunner) -> Reply:
-        """``results``: the calls detection made; ``tools`` runs more (function calling) and records them."""
-        ...
-
-
-def system_prompt(ctx: BotContext) -> str:
-    """The bot's active prompt versions, in a stable order, as one system instruction."""
-    return "\n\n".join(p["content"].strip() for p in ctx.prompts if p.get("content"))
-
-
-def estimate_tokens(*texts: str) -> int:
-    """The seed's estimate (characters / 4), used when no model counted tokens."""
-    return max(1, sum(len(t) for t in texts) // 4)
 
 
 class OfflineResponder:
@@ -132,14 +102,3 @@ def _hints(ctx: BotContext) -> str:
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def make_responder(cfg: Config) -> Responder:
-    """Gemini when a key is configured, else the offline responder. Called in each worker after the fork; the
-    Gemini client itself is created at the first request."""
-    if cfg.gemini_key:
-        from .gemini import GeminiResponder  # the SDK is imported only by processes that use it
-
-        return GeminiResponder(cfg)
-    log.info("GEMINI_KEY is not set: replies come from the offline responder")
-    return OfflineResponder()
