@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -14,11 +13,17 @@ from typing import Any
 import redis
 
 from . import errors
-from .config import Config, load_config
+from .config import SETTINGS, Config, load_config
 from .errors import ConfigError
 from .logs import setup_logging
 
-log = logging.getLogger("botworker")
+
+def _settings_help() -> str:
+    lines = []
+    for s in SETTINGS.values():
+        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+        lines.append(f"  {s.env:<24} {s.help}" + (f" (default {default})" if default not in ("", ()) else ""))
+    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +35,14 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="botworker", description="Bot message worker.", parents=[common])
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", parents=[common], help="run the supervisor and its workers (default)")
-    run.add_argument("--procs", type=int, help="worker processes (overrides WORKER_PROCS)")
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the supervisor and its workers (default)",
+        epilog="settings (environment or --env-file; docs/configuration.md):\n" + _settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--procs", help="worker processes (overrides WORKER_PROCS)")
     sub.add_parser("migrate", parents=[common], help="create the contract's tables if missing (development)")
     status = sub.add_parser("status", parents=[common], help="queue and fleet status; exit 5 if no worker is alive")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -60,11 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "database_url": args.database_url,
         "log_level": args.log_level,
     }
-    if command == "run" and getattr(args, "procs", None) is not None:
-        if args.procs < 1:
-            print("botworker: --procs must be at least 1", file=sys.stderr)
-            return errors.EXIT_USAGE
-        flags["procs"] = args.procs
+    if command == "run":
+        flags["procs"] = args.procs  # validated by the loader, as WORKER_PROCS is
     try:
         cfg = load_config(flags, env_file=args.env_file)
     except ConfigError as exc:
@@ -106,32 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _status(cfg: Config, as_json: bool) -> int:
-    from .queue import DEAD, MESSAGES, NODE_PREFIX, PROCESSING_SET, STATS, STATUS
+    from .queue import fleet_report
 
     client = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=cfg.redis_timeout)
-    lists = sorted(client.smembers(PROCESSING_SET))
-    pipe = client.pipeline(transaction=False)
-    pipe.llen(MESSAGES)
-    pipe.llen(DEAD)
-    pipe.get(STATUS)
-    pipe.hgetall(STATS)
-    for name in lists:
-        pipe.llen(name)
-    queued, dead, fleet, stats, *in_flight = pipe.execute()
-    nodes = [json.loads(v) for key in client.scan_iter(NODE_PREFIX + "*") if (v := client.get(key))]
-    report = {
-        "fleet": json.loads(fleet) if fleet else None,
-        "queued": queued,
-        "inFlight": sum(in_flight),
-        "dead": dead,
-        "stats": {k: int(v) for k, v in stats.items()},
-        "nodes": nodes,
-    }
+    report = fleet_report(client)
+    nodes = report["nodes"]
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"fleet: {'alive' if fleet else 'NOT RUNNING'}")
-        print(f"queued: {queued}   in flight: {report['inFlight']}   dead letters: {dead}")
+        print(f"fleet: {'alive' if report['fleet'] else 'NOT RUNNING'}")
+        print(f"queued: {report['queued']}   in flight: {report['inFlight']}   dead letters: {report['dead']}")
         print("totals: " + (", ".join(f"{k} {v}" for k, v in sorted(report["stats"].items())) or "none yet"))
         for node in sorted(nodes, key=lambda n: n["node"]):
             age = time.time() - node["updatedAt"]

@@ -2,7 +2,7 @@
 
 Precedence, lowest first: defaults < ``.env`` file < process environment < command-line flags. This is the only
 module that reads ``os.environ``. Every setting is declared once in ``SETTINGS`` (variable name, type, default,
-bounds, help), which is also what the README's configuration table is checked against. An invalid value raises
+bounds, help), . An invalid value raises
 ``ConfigError`` with one line naming the variable.
 """
 
@@ -31,6 +31,11 @@ class Setting:
     parse: Callable[[str], Any]
     default: Any
     help: str
+
+
+def setting(env: str, parse: Callable[[str], Any], default: Any, help: str) -> Any:
+    """A ``Config`` field that is a setting: the one place its variable, parser, default and help are written."""
+    return field(default=default, metadata={"setting": Setting(env, parse, default, help)})
 
 
 def _int(lo: int, hi: int) -> Callable[[str], int]:
@@ -116,194 +121,160 @@ def _check_conninfo(url: str) -> None:
         raise ValueError("libpq cannot read this URL (percent-encode special characters of the password)") from None
 
 
-# Field name -> setting. Order is the order of the README table.
-SETTINGS: dict[str, Setting] = {
-    "redis_url": Setting(
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one run, each declared once, here: its variable, parser (with bounds), default and help.
+    Built by ``load_config``; never mutated (SIGHUP builds a new one). The field order is the order of
+    docs/configuration.md's table, which ``settings_table`` writes."""
+
+    redis_url: str = setting(
         "REDIS_URL", _url("redis", "rediss", "unix"), "", "full Redis URL; wins over REDIS_HOST/PORT/PASSWORD/DB"
-    ),
-    "redis_host": Setting("REDIS_HOST", _str, "localhost", "Redis host"),
-    "redis_port": Setting("REDIS_PORT", _int(1, 65535), 6379, "Redis port"),
-    "redis_password": Setting("REDIS_PASSWORD", _str, "", "Redis password (never logged)"),
-    "redis_db": Setting("REDIS_DB", _int(0, 1023), 0, "Redis database number"),
-    "database_url": Setting("DATABASE_URL", _url("postgres", "postgresql"), "", "full PostgreSQL URL; wins over DB_*"),
-    "db_host": Setting("DB_HOST", _str, "localhost", "PostgreSQL host"),
-    "db_port": Setting("DB_PORT", _int(1, 65535), 5432, "PostgreSQL port"),
-    "db_user": Setting("DB_USER", _str, "postgres", "PostgreSQL user"),
-    "db_password": Setting("DB_PASSWORD", _str, "", "PostgreSQL password (never logged)"),
-    "db_name": Setting("DB_NAME", _str, "botplatform", "PostgreSQL database"),
-    "gemini_key": Setting("GEMINI_KEY", _str, "", "Gemini API key; unset: the offline responder answers"),
-    "gemini_base_url": Setting(
+    )
+    redis_host: str = setting("REDIS_HOST", _str, "localhost", "Redis host")
+    redis_port: int = setting("REDIS_PORT", _int(1, 65535), 6379, "Redis port")
+    redis_password: str = setting("REDIS_PASSWORD", _str, "", "Redis password (never logged)")
+    redis_db: int = setting("REDIS_DB", _int(0, 1023), 0, "Redis database number")
+    database_url: str = setting(
+        "DATABASE_URL", _url("postgres", "postgresql"), "", "full PostgreSQL URL; wins over DB_*"
+    )
+    db_host: str = setting("DB_HOST", _str, "localhost", "PostgreSQL host")
+    db_port: int = setting("DB_PORT", _int(1, 65535), 5432, "PostgreSQL port")
+    db_user: str = setting("DB_USER", _str, "postgres", "PostgreSQL user")
+    db_password: str = setting("DB_PASSWORD", _str, "", "PostgreSQL password (never logged)")
+    db_name: str = setting("DB_NAME", _str, "botplatform", "PostgreSQL database")
+    gemini_key: str = setting("GEMINI_KEY", _str, "", "Gemini API key; unset: the offline responder answers")
+    gemini_base_url: str = setting(
         "GEMINI_BASE_URL", _url("http", "https"), "", "Gemini API base URL (a proxy, a test server); empty: Google's"
-    ),
-    "gemini_timeout": Setting("GEMINI_TIMEOUT", _float(1, 600), 30.0, "timeout (s) of one Gemini request"),
-    "gemini_model": Setting(
+    )
+    gemini_timeout: float = setting("GEMINI_TIMEOUT", _float(1, 600), 30.0, "timeout (s) of one Gemini request")
+    gemini_model: str = setting(
         "GEMINI_MODEL", _str, "", "model for every bot; empty: the bot's `model` column (default gemini-2.5-flash)"
-    ),
-    "llm_max_rounds": Setting("LLM_MAX_ROUNDS", _int(1, 20), 5, "function-calling rounds per reply, then it answers"),
-    "llm_max_tool_calls": Setting(
+    )
+    llm_max_rounds: int = setting(
+        "LLM_MAX_ROUNDS", _int(1, 20), 5, "function-calling rounds per reply, then it answers"
+    )
+    llm_max_tool_calls: int = setting(
         "LLM_MAX_TOOL_CALLS", _int(0, 1000), 10, "tool calls the model may make per reply (more are refused)"
-    ),
-    "llm_max_attempts": Setting(
+    )
+    llm_max_attempts: int = setting(
         "LLM_MAX_ATTEMPTS", _int(1, 10), 4, "attempts of one Gemini request on 429/5xx/timeouts (back-off, jitter)"
-    ),
-    "llm_deadline": Setting(
+    )
+    llm_retry_delay: float = setting(
+        "LLM_RETRY_DELAY", _float(0, 60), 1.0, "first back-off (s) of a retried Gemini request; doubles, with jitter"
+    )
+    llm_deadline: float = setting(
         "LLM_DEADLINE", _float(1, 3600), 60.0, "total time (s) for one reply: all rounds and retries"
-    ),
-    "llm_history_tokens": Setting(
+    )
+    llm_history_tokens: int = setting(
         "LLM_HISTORY_TOKENS", _int(0, 10**6), 8000, "token budget of the conversation history sent (oldest out)"
-    ),
-    "encryption_key": Setting(
+    )
+    encryption_key: str = setting(
         "ENCRYPTION_KEY", _str, "", "the platform's key for `secrets.encryptedValue` (never logged); unset: no secrets"
-    ),
-    "http_allowed_hosts": Setting(
+    )
+    http_allowed_hosts: tuple[str, ...] = setting(
         "HTTP_ALLOWED_HOSTS",
         _hosts,
         (),
         "CIDRs and host names (`*.corp.example`) tools may reach although private/loopback/link-local",
-    ),
-    "http_timeout": Setting("HTTP_TIMEOUT", _float(0.1, 600), 10.0, "default timeout (s) of an HTTP tool call"),
-    "http_max_timeout": Setting("HTTP_MAX_TIMEOUT", _float(0.1, 600), 60.0, "cap on an HTTP tool's own `timeout`"),
-    "http_max_response_bytes": Setting(
+    )
+    http_timeout: float = setting("HTTP_TIMEOUT", _float(0.1, 600), 10.0, "default timeout (s) of an HTTP tool call")
+    http_max_timeout: float = setting("HTTP_MAX_TIMEOUT", _float(0.1, 600), 60.0, "cap on an HTTP tool's own `timeout`")
+    http_max_response_bytes: int = setting(
         "HTTP_MAX_RESPONSE_BYTES", _int(1024, 64 << 20), 1 << 20, "largest HTTP tool response body read"
-    ),
-    "db_tool_timeout": Setting("DB_TOOL_TIMEOUT", _float(0.1, 600), 10.0, "statement timeout (s) of database tools"),
-    "db_tool_max_rows": Setting("DB_TOOL_MAX_ROWS", _int(1, 100000), 100, "rows a database tool returns at most"),
-    "db_tool_url": Setting(
+    )
+    db_tool_timeout: float = setting(
+        "DB_TOOL_TIMEOUT", _float(0.1, 600), 10.0, "statement timeout (s) of database tools"
+    )
+    db_tool_max_rows: int = setting("DB_TOOL_MAX_ROWS", _int(1, 100000), 100, "rows a database tool returns at most")
+    db_tool_url: str = setting(
         "DB_TOOL_URL",
         _url("postgres", "postgresql"),
         "",
         "PostgreSQL URL database tools use on the platform database (a restricted login); empty: DATABASE_URL",
-    ),
-    "tool_max_attempts": Setting(
+    )
+    tool_max_attempts: int = setting(
         "TOOL_MAX_ATTEMPTS", _int(1, 10), 3, "attempts of a retryable tool call (idempotent, or opted in)"
-    ),
-    "tool_retry_delay": Setting("TOOL_RETRY_DELAY", _float(0, 60), 0.5, "first tool retry back-off (s); doubles"),
-    "tool_retry_after_max": Setting(
+    )
+    tool_retry_delay: float = setting("TOOL_RETRY_DELAY", _float(0, 60), 0.5, "first tool retry back-off (s); doubles")
+    tool_retry_after_max: float = setting(
         "TOOL_RETRY_AFTER_MAX",
         _float(0, 600),
         30.0,
         "longest `Retry-After` (s) honoured, and the most one call waits in retries in all",
-    ),
-    "tool_result_budget": Setting(
+    )
+    tool_result_budget: int = setting(
         "TOOL_RESULT_BUDGET", _int(256, 1 << 20), 4000, "bytes of one tool result the LLM sees (and metadata keeps)"
-    ),
-    "tool_results_budget": Setting(
+    )
+    tool_results_budget: int = setting(
         "TOOL_RESULTS_BUDGET",
         _int(256, 4 << 20),
         12000,
         "bytes of all tool results of a message the LLM sees (and metadata keeps)",
-    ),
-    "procs": Setting("WORKER_PROCS", _int(1, 256), 2, "worker processes (flag --procs)"),
-    "max_message_bytes": Setting(
+    )
+    procs: int = setting("WORKER_PROCS", _int(1, 256), 2, "worker processes (flag --procs)")
+    max_message_bytes: int = setting(
         "MAX_MESSAGE_BYTES", _int(1, 1 << 20), 16384, "longest accepted `message` (UTF-8 bytes)"
-    ),
-    "max_attempts": Setting("MAX_ATTEMPTS", _int(1, 100), 3, "attempts before a message is dead-lettered"),
-    "retry_delay": Setting(
+    )
+    max_attempts: int = setting("MAX_ATTEMPTS", _int(1, 100), 3, "attempts before a message is dead-lettered")
+    retry_delay: float = setting(
         "RETRY_DELAY", _float(0, 300), 1.0, "first back-off (s) before retrying a transient failure; doubles"
-    ),
-    "history_limit": Setting("HISTORY_LIMIT", _int(0, 1000), 10, "conversation messages loaded as history"),
-    "pop_timeout": Setting(
+    )
+    history_limit: int = setting("HISTORY_LIMIT", _int(0, 1000), 10, "conversation messages loaded as history")
+    pop_timeout: float = setting(
         "POP_TIMEOUT", _float(0.1, 30), 1.0, "BLMOVE timeout (s): how often an idle worker checks for shutdown"
-    ),
-    "graceful_timeout": Setting(
+    )
+    graceful_timeout: float = setting(
         "GRACEFUL_TIMEOUT", _float(0, 3600), 30.0, "warm shutdown: time (s) in-flight messages get to finish"
-    ),
-    "worker_timeout": Setting(
+    )
+    worker_timeout: float = setting(
         "WORKER_TIMEOUT", _float(2, 3600), 120.0, "a worker silent this long (s) is killed and replaced"
-    ),
-    "boot_timeout": Setting(
+    )
+    boot_timeout: float = setting(
         "BOOT_TIMEOUT", _float(0, 3600), 30.0, "how long (s) a worker retries Redis/PostgreSQL at boot"
-    ),
-    "node_ttl": Setting(
+    )
+    node_ttl: float = setting(
         "NODE_TTL", _float(3, 3600), 20.0, "heartbeat key expiry (s): after it, another host recovers our messages"
-    ),
-    "max_requests": Setting("MAX_REQUESTS", _int(0, 10**9), 0, "recycle a worker after this many messages (0: never)"),
-    "db_pool_size": Setting("DB_POOL_SIZE", _int(1, 64), 2, "PostgreSQL connections kept per worker process"),
-    "db_connect_timeout": Setting("DB_CONNECT_TIMEOUT", _int(1, 300), 5, "PostgreSQL connect timeout (s)"),
-    "db_statement_timeout": Setting(
-        "DB_STATEMENT_TIMEOUT", _float(0.1, 3600), 30.0, "PostgreSQL statement timeout (s)"
-    ),
-    "db_prepare": Setting(
+    )
+    max_requests: int = setting(
+        "MAX_REQUESTS", _int(0, 10**9), 0, "recycle a worker after this many messages (0: never)"
+    )
+    db_pool_size: int = setting(
+        "DB_POOL_SIZE", _int(1, 64), 2, "PostgreSQL connections of a worker process's pool at most"
+    )
+    db_connect_timeout: int = setting(
+        "DB_CONNECT_TIMEOUT", _int(1, 300), 5, "PostgreSQL connect timeout (s), and the wait for a pooled connection"
+    )
+    db_statement_timeout: float = setting(
+        "DB_STATEMENT_TIMEOUT", _float(0.1, 3600), 30.0, "PostgreSQL statement timeout (s), set in each transaction"
+    )
+    db_prepare: bool = setting(
         "DB_PREPARE",
         _bool,
         True,
-        "prepare the per-message statements once per connection (turn off behind PgBouncer in transaction mode)",
-    ),
-    "redis_timeout": Setting(
+        "prepare statements on the server at first use (off behind PgBouncer < 1.21 in transaction mode)",
+    )
+    redis_timeout: float = setting(
         "REDIS_TIMEOUT", _float(0.5, 300), 5.0, "Redis socket timeout (s), on top of the BLMOVE wait"
-    ),
-    "sandbox_root": Setting(
+    )
+    sandbox_root: str = setting(
         "SANDBOX_ROOT", _str, "/var/lib/botworker/sandbox", "sandbox state: each bot's files (and weak-mode work dirs)"
-    ),
-    "sandbox_uid": Setting(
+    )
+    sandbox_uid: int = setting(
         "SANDBOX_UID",
         _int(1, 2**31 - 1),
         100000,
         "first uid of sandboxed runs (worker N uses SANDBOX_UID + N) when run as root",
-    ),
-    "sandbox_gid": Setting("SANDBOX_GID", _int(1, 2**31 - 1), 100000, "gid of sandboxed runs when run as root"),
-    "sandbox_allow_weak": Setting(
+    )
+    sandbox_gid: int = setting("SANDBOX_GID", _int(1, 2**31 - 1), 100000, "gid of sandboxed runs when run as root")
+    sandbox_allow_weak: bool = setting(
         "SANDBOX_ALLOW_WEAK",
         _bool,
         False,
         "DEVELOPMENT ONLY: run tools with weaker confinement when namespaces are unavailable",
-    ),
-    "node_name": Setting("NODE_NAME", _str, "", "this host's name in heartbeats and status (default: hostname)"),
-    "log_level": Setting("LOG_LEVEL", _level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
-}
-
-
-@dataclass(frozen=True)
-class Config:
-    """Every setting of one run. Built by ``load_config``; never mutated (SIGHUP builds a new one)."""
-
-    redis_url: str
-    database_url: str
-    gemini_key: str
-    gemini_base_url: str
-    gemini_timeout: float
-    gemini_model: str
-    llm_max_rounds: int
-    llm_max_tool_calls: int
-    llm_max_attempts: int
-    llm_deadline: float
-    llm_history_tokens: int
-    encryption_key: str
-    http_allowed_hosts: tuple[str, ...]
-    http_timeout: float
-    http_max_timeout: float
-    http_max_response_bytes: int
-    db_tool_timeout: float
-    db_tool_max_rows: int
-    db_tool_url: str
-    tool_max_attempts: int
-    tool_retry_delay: float
-    tool_retry_after_max: float
-    tool_result_budget: int
-    tool_results_budget: int
-    procs: int
-    max_message_bytes: int
-    max_attempts: int
-    retry_delay: float
-    history_limit: int
-    pop_timeout: float
-    graceful_timeout: float
-    worker_timeout: float
-    boot_timeout: float
-    node_ttl: float
-    max_requests: int
-    db_pool_size: int
-    db_connect_timeout: int
-    db_statement_timeout: float
-    db_prepare: bool
-    redis_timeout: float
-    sandbox_root: str
-    sandbox_uid: int
-    sandbox_gid: int
-    sandbox_allow_weak: bool
-    node_name: str
-    log_level: str
-    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    )
+    node_name: str = setting("NODE_NAME", _str, "", "this host's name in heartbeats and status (default: hostname)")
+    log_level: str = setting("LOG_LEVEL", _level, "INFO", "DEBUG, INFO, WARNING or ERROR")
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # name -> where it came from
 
     def redacted(self) -> dict[str, Any]:
         """The settings with passwords and keys hidden, for logs and `status`."""
@@ -312,12 +283,28 @@ class Config:
             if f.name == "sources":
                 continue
             value = getattr(self, f.name)
-            if f.name in ("gemini_key", "encryption_key"):
+            if f.name.endswith(("_key", "_password")):
                 value = "set" if value else "unset"
-            elif f.name in ("redis_url", "database_url", "db_tool_url"):
+            elif f.name.endswith("_url"):
                 value = redact_url(value)
             out[f.name] = value
         return out
+
+
+# Field name -> setting, in declaration order.
+SETTINGS: dict[str, Setting] = {f.name: f.metadata["setting"] for f in fields(Config) if "setting" in f.metadata}
+
+
+def settings_table() -> str:
+    """docs/configuration.md's table, from the declarations."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for s in SETTINGS.values():
+        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+        if isinstance(default, bool):
+            default = str(default).lower()
+        shown = f"`{default:g}`" if isinstance(default, float) else f"`{default}`" if default != "" else ""
+        rows.append(f"| `{s.env}` | {shown}{' ' if shown else ''}| {s.help} |")
+    return "\n".join(rows) + "\n"
 
 
 def _shown(name: str, raw: str) -> str:
@@ -366,8 +353,15 @@ def load_config(
                 raise ConfigError(f"{setting.env}={_shown(name, raw)!r} (from {source}) is invalid: {exc}") from None
             sources[name] = source
     for name, value in (flags or {}).items():
-        if value is not None:
-            values[name], sources[name] = value, "command line"
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        try:
+            values[name], sources[name] = SETTINGS[name].parse(str(value)), "command line"
+        except ValueError as exc:
+            raise ConfigError(
+                f"{flag}={_shown(name, str(value))!r} (from the command line) is invalid: {exc}"
+            ) from None
 
     if values["worker_timeout"] <= values["pop_timeout"] + 1:
         # An idle worker beats once per BLMOVE wait; a shorter timeout would kill idle workers in a loop.
@@ -382,13 +376,14 @@ def load_config(
                 f"{SETTINGS[name].env}={values[name]:g} (from {sources[name]}) is invalid: it must be shorter than "
                 f"WORKER_TIMEOUT={values['worker_timeout']:g}"
             )
-    own = {f.name for f in fields(Config)} - {"sources", "redis_url", "database_url", "node_name"}
     return Config(
-        redis_url=values["redis_url"] or _redis_url(values),
-        database_url=values["database_url"] or _database_url(values),
-        node_name=values["node_name"] or socket.gethostname(),
+        **{
+            **values,
+            "redis_url": values["redis_url"] or _redis_url(values),
+            "database_url": values["database_url"] or _database_url(values),
+            "node_name": values["node_name"] or socket.gethostname(),
+        },
         sources=sources,
-        **{name: values[name] for name in own},
     )
 
 

@@ -163,10 +163,6 @@ def _clean_query(raw: str) -> str:
     return query[:200]
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", text.lower()).strip()
-
-
 def extract_params(text: str) -> dict[str, Any]:
     """URLs, absolute paths, quoted strings (param1, param2, ...) and a search query, as the seed extracted them."""
     params: dict[str, Any] = {}

@@ -5,9 +5,10 @@ Exceptions::
     BotworkerError                 base of everything raised on purpose
     ├── ConfigError                an invalid setting; names the variable (exit EXIT_CONFIG)
     ├── BootError                  Redis or PostgreSQL unreachable past the boot window (exit EXIT_BOOT)
-    ├── MessageError               this message cannot be processed; carries a ``code`` for ``bot_errors``
-    │   └── TransientError         the infrastructure failed (database down...): retry the message later
-    └── LLMError                   the language model failed (after its retries): apology reply + ``bot_errors``
+    └── CodedError                 carries a ``code`` (the bot_errors codes below) and a readable ``error``
+        ├── MessageError           this message cannot be processed: one ``bot_errors`` event, settled
+        ├── TransientError         the infrastructure failed (database down...): retry the message later
+        └── LLMError               the language model failed (after its retries): apology reply + ``bot_errors``
 
 Inside the pipeline a ``MessageError`` ends the message with one ``bot_errors`` event (and, where a reply can
 still be given, a fallback reply); a ``TransientError`` puts the message back for another attempt, until
@@ -16,7 +17,7 @@ still be given, a fallback reply); a ``TransientError`` puts the message back fo
 
 from __future__ import annotations
 
-# Exit codes of `botworker` / `python worker.py` (documented in the README).
+# Exit codes of `botworker` / `python worker.py` (documented in docs/operations.md).
 EXIT_OK = 0  # normal stop (also after a warm or cold shutdown)
 EXIT_ERROR = 1  # unexpected error (a bug): see the log
 EXIT_USAGE = 2  # bad command line (argparse's own code)
@@ -25,9 +26,11 @@ EXIT_BOOT = 4  # workers could not boot: Redis or PostgreSQL unreachable past BO
 EXIT_NO_WORKERS = 5  # `status`: no live worker fleet
 EXIT_SEND_FAILED = 6  # `send`: the message ended in a bot_errors event, or no answer before the timeout
 EXIT_SANDBOX_MISSING = 7  # `sandbox-check`: a required sandbox layer does not hold here, or no sandbox could start
-EXIT_WORKER_BOOT = 3  # a worker process's own exit code when it cannot boot (seen only by the supervisor)
+# A worker process's own exit code when it cannot boot (seen only by its supervisor, which then exits EXIT_BOOT):
+# sysexits' EX_TEMPFAIL, apart from every code the command itself uses.
+EXIT_WORKER_BOOT = 75
 
-# Machine-readable `code` values of bot_errors events (documented in the README).
+# Machine-readable `code` values of bot_errors events (documented in docs/errors.md).
 INVALID_JSON = "invalid_json"
 INVALID_MESSAGE = "invalid_message"
 MESSAGE_TOO_LONG = "message_too_long"
@@ -75,6 +78,11 @@ ERROR_CODES: dict[str, str] = {
 }
 
 
+def one_line(value: object, limit: int = 300) -> str:
+    """An error (or any value) as one line of at most ``limit`` characters, for logs and events."""
+    return " ".join((str(value) or type(value).__name__).split())[:limit]
+
+
 class BotworkerError(Exception):
     """Base of every error the worker raises on purpose."""
 
@@ -87,8 +95,8 @@ class BootError(BotworkerError):
     """A process could not reach Redis or PostgreSQL within its boot window."""
 
 
-class MessageError(BotworkerError):
-    """This message cannot be processed. ``code`` is the machine-readable code of the bot_errors event."""
+class CodedError(BotworkerError):
+    """An error with the machine-readable ``code`` of a bot_errors event and a readable ``error``."""
 
     def __init__(self, code: str, error: str) -> None:
         super().__init__(error)
@@ -96,17 +104,19 @@ class MessageError(BotworkerError):
         self.error = error
 
 
-class TransientError(MessageError):
+class MessageError(CodedError):
+    """This message cannot be processed (bad input, unknown bot...): it ends with one bot_errors event."""
+
+
+class TransientError(CodedError):
     """The infrastructure failed, not the message: put it back and try again later."""
 
 
-class LLMError(BotworkerError):
+class LLMError(CodedError):
     """The language model gave no usable answer (its retries spent). The message still gets an apology reply
     and one ``bot_errors`` event with ``code`` (one of the ``llm_*`` codes)."""
 
     def __init__(self, code: str, error: str, tokens_used: int = 0, extra: dict[str, object] | None = None) -> None:
-        super().__init__(error)
-        self.code = code
-        self.error = error
+        super().__init__(code, error)
         self.tokens_used = tokens_used
         self.extra = extra or {}

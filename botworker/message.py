@@ -7,7 +7,11 @@ the contract's error code) that says why it is not one, and the id assigned when
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import decimal
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -245,3 +249,38 @@ def error_event(ids: Ids, code: str, error: str) -> dict[str, Any]:
         "error": error,
         "code": code,
     }
+
+
+def jsonable(value: Any, api_stamps: bool = False) -> Any:
+    """A value (a column's, a row's) as JSON: numbers stay numbers (non-finite ones, and integers beyond 2**53,
+    become text), uuids text, bytes base64, times ISO 8601. With ``api_stamps`` (the platform's own rows, written
+    in UTC) timestamps are shown as the platform's API shows them: UTC, milliseconds, 'Z'; otherwise as they came
+    (a tool's database says nothing about the zone of a naive timestamp)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return str(value)
+        if value == value.to_integral_value():
+            return int(value) if abs(value) < 2**53 else str(value)  # exact: beyond 2**53 a float would round
+        as_float = float(value)
+        return as_float if math.isfinite(as_float) and abs(value) < 2**53 else str(value)
+    if isinstance(value, dt.datetime) and api_stamps:
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value.isoformat(timespec="milliseconds") + "Z"
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, (bytes, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, api_stamps) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, api_stamps) for v in value]
+    return str(value)

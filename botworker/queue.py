@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,6 +43,7 @@ PROCESSING_SET = "bot_worker:processing"
 STATS = "bot_worker:stats"
 
 DONE_TTL = 24 * 3600  # how long a finished message id is remembered for de-duplication
+STATUS_TTL = 30  # seconds `bot_worker:status` outlives the last supervisor refreshing it
 
 # KEYS: processing list, attempts hash, done key, stats hash, then one list/channel per event.
 # ARGV: raw message, message id, done ttl, stats field, then one payload per event.
@@ -57,11 +59,10 @@ end
 return 1
 """
 
-# KEYS: processing list, queue, attempts hash. ARGV: raw message, message id, attempts to give back (0 or 1).
+# KEYS: processing list, queue. ARGV: raw message.
 _RELEASE = """
 if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
-if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[3], ARGV[2], -tonumber(ARGV[3])) end
 return 1
 """
 
@@ -141,11 +142,9 @@ class ReliableQueue:
         args: list[Any] = [raw, message_id, DONE_TTL, stat] + [encode(event) for _, event in events]
         return bool(self._finish(keys=keys, args=args))
 
-    def release(self, raw: bytes | str, message_id: str, refund_attempt: bool = False) -> bool:
-        """Put the message back at the head of the line (it will be the next one taken)."""
-        return bool(
-            self._release(keys=[self.processing, MESSAGES, ATTEMPTS], args=[raw, message_id, int(refund_attempt)])
-        )
+    def release(self, raw: bytes | str) -> bool:
+        """Put the message back at the head of the line (it will be the next one taken); its attempt counts."""
+        return bool(self._release(keys=[self.processing, MESSAGES], args=[raw]))
 
     def dead_letter(self, raw: bytes | str, message_id: str, entry: dict[str, Any], event: dict[str, Any]) -> bool:
         """Move the message to ``bot_messages:dead`` and push its bot_errors event, atomically."""
@@ -175,3 +174,49 @@ def recover_orphans(client: redis.Redis) -> int:
     nodes = sorted({node_of(n) for n in names})
     alive = dict(zip(nodes, client.mget([NODE_PREFIX + node for node in nodes]), strict=True))
     return sum(requeue_list(client, name) for name in names if alive[node_of(name)] is None)
+
+
+# ---- fleet keys: one host's heartbeat, the fleet's status, what `botworker status` reads ---------------------
+
+
+def publish_node(client: redis.Redis, node: dict[str, Any], ttl: float) -> None:
+    """This host's heartbeat (``bot_worker:node:<node>``, expiring after ``ttl``) and the fleet's status, in one
+    round trip. ``node`` is the supervisor's report: node id, state, workers..."""
+    status = {"status": "running", "node": node["node"], "workers": len(node["workers"]), "updatedAt": time.time()}
+    pipe = client.pipeline(transaction=False)
+    pipe.set(NODE_PREFIX + node["node"], json.dumps(node), ex=max(1, round(ttl)))
+    pipe.set(STATUS, json.dumps(status), ex=STATUS_TTL)
+    pipe.execute()
+
+
+def withdraw_node(client: redis.Redis, node_id: str) -> None:
+    """A host's last words: its heartbeat goes, and the fleet's status too when no other host is alive."""
+    client.delete(NODE_PREFIX + node_id)
+    if not any(True for _ in client.scan_iter(NODE_PREFIX + "*", count=100)):
+        client.delete(STATUS)
+
+
+def fleet_report(client: redis.Redis) -> dict[str, Any]:
+    """The fleet as Redis holds it: status, queued, in flight, dead letters, totals, and every live host."""
+
+    def text(value: Any) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    lists = sorted(client.smembers(PROCESSING_SET))
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(MESSAGES)
+    pipe.llen(DEAD)
+    pipe.get(STATUS)
+    pipe.hgetall(STATS)
+    for name in lists:
+        pipe.llen(name)
+    queued, dead, fleet, stats, *in_flight = pipe.execute()
+    nodes = [json.loads(v) for key in client.scan_iter(NODE_PREFIX + "*") if (v := client.get(key))]
+    return {
+        "fleet": json.loads(fleet) if fleet else None,
+        "queued": queued,
+        "inFlight": sum(in_flight),
+        "dead": dead,
+        "stats": {text(k): int(v) for k, v in stats.items()},
+        "nodes": nodes,
+    }

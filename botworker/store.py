@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -29,8 +29,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import errors
 from .config import Config, redact_url
-from .errors import MessageError, TransientError
-from .message import Message
+from .errors import MessageError, TransientError, one_line
+from .message import Message, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +109,6 @@ class BotContext:
     saved: tuple[dict[str, Any], dict[str, Any]] | None  # this message's rows, if an earlier attempt saved them
 
 
-def _iso(value: Any) -> Any:
-    """Timestamps as the platform's API shows them (UTC, milliseconds, 'Z'); uuids as strings."""
-    if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(UTC).replace(tzinfo=None)
-        return value.isoformat(timespec="milliseconds") + "Z"
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    return value
-
-
-def jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: _iso(v) for k, v in row.items()}
-
-
 # PostgreSQL errors after which the same statements may well succeed: the server went away or is shutting down,
 # a timeout, a serialization clash.
 _TRANSIENT = (
@@ -154,7 +139,7 @@ class _Connection(psycopg.Connection[dict[str, Any]]):
         try:
             conn = super().connect(*args, **kwargs)
         except psycopg.Error as exc:
-            _Connection.failure = _one_line(exc)
+            _Connection.failure = one_line(exc)
             raise
         _Connection.failure = ""
         return conn  # type: ignore[return-value]
@@ -243,12 +228,12 @@ class Store:
                 self._stop_preparing(exc)
                 conn.close()  # its idea of which statements the server holds is wrong
                 if attempt == 2:
-                    raise TransientError(errors.DATABASE_UNAVAILABLE, f"PostgreSQL failed: {_one_line(exc)}") from exc
+                    raise TransientError(errors.DATABASE_UNAVAILABLE, f"PostgreSQL failed: {one_line(exc)}") from exc
             except _TRANSIENT as exc:
                 if attempt == 2 or not (conn.closed or conn.broken):
-                    raise TransientError(errors.DATABASE_UNAVAILABLE, f"PostgreSQL failed: {_one_line(exc)}") from exc
+                    raise TransientError(errors.DATABASE_UNAVAILABLE, f"PostgreSQL failed: {one_line(exc)}") from exc
                 log.info("a pooled PostgreSQL connection was lost (%s): running the statements again on a new one",
-                         _one_line(exc))  # fmt: skip
+                         one_line(exc))  # fmt: skip
             finally:
                 self.pool.putconn(conn)
         raise AssertionError("unreachable")
@@ -273,7 +258,7 @@ class Store:
             "PostgreSQL reports prepared statements missing or clashing (%s): is a connection pooler such as "
             "PgBouncer in transaction mode between us? This worker stops preparing statements; set DB_PREPARE=false "
             "(or give PgBouncer >= 1.21 max_prepared_statements)",
-            _one_line(exc),
+            one_line(exc),
         )
         self.pool.drain()  # every pooled connection may hold statements the server session does not
 
@@ -315,7 +300,7 @@ class Store:
             )
         except psycopg.Error as exc:
             # libpq's message can quote the URL; the tool (and so the user, the LLM, the events) gets none of it.
-            text = _one_line(exc).replace(url, "***")
+            text = one_line(exc).replace(url, "***")
             password = urlsplit(url).password
             for form in {password, unquote(password or "")} - {None, ""}:
                 text = text.replace(str(form), "***")
@@ -407,7 +392,7 @@ def _chat_row(row: dict[str, Any]) -> dict[str, Any]:
     for key in ("createdAt", "updatedAt"):
         if isinstance(out.get(key), str):  # from json_agg: ISO text without the 'Z'
             out[key] = datetime.fromisoformat(out[key])
-    return jsonable(out)
+    return jsonable(out, api_stamps=True)
 
 
 def _pair(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -457,7 +442,3 @@ def _warn_if_tool_login_is_powerful(conn: psycopg.Connection[Any]) -> None:
             user,
             "; ".join(risks),
         )
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import logging
 import os
 import select
@@ -32,19 +31,15 @@ from dataclasses import dataclass, field
 
 import redis
 
-from sandbox.client import SandboxClient, SandboxError
-
 from . import errors
 from .config import Config
 from .errors import ConfigError
 from .logs import set_role, setup_logging
-from .queue import NODE_PREFIX, STATUS, processing_key, recover_orphans, requeue_list
-from .tools import registry as tool_registry
+from .queue import processing_key, publish_node, recover_orphans, requeue_list, withdraw_node
 from .worker import Heartbeat, Worker
 
 log = logging.getLogger(__name__)
 
-STATUS_TTL = 30  # seconds `bot_worker:status` outlives the last supervisor refreshing it
 REFRESH_EVERY = 2.0  # status and node keys
 RECOVER_EVERY = 5.0  # orphaned processing lists of dead nodes
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
@@ -113,16 +108,11 @@ class Supervisor:
         )
         log.info("supervisor %s starting %d worker(s); config %s", self.node_id, self.target, self.cfg.redacted())
         try:
-            # Loaded before the fork (imports only, nothing opened): a broken plugin stops us here, not per message.
-            families = tool_registry.default()
+            # Before the fork, once: a broken plugin stops us here, not per message; the sandbox's layers are known.
+            self.sandbox = Worker.preload(self.cfg)
         except ConfigError as exc:
             log.error("configuration error: %s", exc)
             return errors.EXIT_CONFIG
-        log.info("tool types: %s", ", ".join(sorted(families)))
-        if self.cfg.gemini_key:
-            from .llm import gemini  # noqa: F401  (imported once here, shared by every forked worker)
-
-        self._probe_sandbox()
         self._maintain(force=True)
         while True:
             if self.state == "running":
@@ -140,26 +130,6 @@ class Supervisor:
         self._unregister()
         log.info("supervisor %s stopped (exit %d)", self.node_id, self.exit_code)
         return self.exit_code
-
-    def _probe_sandbox(self) -> None:
-        """Start a sandbox once, as the workers will, and log which confinement layers this machine gives."""
-        client = SandboxClient(
-            self.cfg.sandbox_root, self.cfg.sandbox_uid, self.cfg.sandbox_gid, self.cfg.sandbox_allow_weak
-        )
-        try:
-            hello = client.start()
-        except SandboxError as exc:
-            hello = {"ok": False, "error": str(exc), "layers": {}, "weak": False}
-        finally:
-            client.close()
-        self.sandbox = {k: hello.get(k) for k in ("ok", "layers", "weak", "error", "cgroup")}
-        layers = ", ".join(f"{name} {'yes' if on else 'NO'}" for name, on in (hello.get("layers") or {}).items())
-        if not hello.get("ok"):
-            log.error("sandbox unavailable: shell, script and file tools will fail: %s", hello.get("error"))
-        elif hello.get("weak"):
-            log.warning("SANDBOX IN WEAK MODE (SANDBOX_ALLOW_WEAK): not for production: %s", layers)
-        else:
-            log.info("sandbox ready (cgroup %s): %s", hello.get("cgroup"), layers)
 
     def _install_signals(self) -> None:
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -316,13 +286,13 @@ class Supervisor:
     def _reload(self) -> None:
         try:
             cfg = self.reload()
+            sandbox = Worker.preload(cfg)
         except ConfigError as exc:
             log.error("SIGHUP: new configuration is invalid, keeping the old one: %s", exc)
             return
-        self.cfg = cfg
+        self.cfg, self.sandbox = cfg, sandbox
         self.target = cfg.procs
         setup_logging(cfg.log_level)
-        self._probe_sandbox()
         log.info("SIGHUP: configuration reloaded; replacing %d worker(s)", len(self._active()))
         for slot in self._active():
             self._retire(slot)
@@ -377,11 +347,7 @@ class Supervisor:
                 for s in sorted(self.slots.values(), key=lambda s: s.wid)
             ],
         }
-        status = {"status": "running", "node": self.node_id, "workers": len(self.slots), "updatedAt": time.time()}
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(NODE_PREFIX + self.node_id, json.dumps(node), ex=max(1, round(self.cfg.node_ttl)))
-        pipe.set(STATUS, json.dumps(status), ex=STATUS_TTL)
-        pipe.execute()
+        publish_node(self.redis, node, self.cfg.node_ttl)
 
     def _unregister(self) -> None:
         """Last words: requeue what is left, drop our node key, and clear the status if no other node is alive."""
@@ -392,12 +358,7 @@ class Supervisor:
                 sorted(self.pending),
             )
 
-        def drop() -> None:
-            self.redis.delete(NODE_PREFIX + self.node_id)
-            if not any(True for _ in self.redis.scan_iter(NODE_PREFIX + "*", count=100)):
-                self.redis.delete(STATUS)
-
-        self._guard(drop)
+        self._guard(lambda: withdraw_node(self.redis, self.node_id))
 
     def _guard(self, step: Callable[[], object]) -> object | None:
         """Run a bookkeeping step; a Redis failure is logged once per outage and retried on the next tick."""

@@ -33,8 +33,11 @@ from .message import Ids, error_event, read, reply_events
 from .pipeline import Pipeline, utcnow
 from .queue import ERRORS, RESPONSES, ReliableQueue, processing_key
 from .store import Store
+from .tools import registry
 
 log = logging.getLogger(__name__)
+
+DATABASE_POLL = 1.0  # seconds between two probes of a database that is down
 T = TypeVar("T")
 
 _BEAT, _PROCESSED, _BUSY_SINCE = 0, 1, 2
@@ -117,6 +120,21 @@ class Worker:
             self._close()
         return errors.EXIT_OK
 
+    @staticmethod
+    def preload(cfg: Config) -> dict[str, Any]:
+        """What every worker needs, done once in the supervisor before the fork (gunicorn's ``preload_app``):
+        the tool families load (a broken plugin stops the start here, as ``ConfigError``), the Gemini client's
+        module is imported when a key is set, and a sandbox is started once and closed, to report which
+        confinement layers this machine gives. Nothing stays open. Returns the sandbox's report (ok, layers,
+        weak, error, cgroup) for the host's heartbeat."""
+        families = registry.default()
+        log.info("tool types: %s", ", ".join(sorted(families)))
+        if cfg.gemini_key:
+            from .llm import gemini  # noqa: F401  (imported once here, shared by every forked worker)
+        client, hello = start_sandbox(cfg, cfg.sandbox_uid, "this machine")
+        client.close()
+        return {k: hello.get(k) for k in ("ok", "layers", "weak", "error", "cgroup")}
+
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
 
@@ -145,19 +163,7 @@ class Worker:
         self.queue = ReliableQueue(self.redis, processing_key(self.node_id, self.wid, os.getpid()))
         self.queue.register()
         # Each worker has its own sandbox process and its own jail uid (so process limits are per worker).
-        self.sandbox = SandboxClient(
-            self.cfg.sandbox_root, self.cfg.sandbox_uid + self.wid, self.cfg.sandbox_gid, self.cfg.sandbox_allow_weak
-        )
-        try:
-            hello = self.sandbox.start()
-            if not hello.get("ok"):
-                log.error(
-                    "worker %s: sandbox unavailable, shell/script/file tools will fail: %s",
-                    self.wid,
-                    hello.get("error"),
-                )
-        except SandboxError as exc:
-            log.error("worker %s: sandbox failed to start (retried at the first sandboxed tool): %s", self.wid, exc)
+        self.sandbox, _ = start_sandbox(self.cfg, self.cfg.sandbox_uid + self.wid, f"worker {self.wid}")
         self.pipeline = Pipeline(
             self.cfg, self.store, make_responder(self.cfg), tick=self.heartbeat.beat, sandbox=self.sandbox
         )
@@ -262,7 +268,7 @@ class Worker:
             exc.error,
         )
         self._wait_for_database(self.cfg.retry_delay * 2 ** (attempts - 1))
-        self._redis(lambda: self.queue.release(raw, ids.message_id))
+        self._redis(lambda: self.queue.release(raw))
 
     def _dead_letter(self, raw: bytes | str, ids: Ids, attempts: int, code: str, reason: str) -> None:
         error = f"gave up after {attempts - (attempts > self.cfg.max_attempts)} attempt(s): {reason}"
@@ -280,7 +286,9 @@ class Worker:
         self._redis(lambda: self.queue.dead_letter(raw, ids.message_id, entry, event))
 
     def _wait_for_database(self, delay: float) -> None:
-        """Back off, then wait until PostgreSQL answers (or we are told to stop), beating all along."""
+        """Back off, then wait until PostgreSQL answers (or we are told to stop), beating all along. The server is
+        asked about once a second (each try bounded by DB_CONNECT_TIMEOUT), so work resumes within about a second
+        of its return, not after a back-off that grew during a long outage."""
         self._sleep(delay)
         while not self.stopping:
             try:
@@ -288,8 +296,7 @@ class Worker:
                 return
             except TransientError as exc:
                 log.warning("worker %s: database still unavailable: %s", self.wid, exc.error)
-                delay = min(max(delay, 0.5) * 2, 30.0)
-                self._sleep(delay)
+                self._sleep(DATABASE_POLL)
 
     def _redis(self, call: Callable[[], T]) -> T:
         """Run one Redis step, retrying connection failures with back-off (the message waits in our list)."""
@@ -308,3 +315,21 @@ class Worker:
         while (left := end - time.monotonic()) > 0:
             self.heartbeat.beat()
             time.sleep(min(left, 0.25))
+
+
+def start_sandbox(cfg: Config, uid: int, who: str) -> tuple[SandboxClient, dict[str, Any]]:
+    """A sandbox process for ``who``, and its greeting (which layers hold), logged. A sandbox that cannot start is
+    reported, not raised: sandboxed tools then fail with the reason, and the client retries at the first one."""
+    client = SandboxClient(cfg.sandbox_root, uid, cfg.sandbox_gid, cfg.sandbox_allow_weak)
+    try:
+        hello = client.start()
+    except SandboxError as exc:
+        hello = {"ok": False, "error": str(exc), "layers": {}, "weak": False}
+    layers = ", ".join(f"{name} {'yes' if on else 'NO'}" for name, on in (hello.get("layers") or {}).items())
+    if not hello.get("ok"):
+        log.error("%s: sandbox unavailable, shell/script/file tools will fail: %s", who, hello.get("error"))
+    elif hello.get("weak"):
+        log.warning("%s: SANDBOX IN WEAK MODE (SANDBOX_ALLOW_WEAK): not for production: %s", who, layers)
+    else:
+        log.info("%s: sandbox ready (cgroup %s): %s", who, hello.get("cgroup"), layers)
+    return client, hello

@@ -48,6 +48,7 @@ FAST = {
     "SANDBOX_ROOT": SANDBOX_ROOT,
     "POP_TIMEOUT": "0.2",
     "RETRY_DELAY": "0.05",
+    "LLM_RETRY_DELAY": "0.05",
     "BOOT_TIMEOUT": "5",
     "GRACEFUL_TIMEOUT": "10",
     "NODE_TTL": "5",

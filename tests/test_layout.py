@@ -103,3 +103,17 @@ def test_the_sandbox_imports_nothing_of_the_worker() -> None:
     for name, targets in graph().items():
         if name.startswith("sandbox"):
             assert not [t for t in targets if t.startswith("botworker")], name
+
+
+def test_the_supervisor_knows_workers_not_tools() -> None:
+    """It forks and watches workers: the application (tools, the LLM, the sandbox) is the worker's business."""
+    allowed = {"botworker.worker", "botworker.config", "botworker.queue", "botworker.errors", "botworker.logs"}
+    assert graph()["botworker.supervisor"] <= allowed
+
+
+def test_redis_commands_stay_in_the_queue_layer() -> None:
+    """Only queue.py issues Redis commands for the fleet (the client and dev tools aside)."""
+    commands = ("llen", "smembers", "hgetall", "scan_iter", ".lpush(", ".blmove(", ".lrem(", ".set(", ".delete(")
+    for name in ("botworker.supervisor", "botworker.worker", "botworker.__main__", "botworker.pipeline"):
+        text = modules()[name].read_text()
+        assert not [c for c in commands if c in text], name

@@ -1,6 +1,6 @@
 """HTTP, database and secret-using tools end to end: a real message through an in-process worker, real Redis and
-PostgreSQL, a real local HTTP server. (Hostile input lives in test_tool_attacks.py; pure parts in test_params.py
-and test_tool_units.py.)"""
+PostgreSQL, a real local HTTP server. (Hostile input lives in tests/attacks/; pure parts in test_params.py,
+test_access.py, test_budget.py, test_secrets.py, test_retry.py and test_dispatch.py.)"""
 
 from __future__ import annotations
 

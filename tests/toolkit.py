@@ -1,4 +1,5 @@
-"""Test helpers for tools end to end: tool and secret rows, a local HTTP server, one message through a worker.
+"""Test helpers for tools end to end: tool and secret rows, a local HTTP server, one message through a worker; and
+the rows and secrets the unit tests of the tool plumbing share (no servers).
 
 ``encrypt`` is the platform's side of secrets (Node's ``scryptSync`` + AES-256-CBC, written here independently of
 the worker's decryption) so fixtures are produced the way the platform produces them.
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from psycopg.types.json import Jsonb
 
 from botworker.queue import ERRORS, RESPONSES
+from botworker.tools.secrets import Secrets
 from botworker.worker import Worker
 
 from conftest import Bot, events, push, query
@@ -259,3 +261,18 @@ def tcp_forwarder(host: str, port: int) -> Iterator[int]:
     finally:
         stop.set()
         listener.close()
+
+
+# ---- for unit tests: an owner, their bot and user rows, remembered secrets ----------------------------------
+
+OWNER = "user-1"
+BOT = {"id": "b", "userId": OWNER}  # a bots row of OWNER's
+ACTIVE_USER = {"id": OWNER, "isActive": True, "role": "user"}  # OWNER's users row
+
+
+def remembering(*values: str) -> Secrets:
+    """A ``Secrets`` without a store that has seen ``values``, so redacts them."""
+    s = Secrets(store=None, encryption_key="k", user_id="u")  # type: ignore[arg-type]
+    for value in values:
+        s.remember(value)
+    return s

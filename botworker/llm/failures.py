@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import errors
+from ..errors import one_line
 from ..retry import retry_after
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -124,7 +125,3 @@ def server_delay(header: str | None, details: list[dict[str, Any]], message: str
                 pass
     found = _RETRY_IN.search(message)
     return float(found.group(1)) if found else None
-
-
-def one_line(value: object, limit: int = 300) -> str:
-    return " ".join(str(value).split())[:limit]

@@ -16,7 +16,7 @@ One reply::
     limits:   at most LLM_MAX_TOOL_CALLS function calls per reply and none once LLM_DEADLINE has passed (the
               model is told why); every function call runs with the heartbeat kept
     retries:  every request: 429, 408, 500/502/503/504, timeouts, connection errors and unreadable/empty answers
-              (once) are retried with exponential back-off and jitter (base RETRY_DELAY), or after the server's
+              (once) are retried with exponential back-off and jitter (base LLM_RETRY_DELAY), or after the server's
               Retry-After / RetryInfo delay, up to LLM_MAX_ATTEMPTS attempts and never past LLM_DEADLINE
 
 Failures raise ``LLMError`` with an ``llm_*`` code (the table is in ``failures``); the pipeline then saves its
@@ -41,7 +41,7 @@ from google.genai import types
 
 from .. import errors
 from ..config import Config
-from ..errors import LLMError
+from ..errors import LLMError, one_line
 from ..message import Message, Reply, ToolResult
 from ..retry import backoff
 from ..store import BotContext
@@ -56,7 +56,7 @@ from .conversation import (
     system_instruction,
     valid_model_name,
 )
-from .failures import Failure, one_line
+from .failures import Failure
 from .offline import describe
 from .responder import estimate_tokens
 
@@ -322,7 +322,7 @@ class GeminiResponder:
             wait = (
                 failure.delay
                 if failure.delay is not None
-                else backoff(attempt, self.cfg.retry_delay, BACKOFF_CAP, self.rng)
+                else backoff(attempt, self.cfg.llm_retry_delay, BACKOFF_CAP, self.rng)
             )
             if self.clock() + wait + MIN_REQUEST_TIME > ex.deadline:
                 raise ex.fail(failure, f" (no time left in LLM_DEADLINE to retry in {wait:.1f}s)")

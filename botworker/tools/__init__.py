@@ -73,3 +73,8 @@ def config_of(tool: dict[str, Any]) -> dict[str, Any]:
     """The tool's ``config`` object (an empty one when it is missing or not an object)."""
     config = tool.get("config")
     return config if isinstance(config, dict) else {}
+
+
+def secret_id_of(config: dict[str, Any]) -> Any:
+    """The secret a tool's config names: ``secretId``, or the platform's older ``githubSecretId``."""
+    return config.get("secretId") or config.get("githubSecretId")

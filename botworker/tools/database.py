@@ -17,14 +17,9 @@ Results: ``{"columns", "rows": [{column: value}], "rowCount", "truncated"}``, va
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import decimal
 import ipaddress
-import math
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,8 +30,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from .. import errors
-from ..message import ToolCall
-from . import ToolContext, ToolFailure, config_of, outbound
+from ..errors import one_line
+from ..message import ToolCall, jsonable
+from . import ToolContext, ToolFailure, config_of, outbound, secret_id_of
 from .sql import SqlRefused, prepare
 
 TYPES = ("database_query",)
@@ -65,7 +61,7 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
             f"a {kind} tool may only run {kind.upper()} statements, not {prepared.kind.upper()}",
             errors.TOOL_INVALID_PARAMS,
         )
-    secret_id = config.get("secretId") or config.get("githubSecretId")
+    secret_id = secret_id_of(config)
     limit = ctx.cfg.db_tool_max_rows
     statement = prepared.sql
     if kind == "select":
@@ -235,40 +231,12 @@ def _rows(cur: psycopg.Cursor[Any], rows: list[dict[str, Any]], limit: int) -> d
     rows = rows[:limit]
     return {
         "columns": columns,
-        "rows": [{k: jsonable(v) for k, v in row.items()} for row in rows],
+        "rows": [jsonable(row) for row in rows],
         "rowCount": cur.rowcount if cur.rowcount >= 0 else len(rows),
         "truncated": truncated,
     }
 
 
-def jsonable(value: Any) -> Any:
-    """A column value as JSON: numbers stay numbers (non-finite ones become text), times ISO 8601, bytes base64."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, decimal.Decimal):
-        if not value.is_finite():
-            return str(value)
-        if value == value.to_integral_value():
-            return int(value) if abs(value) < 2**53 else str(value)  # exact: beyond 2**53 a float would round
-        as_float = float(value)
-        return as_float if math.isfinite(as_float) and abs(value) < 2**53 else str(value)
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, (bytes, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return str(value)
-
-
 def _pgerror(exc: psycopg.Error) -> str:
-    text = (str(exc) or type(exc).__name__).strip()
-    return " ".join(text.splitlines()[:1])[:300]
+    """The server's own one-line message (not the LINE/HINT lines under it), or the client's."""
+    return one_line(exc.diag.message_primary or str(exc).strip().split("\n", 1)[0] or type(exc).__name__)

@@ -30,7 +30,7 @@ import urllib3
 from .. import errors
 from ..message import ToolCall
 from ..retry import retry_after
-from . import ToolContext, ToolFailure, config_of, outbound
+from . import ToolContext, ToolFailure, config_of, outbound, secret_id_of
 from .params import PLACEHOLDER
 
 TYPES = ("http_request",)
@@ -53,7 +53,7 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
     method = str(config.get("method") or "GET").upper()
     if method not in METHODS:
         raise ToolFailure(f"HTTP method {method!r} is not supported", errors.TOOL_INVALID_PARAMS)
-    secret_id = config.get("secretId") or config.get("githubSecretId")
+    secret_id = secret_id_of(config)
     if secret_id and _origin_has_placeholder(config.get("url")):
         # The secret would go wherever the caller (a user, or a prompt-injected model) points the URL.
         raise ToolFailure(

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..message import ToolCall
-from ..store import jsonable
+from ..message import ToolCall, jsonable
 from . import ToolContext, ToolFailure
 
 TYPES = ("mcp_tool",)
@@ -87,7 +86,10 @@ def _list(ctx: ToolContext, select: str, order: str) -> dict[str, Any]:
         f"SELECT count(*) OVER () AS total, q.* FROM ({select}) q ORDER BY {order} LIMIT {LIMIT}", {"user": ctx.user_id}
     )
     total = rows[0]["total"] if rows else 0
-    return {"total": total, "items": [jsonable({k: v for k, v in r.items() if k != "total"}) for r in rows]}
+    return {
+        "total": total,
+        "items": [jsonable({k: v for k, v in r.items() if k != "total"}, api_stamps=True) for r in rows],
+    }
 
 
 def _user_info(ctx: ToolContext) -> dict[str, Any]:
@@ -97,7 +99,7 @@ def _user_info(ctx: ToolContext) -> dict[str, Any]:
     )
     if not rows:
         raise ToolFailure("user not found")
-    return jsonable(rows[0])
+    return jsonable(rows[0], api_stamps=True)
 
 
 def _search(ctx: ToolContext, query: str) -> dict[str, Any]:
@@ -112,7 +114,7 @@ def _search(ctx: ToolContext, query: str) -> dict[str, Any]:
             f"(SELECT '{kind}' AS kind, x.id, x.name, x.description FROM {source} AND ({where}) LIMIT {LIMIT})"
         )
     rows = ctx.store.fetch(" UNION ALL ".join(parts), {"user": ctx.user_id, "pattern": pattern})
-    items = [jsonable(dict(r)) for r in rows[:LIMIT]]
+    items = [jsonable(r, api_stamps=True) for r in rows[:LIMIT]]
     return {"query": query, "count": len(rows), "items": items}
 
 

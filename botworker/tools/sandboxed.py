@@ -15,11 +15,11 @@ from sandbox.client import SandboxError
 from sandbox.policy import MAX_LIMITS, MIN_LIMITS
 
 from ..message import ToolCall
-from . import ToolContext, ToolFailure, config_of
+from . import ToolContext, ToolFailure, config_of, secret_id_of
+from .params import PLACEHOLDER as _PLACEHOLDER
 
 TYPES = ("shell_command", "custom_script", "file_operation")
 READ_ONLY_FILE_OPS = ("read", "list", "exists")
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
@@ -28,7 +28,7 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
         request = _script(config, call.params)
     elif call.type == "shell_command":
         request = _shell(config, call.params)
-        secret_id = config.get("secretId") or config.get("githubSecretId")
+        secret_id = secret_id_of(config)
         if secret_id:
             if ctx.secrets is None:
                 raise ToolFailure("secrets are not available here")

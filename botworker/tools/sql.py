@@ -31,7 +31,8 @@ from typing import Any
 
 from pglast import parser
 
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+from .params import PLACEHOLDER as _PLACEHOLDER
+
 _MALFORMED = re.compile(r"\{\{[^{}]{0,40}\}\}")
 # Where a placeholder may not go, by the lexer's token name (and, for SCONST, how the token starts).
 _COMMENTS = ("C_COMMENT", "SQL_COMMENT")

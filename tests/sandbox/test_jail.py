@@ -352,7 +352,11 @@ def test_cant_use_more_memory_than_the_run_by_forking(run: Run) -> None:
 
     # The runner is a fork of this (large) test process: give it room beyond its own address space.
     memory = min(_own_size() + (192 << 20), int(policy.MAX_LIMITS["memory_bytes"]))
-    out, got = run(job, execute=shell.executables("/usr/bin/sort"), memory_bytes=memory, wall_seconds=20)
+    # CPU to spare: the bigger this test process, the longer the sorts take to fill the run's memory (a 2 s budget
+    # ran out first when the whole suite had grown the process).
+    out, got = run(
+        job, execute=shell.executables("/usr/bin/sort"), memory_bytes=memory, wall_seconds=20, cpu_seconds=20
+    )
     # The kernel killed processes of the run for the run's limit. (Which ones is its choice: when the runner, whose
     # copy of this test process counts as its size, is among them, the namespace takes the sorts with it.)
     assert out.oom_kills >= 1, (got, out)
