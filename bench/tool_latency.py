@@ -41,7 +41,7 @@ from botworker.demo import seed
 from botworker.message import ToolCall
 from botworker.schema import migrate
 from botworker.store import Store
-from botworker.tools import ToolContext, outbound
+from botworker.tools import ToolContext, outbound, pinned
 from botworker.tools.dispatch import dispatch
 from botworker.tools.secrets import Secrets
 
@@ -102,7 +102,7 @@ def run(database_url: str, base: str, n: int) -> None:
         {"id": "s", "name": "s", "type": "http_request", "config": {"url": base + "/json", "secretId": secret_id}},
         {"id": "d", "name": "d", "type": "database_query", "config": {"query": "SELECT {{n}}::int + 1 AS n"}},
     ]
-    http = outbound.session(outbound.OutboundPolicy(cfg.http_allowed_hosts))
+    http = pinned.session(outbound.OutboundPolicy(cfg.http_allowed_hosts))
     floor = requests.Session()
 
     def ctx() -> ToolContext:

@@ -65,41 +65,16 @@ def seed(dsn: str, user_id: str = DEMO_USER, bot_id: str = DEMO_BOT, email: str 
                 """INSERT INTO bot_prompts ("botId", "promptId") VALUES (%s, %s) ON CONFLICT DO NOTHING""",
                 (bot_id, rid("prompt")),
             )
-            cur.execute(
-                """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
-                   VALUES (%s, 'platform', 'Platform data', 'Reads your models, applications, bots and more',
-                           'mcp_tool', %s, %s) ON CONFLICT (id) DO NOTHING""",
-                (
-                    rid("tool"),
-                    Jsonb({"operations": list(platform.OPERATIONS)}),
-                    bot_id,
-                ),
-            )
-            # A custom script and a shell command: both run in the worker's sandbox process.
-            cur.execute(
-                """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
-                   VALUES (%s, 'word_count', 'Word counter', 'Counts the words of a quoted text',
-                           'custom_script', %s, %s) ON CONFLICT (id) DO NOTHING""",
-                (rid("tool-script"), Jsonb({"script": WORD_COUNT}), bot_id),
-            )
-            cur.execute(
-                """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
-                   VALUES (%s, 'greeter', 'Greeter', 'Greets whoever is quoted', 'shell_command', %s, %s)
-                   ON CONFLICT (id) DO NOTHING""",
-                (rid("tool-shell"), Jsonb({"command": "echo Hello, {{param1}}!", "timeout": 5}), bot_id),
-            )
-            # A database tool: one read-only statement, the user's choice bound as a parameter.
-            cur.execute(
-                """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
-                   VALUES (%s, 'app_status', 'Application status', 'Counts your applications in a status',
-                           'database_query', %s, %s) ON CONFLICT (id) DO NOTHING""",
-                (rid("tool-db"), Jsonb(_app_status(user_id)), bot_id),
-            )
-            for name, display in (
-                ("sentiment", "Sentiment classifier"),
-                ("churn", "Churn predictor"),
-                ("vision", "Image tagger"),
-            ):
+            # The platform tool, a custom script and a shell command (both run in the worker's sandbox process),
+            # and a database tool (one read-only statement, the user's choice bound as a parameter).
+            for key, name, display, description, kind, config in _tools(user_id):
+                cur.execute(
+                    """INSERT INTO bot_tools (id, name, "displayName", description, type, config, "botId")
+                       VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING""",
+                    (rid(key), name, display, description, kind, Jsonb(config), bot_id),
+                )
+            models = (("sentiment", "Sentiment classifier"), ("churn", "Churn predictor"), ("vision", "Image tagger"))
+            for name, display in models:
                 cur.execute(
                     """INSERT INTO models (id, name, "displayName", description, schema, "userId")
                        VALUES (%s, %s, %s, %s, '{}', %s) ON CONFLICT (id) DO NOTHING""",
@@ -114,6 +89,20 @@ def seed(dsn: str, user_id: str = DEMO_USER, bot_id: str = DEMO_BOT, email: str 
     finally:
         conn.close()
     return user_id, bot_id
+
+
+def _tools(user_id: str) -> list[tuple[str, str, str, str, str, dict[str, Any]]]:
+    """The demo bot's tools: (id key, name, display name, description, type, config)."""
+    return [
+        ("tool", "platform", "Platform data", "Reads your models, applications, bots and more", "mcp_tool",
+         {"operations": list(platform.OPERATIONS)}),
+        ("tool-script", "word_count", "Word counter", "Counts the words of a quoted text", "custom_script",
+         {"script": WORD_COUNT}),
+        ("tool-shell", "greeter", "Greeter", "Greets whoever is quoted", "shell_command",
+         {"command": "echo Hello, {{param1}}!", "timeout": 5}),
+        ("tool-db", "app_status", "Application status", "Counts your applications in a status", "database_query",
+         _app_status(user_id)),
+    ]  # fmt: skip
 
 
 def _app_status(user_id: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from .errors import LLMError
 from .llm import Responder
 from .message import Message, Reply
 from .store import Store
-from .tools import Family, ToolContext, budget, outbound, registry
+from .tools import Family, ToolContext, budget, outbound, pinned, registry
 from .tools.dispatch import ToolRunner
 from .tools.secrets import Secrets
 
@@ -73,7 +73,7 @@ class Pipeline:
         self.families = registry.default() if families is None else families
         # One HTTP session per worker process: connections are reused across messages, each pinned to an
         # address the outbound policy checked.
-        self.http = outbound.session(outbound.OutboundPolicy(cfg.http_allowed_hosts))
+        self.http = pinned.session(outbound.OutboundPolicy(cfg.http_allowed_hosts))
         self.tick = tick  # called between steps: the worker's heartbeat
         self.clock = clock
 

@@ -27,8 +27,8 @@ from botworker.tools.outbound import (
     blocked_reason,
     denied_in,
     pin_dsn_host,
-    session,
 )
+from botworker.tools.pinned import session
 
 LOCAL = ("127.0.0.1/32",)
 METADATA_URL = "http://169.254.169.254/latest/meta-data/"

@@ -33,7 +33,7 @@ from .. import errors
 from ..errors import one_line
 from ..message import ToolCall, jsonable
 from . import ToolContext, ToolFailure, config_of, outbound, secret_id_of
-from .sql import SqlRefused, prepare
+from .sql import Prepared, SqlRefused, prepare
 
 TYPES = ("database_query",)
 KINDS = ("select", "insert", "update", "delete")
@@ -47,13 +47,30 @@ def retryable(tool: dict[str, Any]) -> bool:
 def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
     config = config_of(tool)
     kind = str(config.get("type") or "select").lower()
+    prepared = _checked(config, kind, call.params)
+    statement = prepared.sql
+    if kind == "select":
+        # Wrapped as a subquery: the row cap is applied by the server (nothing beyond it is produced or sent), and
+        # the server itself refuses anything but one query inside the parentheses.
+        statement = f"SELECT * FROM (\n{statement}\n) AS botworker_tool LIMIT {ctx.cfg.db_tool_max_rows + 1}"
+    started = time.monotonic()
+    try:
+        with _connection(ctx, secret_id_of(config)) as conn, psycopg.RawCursor(conn, row_factory=dict_row) as cur:
+            return _execute(cur, ctx, kind, statement, prepared)
+    except psycopg.Error as exc:
+        raise _failure(exc, ctx, time.monotonic() - started) from None
+
+
+def _checked(config: dict[str, Any], kind: str, params: dict[str, Any]) -> Prepared:
+    """The tool's statement with the call's values bound, or ToolFailure: the wrong type, not one statement of
+    the kind its type allows."""
     if kind not in KINDS:
         raise ToolFailure(f"database_query type {kind!r} is not one of {', '.join(KINDS)}", errors.TOOL_INVALID_PARAMS)
     query = config.get("query")
     if not isinstance(query, str) or not query.strip():
         raise ToolFailure("database_query tool has no `query` in its config")
     try:
-        prepared = prepare(query, call.params)
+        prepared = prepare(query, params)
     except SqlRefused as exc:
         raise ToolFailure(f"query refused: {exc}", errors.TOOL_INVALID_PARAMS) from None
     if prepared.kind != kind:
@@ -61,61 +78,57 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
             f"a {kind} tool may only run {kind.upper()} statements, not {prepared.kind.upper()}",
             errors.TOOL_INVALID_PARAMS,
         )
-    secret_id = secret_id_of(config)
+    return prepared
+
+
+def _execute(cur: psycopg.RawCursor[Any], ctx: ToolContext, kind: str, statement: str, prepared: Prepared) -> Any:
+    """One framed transaction: read-only for a select (rolled back when the connection is handed back), else
+    committed."""
     limit = ctx.cfg.db_tool_max_rows
-    statement = prepared.sql
+    # standard_conforming_strings is forced on because sql.py reads literals the way a server with it on does.
+    # The frame is one simple query; the statement goes with its parameters ($1...) bound on the server (extended
+    # protocol: one statement, values never in the statement text).
+    cur.execute(
+        f"BEGIN {'READ ONLY' if kind == 'select' else 'READ WRITE'}; "
+        f"SET LOCAL statement_timeout = {int(ctx.cfg.db_tool_timeout * 1000)}; "
+        "SET LOCAL standard_conforming_strings = on; SET LOCAL TimeZone = 'UTC'"
+    )
+    params = [_adapt(v) for v in prepared.params]
     if kind == "select":
-        # Wrapped as a subquery: the row cap is applied by the server (nothing beyond it is produced or sent), and
-        # the server itself refuses anything but one query inside the parentheses.
-        statement = f"SELECT * FROM (\n{statement}\n) AS botworker_tool LIMIT {limit + 1}"
-    started = time.monotonic()
-    try:
-        with _connection(ctx, secret_id) as conn, psycopg.RawCursor(conn, row_factory=dict_row) as cur:
-            # standard_conforming_strings is forced on because sql.py reads literals the way a server with it on
-            # does. The frame is one simple query; the statement goes with its parameters ($1...) bound on the
-            # server (extended protocol: one statement, values never in the statement text).
-            cur.execute(
-                f"BEGIN {'READ ONLY' if kind == 'select' else 'READ WRITE'}; "
-                f"SET LOCAL statement_timeout = {int(ctx.cfg.db_tool_timeout * 1000)}; "
-                "SET LOCAL standard_conforming_strings = on; SET LOCAL TimeZone = 'UTC'"
-            )
-            params = [_adapt(v) for v in prepared.params]
-            if kind == "select":
-                cur.execute(statement, params)
-                result = _rows(cur, cur.fetchall(), limit)
-            elif prepared.returning:
-                # A write's RETURNING set can be huge: rows are streamed and only the first ones kept (the
-                # statement still runs to its end, within the statement timeout, so the write is whole).
-                kept: list[dict[str, Any]] = []
-                for row in cur.stream(statement, params):
-                    if len(kept) <= limit:
-                        kept.append(row)
-                result = _rows(cur, kept, limit)
-            else:
-                cur.execute(statement, params)
-                result = _rows(cur, [], limit)
-            if kind != "select":
-                cur.execute("COMMIT")  # a select's transaction is rolled back when the connection is handed back
-        return result
-    except psycopg.errors.QueryCanceled:
-        elapsed = time.monotonic() - started
+        cur.execute(statement, params)
+        return _rows(cur, cur.fetchall(), limit)
+    if prepared.returning:
+        # A write's RETURNING set can be huge: rows are streamed and only the first ones kept (the statement still
+        # runs to its end, within the statement timeout, so the write is whole).
+        kept: list[dict[str, Any]] = []
+        for row in cur.stream(statement, params):
+            if len(kept) <= limit:
+                kept.append(row)
+        result = _rows(cur, kept, limit)
+    else:
+        cur.execute(statement, params)
+        result = _rows(cur, [], limit)
+    cur.execute("COMMIT")
+    return result
+
+
+def _failure(exc: psycopg.Error, ctx: ToolContext, elapsed: float) -> ToolFailure:
+    """What the tool reports for a failed statement (transient ones may be retried)."""
+    if isinstance(exc, psycopg.errors.QueryCanceled):
         if elapsed >= ctx.cfg.db_tool_timeout * 0.9:
-            raise ToolFailure(f"the query took longer than {ctx.cfg.db_tool_timeout:g}s and was cancelled") from None
-        raise ToolFailure(f"the query was cancelled after {elapsed:.1f}s (not by its timeout)") from None
-    except _TRANSIENT as exc:
-        raise ToolFailure(f"the query failed: {_pgerror(exc)}", transient=True) from None
-    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        raise ToolFailure(f"the database is unreachable: {_pgerror(exc)}", transient=True) from None
-    except psycopg.errors.ReadOnlySqlTransaction:
-        raise ToolFailure("this select tool may not modify data (read-only transaction)", errors.TOOL_DENIED) from None
-    except psycopg.errors.InsufficientPrivilege as exc:
-        raise ToolFailure(f"permission denied: {_pgerror(exc)}", errors.TOOL_DENIED) from None
-    except psycopg.errors.FeatureNotSupported as exc:
-        if "data-modifying" in _pgerror(exc):  # a select tool's WITH ... DELETE, inside our row-cap subquery
-            raise ToolFailure("this select tool may not modify data", errors.TOOL_DENIED) from None
-        raise ToolFailure(f"the query failed: {_pgerror(exc)}") from None
-    except psycopg.Error as exc:
-        raise ToolFailure(f"the query failed: {_pgerror(exc)}") from None
+            return ToolFailure(f"the query took longer than {ctx.cfg.db_tool_timeout:g}s and was cancelled")
+        return ToolFailure(f"the query was cancelled after {elapsed:.1f}s (not by its timeout)")
+    if isinstance(exc, _TRANSIENT):
+        return ToolFailure(f"the query failed: {_pgerror(exc)}", transient=True)
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return ToolFailure(f"the database is unreachable: {_pgerror(exc)}", transient=True)
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        return ToolFailure("this select tool may not modify data (read-only transaction)", errors.TOOL_DENIED)
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return ToolFailure(f"permission denied: {_pgerror(exc)}", errors.TOOL_DENIED)
+    if isinstance(exc, psycopg.errors.FeatureNotSupported) and "data-modifying" in _pgerror(exc):
+        return ToolFailure("this select tool may not modify data", errors.TOOL_DENIED)  # WITH ... DELETE, wrapped
+    return ToolFailure(f"the query failed: {_pgerror(exc)}")
 
 
 def _adapt(value: Any) -> Any:

@@ -55,52 +55,13 @@ def dispatch(
     """Run one call; failures of any kind come back as ``ToolResult(ok=False, error=..., code=...)``."""
     started = time.monotonic()
     families = registry.default() if families is None else families
-    tool = next((t for t in ctx.tools if str(t["id"]) == call.tool_id), None)
-    attempts = 0
+    tries = [0]  # attempts made, counted by _attempts as they happen
     data: Any = None
     error: str | None = None
     code: str | None = None
     try:
-        if tool is None:
-            raise ToolFailure(f"tool {call.name} is not an active tool of this bot", errors.TOOL_DENIED)
-        # The family is chosen by the tool row's type, whatever the call claims.
-        family = families.get(str(tool.get("type")))
-        if family is None or call.type != tool.get("type"):
-            raise ToolFailure(
-                f"tool type {tool.get('type')!r} is not supported by this worker", errors.TOOL_UNSUPPORTED
-            )
-        reason = access.denial(tool, ctx.bot, ctx.user or {"id": ctx.user_id}, ctx.user_id)
-        if reason:
-            raise ToolFailure(reason, errors.TOOL_DENIED)
-        try:
-            call = dataclasses.replace(call, params=params.validate(tool, call.params))
-        except params.InvalidParams as exc:
-            raise ToolFailure(str(exc), errors.TOOL_INVALID_PARAMS) from None
-        limit = max_attempts(family, tool, ctx)
-        waited = 0.0
-        while True:
-            attempts += 1
-            try:
-                data = family.run(call, tool, ctx)
-                break
-            except ToolFailure as exc:
-                if not exc.transient or attempts >= limit:
-                    raise
-                wait = _wait(exc, attempts, ctx)
-                if waited + wait > ctx.cfg.tool_retry_after_max:
-                    # One call never sleeps more than TOOL_RETRY_AFTER_MAX in all: a server answering 503 with
-                    # Retry-After: 29 every time would otherwise hold the worker for minutes.
-                    raise ToolFailure(
-                        f"{exc} (no more retries: they would wait over TOOL_RETRY_AFTER_MAX="
-                        f"{ctx.cfg.tool_retry_after_max:g}s in all)",
-                        exc.code,
-                    ) from None
-                waited += wait
-                log.info(
-                    "tool %s: attempt %d failed (%s); retrying in %.2fs", call.name, attempts, _safe(ctx, exc), wait
-                )
-                tick()
-                sleep(wait)
+        call, tool, family = _admitted(call, ctx, families)
+        data = _attempts(call, tool, family, ctx, tries, tick, sleep)
     except (ToolFailure, SecretError) as exc:
         data, error, code = None, str(exc), exc.code
     except TransientError:
@@ -117,7 +78,59 @@ def dispatch(
             data, error, code = None, f"the result of tool {call.name} is nested too deeply", errors.TOOL_FAILED
             call = dataclasses.replace(call, params={})
     ok = error is None
-    return ToolResult(call, ok, data, error, int((time.monotonic() - started) * 1000), max(attempts, 1), code)
+    return ToolResult(call, ok, data, error, int((time.monotonic() - started) * 1000), max(tries[0], 1), code)
+
+
+def _admitted(call: ToolCall, ctx: ToolContext, families: dict[str, Family]) -> tuple[ToolCall, dict[str, Any], Family]:
+    """The call with its parameters validated, its tool row and family; ToolFailure when it may not run here."""
+    tool = next((t for t in ctx.tools if str(t["id"]) == call.tool_id), None)
+    if tool is None:
+        raise ToolFailure(f"tool {call.name} is not an active tool of this bot", errors.TOOL_DENIED)
+    # The family is chosen by the tool row's type, whatever the call claims.
+    family = families.get(str(tool.get("type")))
+    if family is None or call.type != tool.get("type"):
+        raise ToolFailure(f"tool type {tool.get('type')!r} is not supported by this worker", errors.TOOL_UNSUPPORTED)
+    reason = access.denial(tool, ctx.bot, ctx.user or {"id": ctx.user_id}, ctx.user_id)
+    if reason:
+        raise ToolFailure(reason, errors.TOOL_DENIED)
+    try:
+        return dataclasses.replace(call, params=params.validate(tool, call.params)), tool, family
+    except params.InvalidParams as exc:
+        raise ToolFailure(str(exc), errors.TOOL_INVALID_PARAMS) from None
+
+
+def _attempts(
+    call: ToolCall,
+    tool: dict[str, Any],
+    family: Family,
+    ctx: ToolContext,
+    tries: list[int],
+    tick: Callable[[], None],
+    sleep: Callable[[float], None],
+) -> Any:
+    """Run the call, retrying transient failures with back-off, within the attempts and the wait it may take."""
+    limit = max_attempts(family, tool, ctx)
+    waited = 0.0
+    while True:
+        tries[0] += 1
+        try:
+            return family.run(call, tool, ctx)
+        except ToolFailure as exc:
+            if not exc.transient or tries[0] >= limit:
+                raise
+            wait = _wait(exc, tries[0], ctx)
+            if waited + wait > ctx.cfg.tool_retry_after_max:
+                # One call never sleeps more than TOOL_RETRY_AFTER_MAX in all: a server answering 503 with
+                # Retry-After: 29 every time would otherwise hold the worker for minutes.
+                raise ToolFailure(
+                    f"{exc} (no more retries: they would wait over TOOL_RETRY_AFTER_MAX="
+                    f"{ctx.cfg.tool_retry_after_max:g}s in all)",
+                    exc.code,
+                ) from None
+            waited += wait
+            log.info("tool %s: attempt %d failed (%s); retrying in %.2fs", call.name, tries[0], _safe(ctx, exc), wait)
+            tick()
+            sleep(wait)
 
 
 def _wait(exc: ToolFailure, attempts: int, ctx: ToolContext) -> float:

@@ -30,7 +30,7 @@ import urllib3
 from .. import errors
 from ..message import ToolCall
 from ..retry import retry_after
-from . import ToolContext, ToolFailure, config_of, outbound, secret_id_of
+from . import ToolContext, ToolFailure, config_of, outbound, pinned, secret_id_of
 from .params import PLACEHOLDER
 
 TYPES = ("http_request",)
@@ -81,7 +81,7 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
             raise ToolFailure("the secret's value cannot be sent in a header (it is not Latin-1 text)") from None
         headers[secret_header] = value
     timeout = _timeout(config.get("timeout"), ctx)
-    with outbound.Deadline(timeout) as guard:
+    with pinned.Deadline(timeout) as guard:
         try:
             return _send(ctx, method, url, headers, body, timeout, secret_header)
         except ToolFailure:
@@ -250,7 +250,7 @@ def _response(resp: requests.Response, method: str, deadline: float, max_bytes: 
     truncated = False
     try:
         # read1: whatever has arrived, so the deadline is checked as bytes trickle in; a read blocked when it
-        # passes is cut by outbound.Deadline.
+        # passes is cut by pinned.Deadline.
         while not resp.raw.closed:
             if time.monotonic() > deadline:
                 raise ToolFailure(f"{method} {_shown(resp.url)} timed out reading the response", transient=True)
