@@ -56,10 +56,10 @@ seccomp                     Kills foreign-architecture and x32 calls; EPERM for 
 wall clock                  The sandbox kills the run's PID-namespace init at the deadline: the kernel then
                             kills every process of the run, including ones that called setsid or forked twice.
 output caps                 stdout/stderr/result are read up to their caps; the rest is dropped.
-RestrictedPython            Custom scripts also pass a policy layer (``script.py``): no underscore names, no
-                            real modules (only proxies listing allowed functions), no class whose Python
-                            methods take any ``self``, guarded attribute access, iteration and writes. It is
-                            not the boundary: the layers above are.
+RestrictedPython            Custom scripts also pass a policy layer (``script.py``, ``script_guards.py``): no
+                            underscore names, no real modules (only proxies listing allowed functions), no class
+                            whose Python methods take any ``self``, guarded attribute access, iteration and
+                            writes. It is not the boundary: the layers above are.
 shell without a shell       Commands become an argv of an allowlisted program at a fixed path, read the way the
                             program reads it: only the options ``policy.py`` lists for that program (long ones
                             in full), parameters as operands or option arguments only, one option per

@@ -26,9 +26,7 @@ import contextlib
 import ctypes
 import gc
 import json
-import math
 import os
-import re
 import resource
 import shutil
 import signal
@@ -39,17 +37,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import cgroup, check, files, jail, policy, script, seccomp, shell
+from . import cgroup, check, files, jail, policy, request, script, seccomp, shell
 from .linux import alive
 from .protocol import ProtocolError, read_frame, write_frame
 
-_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_GET_NO_NEW_PRIVS, _PR_GET_SECCOMP = 1, 4, 39, 21
 _PR_SET_NO_NEW_PRIVS = 38
-
-
-class Refused(ValueError):
-    """A request the sandbox will not run; answered with its message."""
 
 
 class Server:
@@ -131,23 +124,23 @@ class Server:
         try:
             kind = req.get("kind")
             if not isinstance(kind, str):
-                raise Refused("`kind` must be a string")
+                raise request.Refused("`kind` must be a string")
             if kind == "ping":
                 return {"id": rid, "ok": True, **self.hello()}
             if kind == "check":
                 return {"id": rid, **check.run_battery(self)}
             if self.unavailable:
-                raise Refused(f"sandbox unavailable: {self.unavailable}")
-            limits = _limits(req.get("limits"))
-            scope = _scope(req.get("scope"))
+                raise request.Refused(f"sandbox unavailable: {self.unavailable}")
+            limits = request.limits(req.get("limits"))
+            scope = request.scope(req.get("scope"))
             run = {"script": self._script, "shell": self._shell, "file": self._file}.get(kind)
             if run is None:
-                raise Refused(f"unknown request kind {kind!r}")
+                raise request.Refused(f"unknown request kind {kind!r}")
             reply = {"id": rid, **run(req, limits, scope)}
             if self.weak:
                 reply["weak"] = True  # every result of a weakly confined run says so
             return reply
-        except (Refused, shell.ShellRefused, files.FileRefused) as exc:
+        except (request.Refused, shell.ShellRefused, files.FileRefused) as exc:
             return {"id": rid, "ok": False, "error": str(exc)}
         except Exception as exc:  # a bug of ours must cost one request, not the sandbox process
             traceback.print_exc(file=sys.stderr)
@@ -156,26 +149,26 @@ class Server:
     def _script(self, req: dict[str, Any], limits: dict[str, Any], scope: str | None) -> dict[str, Any]:
         source, params = req.get("source"), req.get("params") or {}
         if not isinstance(source, str) or not isinstance(params, dict):
-            raise Refused("script needs `source` (string) and `params` (object)")
+            raise request.Refused("script needs `source` (string) and `params` (object)")
         # No /files and nothing to execute: a script reads its params and returns its result, nothing more.
         out = self._run(_script_job(source, params, int(limits["output_bytes"])), limits)
-        reply = _parse_result(out)
+        reply = request.parse_result(out)
         if reply is None:
-            return {"ok": False, "error": _death(out, "script"), **_meta(out)}
+            return {"ok": False, "error": request.death(out, "script"), **request.meta(out)}
         # The script's own print collector may have cut its output too: either cut makes the reply truncated.
-        return {**reply, **_meta(out), "truncated": bool(reply.get("truncated")) or out.truncated}
+        return {**reply, **request.meta(out), "truncated": bool(reply.get("truncated")) or out.truncated}
 
     def _shell(self, req: dict[str, Any], limits: dict[str, Any], scope: str | None) -> dict[str, Any]:
         params, secret = req.get("params") or {}, req.get("secret_env")
         if not isinstance(params, dict) or not (secret is None or isinstance(secret, dict)):
-            raise Refused("`params` and `secret_env` must be objects")
+            raise request.Refused("`params` and `secret_env` must be objects")
         path, argv = shell.build_argv(req.get("command"), params)
         env = shell.build_env(secret)
-        cwd = _cwd(req.get("cwd"), scope)
+        cwd = request.cwd(req.get("cwd"), scope)
         try:
             execute = shell.executables(path)
         except OSError as exc:
-            raise Refused(f"program {argv[0]!r} cannot run on this machine: {exc}") from None
+            raise request.Refused(f"program {argv[0]!r} cannot run on this machine: {exc}") from None
         job = shell.exec_job(path, argv, env, None if self.weak else cwd)
         # /files is read-only here: a command cannot fill the bot's quota, nor stash what it was given (a secret)
         # for a later read.
@@ -184,22 +177,24 @@ class Server:
         reply: dict[str, Any] = {"ok": ok, "stdout": out.stdout.decode("utf-8", "replace"),
                                  "stderr": out.stderr.decode("utf-8", "replace")}  # fmt: skip
         if not ok:
-            reply["error"] = _death(out, argv[0])
-        return {**reply, **_meta(out)}
+            reply["error"] = request.death(out, argv[0])
+        return {**reply, **request.meta(out)}
 
     def _file(self, req: dict[str, Any], limits: dict[str, Any], scope: str | None) -> dict[str, Any]:
         if scope is None:
-            raise Refused("file operations need a scope")
+            raise request.Refused("file operations need a scope")
         if self.weak and not self.layers.get("landlock"):
-            raise Refused("file operations are off in weak mode without Landlock (runs could reach other bots' files)")
+            raise request.Refused(
+                "file operations are off in weak mode without Landlock (runs could reach other bots' files)"
+            )
         op, path, content = req.get("op"), req.get("path"), req.get("content")
         files.check_request(op, path, content)
         base = str(self.root / "files" / scope) if self.weak else policy.FILES_DIR
         out = self._run(files.file_job(base, op, path, content), limits, scope, files_writable=op == "write")
-        reply = _parse_result(out)
+        reply = request.parse_result(out)
         if reply is None:
-            return {"ok": False, "error": _death(out, "file operation"), **_meta(out)}
-        return {**reply, **_meta(out)}
+            return {"ok": False, "error": request.death(out, "file operation"), **request.meta(out)}
+        return {**reply, **request.meta(out)}
 
     def _run(
         self,
@@ -228,7 +223,7 @@ class Server:
         try:
             slot = self.groups.acquire() if self.groups else None
         except cgroup.CgroupUnavailable as exc:
-            raise Refused(str(exc)) from None
+            raise request.Refused(str(exc)) from None
         try:
             return jail.run(job, paths, self.uid, self.gid, limits, self.weak, group=slot)
         finally:
@@ -273,80 +268,6 @@ class Server:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
-
-
-def _limits(asked: Any) -> dict[str, Any]:
-    limits = dict(policy.DEFAULT_LIMITS)
-    if asked is None:
-        return limits
-    if not isinstance(asked, dict):
-        raise Refused("limits must be an object")
-    for key, value in asked.items():
-        if key not in limits or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise Refused(f"invalid limit {key!r}")
-        if math.isnan(value) or value < policy.MIN_LIMITS.get(key, 1):  # infinity is clamped just below
-            raise Refused(f"limit {key!r} must be a number of at least {policy.MIN_LIMITS.get(key, 1)}")
-        limits[key] = min(value, policy.MAX_LIMITS[key])
-    return limits
-
-
-def _scope(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _SCOPE.fullmatch(value):
-        raise Refused("scope must be 1-64 letters, digits, '-' or '_'")
-    return value
-
-
-def _cwd(value: Any, scope: str | None) -> str:
-    if value in (None, "", policy.WORK_DIR):
-        return policy.WORK_DIR
-    if not isinstance(value, str) or scope is None:
-        raise Refused("cwd must be a directory under /files (and the run needs a scope)")
-    parts = files.split_path(value.removeprefix(policy.FILES_DIR))
-    return "/".join([policy.FILES_DIR, *parts])
-
-
-def _parse_result(out: jail.Outcome) -> dict[str, Any] | None:
-    try:
-        value = json.loads(out.result)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _meta(out: jail.Outcome) -> dict[str, Any]:
-    return {
-        "exit_code": out.exit_code,
-        "killed": out.killed or ("memory" if _oom_killed(out) else None),
-        "truncated": out.truncated,
-        "duration_ms": out.duration_ms,
-        "cpu_ms": out.cpu_ms,
-    }
-
-
-def _oom_killed(out: jail.Outcome) -> bool:
-    """The kernel killed part of the run for its memory limit, and the run died of SIGKILL: the runner (137 from
-    the keeper) or the keeper itself (-9), whichever the kernel chose."""
-    return bool(out.oom_kills) and out.exit_code in (128 + signal.SIGKILL, -signal.SIGKILL)
-
-
-def _death(out: jail.Outcome, what: str) -> str:
-    """Why a run produced no result, in words."""
-    if out.killed == "wall_time":
-        return f"{what} killed: wall-clock time limit"
-    if out.killed == "cpu_time":
-        return f"{what} killed: CPU time limit of the run"
-    if _oom_killed(out):
-        return f"{what} killed: memory limit of the run"
-    if out.exit_code in (128 + signal.SIGKILL, -signal.SIGKILL):
-        return f"{what} killed (CPU time or memory limit of a process)"
-    if out.exit_code == jail.EXIT_SETUP_FAILED:
-        tail = out.stderr.decode(errors="replace").strip().splitlines()
-        return f"{what} could not start: {tail[-1] if tail else 'sandbox setup failed'}"
-    if out.exit_code and (out.exit_code > 128 or out.exit_code < 0):
-        return f"{what} killed by signal {out.exit_code - 128 if out.exit_code > 0 else -out.exit_code}"
-    return f"{what} exited with status {out.exit_code}"
 
 
 def _remove_tree(path: Path) -> None:
@@ -443,12 +364,12 @@ def serve(server: Server) -> None:
     """Answer request frames until the worker closes the pipe (or sends garbage)."""
     while True:
         try:
-            request = read_frame(0)
+            frame = read_frame(0)
         except ProtocolError as exc:
             if "before a frame" not in str(exc):
                 print(f"sandbox: bad request frame, closing: {exc}", file=sys.stderr)
             return
-        reply = server.handle(request)
+        reply = server.handle(frame)
         try:
             write_frame(1, reply)
         except ProtocolError as exc:  # a reply over the frame limit: say so instead of dying

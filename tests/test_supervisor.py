@@ -7,6 +7,7 @@ A worker is held mid-message by holding the PostgreSQL advisory lock it takes be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 import redis
@@ -213,8 +215,15 @@ def test_worker_killed_between_commit_and_ack_is_replayed_once(
         }
         holder = in_flight(r, text)
         assert holder is not None
+        ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.raddr}
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: is_dead(pid), 10, "the worker to die")  # before Redis may run its ack
+        wait_for(lambda: is_dead(pid), 10, "the worker to die")
+        # Its ack waits in Redis behind the pause; a dead client's command would still run at UNPAUSE if Redis has
+        # not read the closed socket by then. Drop its connections first: the ack must never happen.
+        for client in r.client_list():
+            if int(client["addr"].rsplit(":", 1)[1]) in ports:
+                with contextlib.suppress(redis.RedisError):
+                    r.client_kill_filter(_id=client["id"])
     finally:
         if paused:
             r.execute_command("CLIENT", "UNPAUSE")

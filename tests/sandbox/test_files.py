@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import __main__ as server
-from sandbox import files, jail, policy
+from sandbox import files, jail, policy, request
 
 
 @pytest.fixture
@@ -60,6 +59,6 @@ def test_cant_write_a_path_past_the_depth_or_length_cap(base: Path, path: str) -
 def test_a_run_the_kernel_killed_for_its_memory_says_so_whoever_was_chosen() -> None:
     for exit_code in (128 + signal.SIGKILL, -signal.SIGKILL):  # the runner, or the keeper itself
         out = jail.Outcome(exit_code=exit_code, oom_kills=1)
-        assert server._meta(out)["killed"] == "memory"
-        assert server._death(out, "sort") == "sort killed: memory limit of the run"
-    assert server._death(jail.Outcome(exit_code=-signal.SIGTERM), "sort") == "sort killed by signal 15"
+        assert request.meta(out)["killed"] == "memory"
+        assert request.death(out, "sort") == "sort killed: memory limit of the run"
+    assert request.death(jail.Outcome(exit_code=-signal.SIGTERM), "sort") == "sort killed by signal 15"

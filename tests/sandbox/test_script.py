@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import script
+from sandbox import script_guards
 from sandbox.script import run_script, warm_up
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,7 +232,7 @@ def test_print_inside_functions_goes_to_the_same_output_and_printed_reads_it():
 def test_print_flood_is_truncated_with_a_marker():
     outcome = run("for i in range(10000):\n    print('x' * 100)\nresult = 1", max_output=1000)
     assert outcome["ok"] and outcome["truncated"]
-    assert outcome["stdout"] == ("x" * 100 + "\n") * 9 + "x" * 91 + script.TRUNCATION_MARKER
+    assert outcome["stdout"] == ("x" * 100 + "\n") * 9 + "x" * 91 + script_guards.TRUNCATION_MARKER
     assert not run("print('x' * 1000)", max_output=1001)["truncated"]
 
 
@@ -243,7 +243,7 @@ def test_helpers_iterate_through_the_getiter_guard(monkeypatch):
         seen.append(type(ob).__name__)
         return iter(ob)
 
-    monkeypatch.setattr(script, "_guarded_iter", recording_iter)
+    monkeypatch.setattr(script_guards, "_guarded_iter", recording_iter)
     source = """
         import functools
         sorted((3, 1)); list('ab'); tuple({1: 2}); set([1]); frozenset([1]); dict([('a', 1)]); min([1]); max((1,))
@@ -338,7 +338,7 @@ def test_huge_max_depth_still_never_raises():
 
 
 def test_empty_prints_are_not_stored():
-    output = script._Output(10)
+    output = script_guards._Output(10)
     for _ in range(1000):
         output.write("")
     assert output.txt == [] and not output.truncated
@@ -486,17 +486,17 @@ def test_cant_import_anything_but_the_allowed_modules():
 
 
 def test_cant_reach_a_real_module_object():
-    proxies = script._make_modules()
-    assert set(proxies) == set(script.MODULES)
+    proxies = script_guards._make_modules()
+    assert set(proxies) == set(script_guards.MODULES)
     for name, proxy in proxies.items():
         assert not isinstance(proxy, types.ModuleType)
-        for member in script.MODULES[name]:
+        for member in script_guards.MODULES[name]:
             assert not isinstance(getattr(proxy, member), types.ModuleType), f"{name}.{member}"
         with pytest.raises(AttributeError):
             proxy.anything = 1
-    assert not any(isinstance(value, types.ModuleType) for value in script.BUILTINS.values())
+    assert not any(isinstance(value, types.ModuleType) for value in script_guards.BUILTINS.values())
     assert not {"open", "eval", "exec", "compile", "globals", "locals", "vars", "dir", "type", "id", "setattr",
-                "delattr", "__import__", "math", "random", "string", "input", "breakpoint"} & set(script.BUILTINS)  # fmt: skip
+                "delattr", "__import__", "math", "random", "string", "input", "breakpoint"} & set(script_guards.BUILTINS)  # fmt: skip
 
 
 def test_cant_reach_enum_machinery_through_re_flags():
@@ -615,15 +615,15 @@ def test_warm_up_is_idempotent():
 def test_no_class_whose_python_methods_take_any_self_is_reachable() -> None:
     """Counter.copy(int) returned `type`: every class a script can reach through a proxy or the builtins exposes
     only C methods (which check their self), or is a stand-in that exposes nothing of the class."""
-    proxies = script._make_modules()
-    reachable = [(f"{name}.{member}", getattr(proxies[name], member)) for name in script.MODULES
-                 for member in script.MODULES[name]]  # fmt: skip
-    reachable += list(script.BUILTINS.items())
+    proxies = script_guards._make_modules()
+    reachable = [(f"{name}.{member}", getattr(proxies[name], member)) for name in script_guards.MODULES
+                 for member in script_guards.MODULES[name]]  # fmt: skip
+    reachable += list(script_guards.BUILTINS.items())
     classes = [(name, value) for name, value in reachable if isinstance(value, type)]
     assert classes, "expected some real classes (exception types, datetime) to be checked"
     for name, cls in classes:
-        assert not script.exposes_python_code(cls), f"{name} hands out Python methods that take any self"
-    assert isinstance(proxies["collections"].Counter, script.ClassStandIn)
+        assert not script_guards.exposes_python_code(cls), f"{name} hands out Python methods that take any self"
+    assert isinstance(proxies["collections"].Counter, script_guards.ClassStandIn)
 
 
 def test_a_stand_in_class_still_works_as_a_class() -> None:
