@@ -142,12 +142,17 @@ def test_cant_exhaust_worker_memory_through_a_row_count_parameter(make_worker, r
         "parameters": {"n": {"type": "integer", "minimum": 1}},
     }
     add_tool(db, bot, "padder", "database_query", config)
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _peak_rss_mb()
-    reply, errs = ask(r, worker, bot, "run padder n=200000")
-    grown = _peak_rss_mb() - base
+    reply, errs, grown = _asked_with_peak(r, worker, bot, "run padder n=200000")
     assert errs == [] and len(call_of(reply, "padder")["result"]["rows"]) == 7
     assert grown < 60, f"the worker's peak memory grew by {grown} MB for 7 rows"
+
+
+def _asked_with_peak(r, worker, bot, text: str) -> tuple[dict, list, int]:
+    """``ask``, and how many MB the process's peak memory grew meanwhile."""
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _peak_rss_mb()
+    reply, errs = ask(r, worker, bot, text)
+    return reply, errs, _peak_rss_mb() - base
 
 
 def test_cant_exhaust_memory_through_a_write_tools_returning(make_worker, r, db, bot, table) -> None:
@@ -160,9 +165,6 @@ def test_cant_exhaust_memory_through_a_write_tools_returning(make_worker, r, db,
         "parameters": {"n": {"type": "integer", "minimum": 1}},
     }
     add_tool(db, bot, "bulk_add", "database_query", config)
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _peak_rss_mb()
-    reply, errs = ask(r, worker, bot, "run bulk add n=100000")
-    grown = _peak_rss_mb() - base
+    reply, errs, grown = _asked_with_peak(r, worker, bot, "run bulk add n=100000")
     assert errs == [] and len(call_of(reply, "bulk_add")["result"]["rows"]) == 7
     assert grown < 60, f"the worker's peak memory grew by {grown} MB for 7 rows"
