@@ -83,7 +83,7 @@ SRC = Path(os.environ.get("SANDBOX_BENCH_SRC") or ROOT).resolve()
 sys.path.insert(0, str(SRC))
 
 from sandbox import __main__ as server_mod  # noqa: E402
-from sandbox import cgroup, files, jail, landlock, linux, policy, script, seccomp, shell  # noqa: E402
+from sandbox import cgroup, cgroupfs, files, jail, landlock, linux, policy, request, script, seccomp, shell  # noqa: E402
 from sandbox.client import SandboxClient  # noqa: E402
 
 NOBODY = 65534
@@ -170,7 +170,7 @@ def reply_of(req: dict[str, Any], out: jail.Outcome) -> dict[str, Any]:
     """What the server would answer (enough of it for the checks)."""
     if req["kind"] == "shell":
         return {"ok": out.exit_code == 0 and out.killed is None, "stdout": out.stdout.decode(errors="replace")}
-    return server_mod._parse_result(out) or {"ok": False, "error": out.stderr.decode(errors="replace")[-300:]}
+    return request.parse_result(out) or {"ok": False, "error": out.stderr.decode(errors="replace")[-300:]}
 
 
 _GROUPS: dict[int, cgroup.RunGroups] = {}  # this process's run cgroups (the unprivileged helper has its own)
@@ -356,7 +356,7 @@ class UnprivilegedHelper:
         os.waitpid(self.pid, 0)
         shutil.rmtree(self.root, ignore_errors=True)
         for group in self.groups:
-            cgroup.remove_tree(group)
+            cgroupfs.remove_tree(group)
         return tail[-300:].decode(errors="replace")
 
 

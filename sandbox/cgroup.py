@@ -41,132 +41,14 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from . import cgroupfs
+from .cgroupfs import CgroupUnavailable, Hierarchy, find_hierarchies, remove_tree
 from .linux import alive
-from .policy import CGROUP_CONTROLLERS, RUN_CPU_CORES
+from .policy import RUN_CPU_CORES
 
 PERIOD_US = 100_000  # CPU bandwidth period
 PROCESS_LEAF = "service"  # v2: where the processes of a delegated group go so that its children get controllers
 _PREFIX = "sandbox-"
-
-
-class CgroupUnavailable(Exception):
-    """This machine (or this user) cannot give runs a cgroup of their own; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Hierarchy:
-    version: int  # 1 or 2
-    base: str  # our own cgroup's directory in this hierarchy
-    controllers: frozenset[str]  # the ones we use here (v1 may also hold "cpuacct")
-
-
-def find_hierarchies(mountinfo: str, proc_cgroup: str) -> list[Hierarchy]:
-    """Where each needed controller lives for this process (pure: the text of /proc/self/mountinfo and
-    /proc/self/cgroup in, the hierarchies out). Raises CgroupUnavailable naming what is missing."""
-    own_v1: dict[str, str] = {}
-    own_v2 = None
-    for line in proc_cgroup.splitlines():
-        number, names, path = line.split(":", 2)
-        if number == "0" and names == "":
-            own_v2 = path
-        for name in names.split(","):
-            own_v1[name] = path
-    mounts_v1: dict[frozenset[str], tuple[str, str]] = {}
-    mount_v2 = None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        sep = fields.index("-")
-        root, point, fstype, options = fields[3], _unescape(fields[4]), fields[sep + 1], fields[sep + 3]
-        if fstype == "cgroup2" and mount_v2 is None:
-            mount_v2 = (root, point)
-        elif fstype == "cgroup":
-            names = frozenset(o for o in options.split(",") if o in (*CGROUP_CONTROLLERS, "cpuacct"))
-            if names and names not in mounts_v1:
-                mounts_v1[names] = (root, point)
-    wanted = set(CGROUP_CONTROLLERS) | ({"cpuacct"} if any("cpu" in n for n in mounts_v1) else set())
-    found: list[Hierarchy] = []
-    for names, (root, point) in mounts_v1.items():
-        path = own_v1.get(next(iter(names)))
-        if path is not None and names & wanted:
-            found.append(Hierarchy(1, _join(point, root, path), names & wanted))
-            wanted -= names
-    if wanted - {"cpuacct"} and mount_v2 is not None and own_v2 is not None:
-        base = _join(mount_v2[1], mount_v2[0], own_v2)
-        try:
-            available = set(_read(f"{base}/cgroup.controllers").split())
-        except OSError:
-            available = set()
-        here = frozenset((wanted - {"cpuacct"}) & available)
-        if here:
-            found.append(Hierarchy(2, base, here))
-            wanted -= here | {"cpuacct"}  # v2 reports usage in cpu.stat
-    if wanted:
-        raise CgroupUnavailable(f"no cgroup hierarchy gives the {', '.join(sorted(wanted))} controller(s) here")
-    return found
-
-
-def _unescape(text: str) -> str:
-    return text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def _join(point: str, root: str, own: str) -> str:
-    """The directory of cgroup ``own`` in a hierarchy mounted at ``point`` whose mount shows ``root``."""
-    if root != "/" and not (own == root or own.startswith(root + "/")):
-        raise CgroupUnavailable(f"our cgroup {own} is outside the mounted part {root} of the hierarchy at {point}")
-    rel = own[len(root) :] if root != "/" else own
-    return point.rstrip("/") + "/" + rel.strip("/") if rel.strip("/") else point.rstrip("/")
-
-
-def _write(path: str, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _keyed(path: str, key: str) -> int:
-    """A value from a flat keyed file (memory.events, cpu.stat, memory.oom_control): 0 when absent."""
-    with contextlib.suppress(OSError):
-        for line in _read(path).splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
-    return 0
-
-
-def _members(directory: str) -> list[int]:
-    try:
-        return [int(p) for p in _read(f"{directory}/cgroup.procs").split()]
-    except (OSError, ValueError):
-        return []
-
-
-def remove_tree(directory: str) -> None:
-    """Kill whatever is left in a group tree and remove it, deepest first (errors ignored: swept again later)."""
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(directory):
-            if entry.is_dir(follow_symlinks=False):
-                remove_tree(entry.path)
-    for pid in _members(directory):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 1.0
-    while True:
-        try:
-            os.rmdir(directory)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                return  # not ours to remove, or still busy: the next sweep tries again
-            time.sleep(0.01)  # killed members take a moment to leave
 
 
 @dataclass
@@ -202,7 +84,7 @@ class Slot:
 
     def _set(self, path: str, value: str) -> None:
         if self._written.get(path) != value and path not in self._absent:
-            _write(path, value)
+            cgroupfs.write(path, value)
             self._written[path] = value
 
     def configure(self, memory_bytes: int, processes: int) -> None:
@@ -214,7 +96,7 @@ class Slot:
         else:
             limit, memsw = f"{memory}/memory.limit_in_bytes", f"{memory}/memory.memsw.limit_in_bytes"
             # memsw (memory + swap) may never be below the memory limit: lower the limit first, raise memsw first.
-            current = int(_read(limit))
+            current = int(cgroupfs.read(limit))
             for path in [limit, memsw] if memory_bytes < current else [memsw, limit]:
                 self._set(path, str(memory_bytes))
         version, pids = self._dir("pids")
@@ -250,13 +132,13 @@ class Slot:
     def _cpu_total(self) -> int:
         version, cpu = self._dir("cpu")
         if version == 2:
-            return _keyed(f"{cpu}/cpu.stat", "usage_usec") * 1000
+            return cgroupfs.keyed(f"{cpu}/cpu.stat", "usage_usec") * 1000
         _, acct = self._dir("cpuacct")
-        return int(_read(f"{acct}/cpuacct.usage"))
+        return int(cgroupfs.read(f"{acct}/cpuacct.usage"))
 
     def _oom_total(self) -> int:
         version, memory = self._dir("memory")
-        return _keyed(f"{memory}/memory.events" if version == 2 else f"{memory}/memory.oom_control", "oom_kill")
+        return cgroupfs.keyed(f"{memory}/memory.events" if version == 2 else f"{memory}/memory.oom_control", "oom_kill")
 
     def cpu_seconds(self) -> float:
         """CPU time used by the run's processes so far."""
@@ -268,14 +150,14 @@ class Slot:
 
     def members(self) -> list[int]:
         """The run's processes in the group (the sandbox itself not counted)."""
-        return [pid for pid in _members(self.dirs[0][1]) if pid != os.getpid()]
+        return [pid for pid in cgroupfs.members(self.dirs[0][1]) if pid != os.getpid()]
 
     def kill(self) -> None:
         """SIGKILL every process of the run (cgroup.kill where the kernel has it and the group is not home)."""
         for hierarchy, directory in self.dirs if not self.home else ():
             if hierarchy.version == 2 and os.path.exists(f"{directory}/cgroup.kill"):
                 with contextlib.suppress(OSError):
-                    _write(f"{directory}/cgroup.kill", "1")
+                    cgroupfs.write(f"{directory}/cgroup.kill", "1")
                 return
         for _ in range(100):  # a member may fork while we kill its siblings; pids.max bounds how often
             members = self.members()
@@ -328,7 +210,7 @@ class RunGroups:
         """Find the hierarchies, sweep what dead sandboxes left, and make this process's parent groups (and, with
         ``home``, its run group, with this process in it)."""
         try:
-            found = find_hierarchies(_read("/proc/self/mountinfo"), _read("/proc/self/cgroup"))
+            found = find_hierarchies(cgroupfs.read("/proc/self/mountinfo"), cgroupfs.read("/proc/self/cgroup"))
         except OSError as exc:
             raise CgroupUnavailable(f"cannot read this process's cgroups: {exc}") from None
         groups = cls(found, home)
@@ -399,7 +281,7 @@ def delegate(name: str, uid: int, gid: int) -> list[str]:
     systemd's ``Delegate=yes`` hands a service its cgroup (the directory and its ``cgroup.procs``, ``tasks``,
     ``cgroup.subtree_control``, ``cgroup.threads``). A process that joins them (``join``) and then drops to that
     uid can run an unprivileged sandbox with run cgroups. For the tests' and benchmarks' unprivileged passes."""
-    hierarchies = find_hierarchies(_read("/proc/self/mountinfo"), _read("/proc/self/cgroup"))
+    hierarchies = find_hierarchies(cgroupfs.read("/proc/self/mountinfo"), cgroupfs.read("/proc/self/cgroup"))
     made = []
     for hierarchy in hierarchies:
         group = f"{hierarchy.base}/{name}"
@@ -418,14 +300,14 @@ def delegate(name: str, uid: int, gid: int) -> list[str]:
 def join(groups: list[str]) -> None:
     """Move the calling process into ``groups``."""
     for group in groups:
-        _write(f"{group}/cgroup.procs", "0")
+        cgroupfs.write(f"{group}/cgroup.procs", "0")
 
 
 def _enable(directory: str, controllers: frozenset[str], move_processes: bool) -> bool:
     """Hand ``controllers`` to the children of a v2 group. True when its processes had to move to its leaf."""
     wanted = " ".join(f"+{c}" for c in sorted(controllers))
     try:
-        _write(f"{directory}/cgroup.subtree_control", wanted)
+        cgroupfs.write(f"{directory}/cgroup.subtree_control", wanted)
         return False
     except OSError as exc:
         if exc.errno != errno.EBUSY or not move_processes:
@@ -435,13 +317,13 @@ def _enable(directory: str, controllers: frozenset[str], move_processes: bool) -
     with contextlib.suppress(FileExistsError):
         os.mkdir(leaf, 0o755)
     for _ in range(50):
-        members = _members(directory)
+        members = cgroupfs.members(directory)
         if not members:
             break
         for pid in members:
             with contextlib.suppress(ProcessLookupError):
-                _write(f"{leaf}/cgroup.procs", str(pid))
-    _write(f"{directory}/cgroup.subtree_control", wanted)
+                cgroupfs.write(f"{leaf}/cgroup.procs", str(pid))
+    cgroupfs.write(f"{directory}/cgroup.subtree_control", wanted)
     return True
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from sandbox import cgroup  # noqa: E402
+from sandbox import cgroup, cgroupfs  # noqa: E402
 
 SERVICE_UID = SERVICE_GID = 64_999
 _CLONE_NEWNS, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x00020000, 4096, 16384, 1 << 18
@@ -107,7 +107,7 @@ def main(args: list[str]) -> int:
         return os.waitstatus_to_exitcode(status)
     finally:
         for group in reversed(groups):
-            cgroup.remove_tree(group)
+            cgroupfs.remove_tree(group)
 
 
 if __name__ == "__main__":

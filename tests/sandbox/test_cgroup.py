@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import cgroup
+from sandbox import cgroup, cgroupfs
 from sandbox.client import SandboxClient
 
 import kit
@@ -47,7 +47,7 @@ V1_COMOUNTED_SELF = (
 
 
 def test_v1_with_cpu_and_cpuacct_apart() -> None:
-    found = {h.controllers: h for h in cgroup.find_hierarchies(V1_SEPARATE, V1_SEPARATE_SELF)}
+    found = {h.controllers: h for h in cgroupfs.find_hierarchies(V1_SEPARATE, V1_SEPARATE_SELF)}
     assert set(found) == {frozenset({"cpu"}), frozenset({"cpuacct"}), frozenset({"memory"}), frozenset({"pids"})}
     assert found[frozenset({"memory"})].base == "/sys/fs/cgroup/memory/process_api/abc"
     assert found[frozenset({"pids"})].base == "/sys/fs/cgroup/pids"
@@ -55,7 +55,7 @@ def test_v1_with_cpu_and_cpuacct_apart() -> None:
 
 
 def test_v1_co_mounted_under_a_systemd_service() -> None:
-    found = {h.controllers: h.base for h in cgroup.find_hierarchies(V1_COMOUNTED, V1_COMOUNTED_SELF)}
+    found = {h.controllers: h.base for h in cgroupfs.find_hierarchies(V1_COMOUNTED, V1_COMOUNTED_SELF)}
     assert found[frozenset({"cpu", "cpuacct"})] == "/sys/fs/cgroup/cpu,cpuacct/system.slice/botworker.service"
     assert found[frozenset({"memory"})] == "/sys/fs/cgroup/memory/system.slice/botworker.service"
 
@@ -67,19 +67,19 @@ def test_v2_under_a_delegated_service() -> None:
         service.mkdir(parents=True)
         (service / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
         mountinfo = f"35 25 0:30 / {mount} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
-        (found,) = cgroup.find_hierarchies(mountinfo, "0::/system.slice/botworker.service\n")
+        (found,) = cgroupfs.find_hierarchies(mountinfo, "0::/system.slice/botworker.service\n")
         assert found.version == 2 and found.base == str(service)
         assert found.controllers == frozenset({"cpu", "memory", "pids"})  # v2 reports usage in cpu.stat
         (service / "cgroup.controllers").write_text("cpu io\n")  # memory and pids not handed down to us
         with pytest.raises(cgroup.CgroupUnavailable, match="memory, pids"):
-            cgroup.find_hierarchies(mountinfo, "0::/system.slice/botworker.service\n")
+            cgroupfs.find_hierarchies(mountinfo, "0::/system.slice/botworker.service\n")
     finally:
         shutil.rmtree(mount)
 
 
 def test_no_cgroup_at_all_is_unavailable_with_a_reason() -> None:
     with pytest.raises(cgroup.CgroupUnavailable, match="no cgroup hierarchy gives"):
-        cgroup.find_hierarchies("22 1 0:21 / /proc rw - proc proc rw\n", "0::/\n")
+        cgroupfs.find_hierarchies("22 1 0:21 / /proc rw - proc proc rw\n", "0::/\n")
 
 
 def test_a_mount_that_shows_only_part_of_the_hierarchy() -> None:
@@ -87,7 +87,7 @@ def test_a_mount_that_shows_only_part_of_the_hierarchy() -> None:
     for line in ("pids", "cpu", "cpuacct"):
         mountinfo += f"3{len(line)} 25 0:2 /docker/x /sys/fs/cgroup/{line} rw - cgroup cgroup rw,{line}\n"
     own = "".join(f"{n}:{c}:/docker/x/inner\n" for n, c in enumerate(("memory", "pids", "cpu", "cpuacct")))
-    bases = {h.base for h in cgroup.find_hierarchies(mountinfo, own)}
+    bases = {h.base for h in cgroupfs.find_hierarchies(mountinfo, own)}
     assert "/sys/fs/cgroup/memory/inner" in bases
 
 
