@@ -149,7 +149,7 @@ def _warn_if_tool_login_is_powerful(conn: psycopg.Connection[Any]) -> None:
     if risks:
         log.warning(
             "database tools run as %r, which %s: set DB_TOOL_URL to a login granted only what tools may read "
-            "(README: Tools)",
+            "(docs/tools.md)",
             user,
             "; ".join(risks),
         )
