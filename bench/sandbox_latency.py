@@ -22,7 +22,7 @@ Levels:
 - ``full, jail.run``: ``jail.run`` with the job and paths built the way ``sandbox/__main__.py`` builds them, in
   the run group this process lives in (as the sandbox process does); the slot's release is outside the timer. The
   difference to the rows above is protocol and server overhead.
-- ``no netns, jail.run``: the same with ``CLONE_NEWNET`` removed from ``jail.NAMESPACES``.
+- ``no netns, jail.run``: the same with ``CLONE_NEWNET`` removed from ``jail_child.NAMESPACES``.
 - ``weak, jail.run``: ``weak=True`` (no namespaces, no private root; cgroup, uid, no-new-privs, rlimits, seccomp,
   Landlock on host paths).
 - ``userns, jail.run``: a forked helper that dropped to uid 65534 runs the jail as an unprivileged sandbox does
@@ -34,9 +34,9 @@ machine hits them alike. Floors: ``subprocess.run(["/usr/bin/echo", "hi"], captu
 ``waitpid`` of this Python process, and three nested ``fork()`` (the jail's keeper → init → runner chain without
 namespaces).
 
-The breakdown runs ``Server.handle`` in-process with the jail's functions wrapped (``jail._child``, ``_init``,
+The breakdown runs ``Server.handle`` in-process with the jail's functions wrapped (``jail_child.keeper``, ``_init``,
 ``_build_root``, ``_runner``, ``_set_limits``, ``landlock.ruleset``/``enforce``, ``seccomp.install``, the cgroup
-slot's ``configure``/``enter`` and the groups' ``acquire``/``release``, the job, and ``jail.os``/``jail.LIBC``
+slot's ``configure``/``enter`` and the groups' ``acquire``/``release``, the job, and ``jail.os``/``jail_child.LIBC``
 through thin proxies); each wrapper writes a CLOCK_MONOTONIC timestamp
 into a shared anonymous mapping, so the timestamps of the three child processes line up with the parent's.
 
@@ -83,7 +83,7 @@ SRC = Path(os.environ.get("SANDBOX_BENCH_SRC") or ROOT).resolve()
 sys.path.insert(0, str(SRC))
 
 from sandbox import __main__ as server_mod  # noqa: E402
-from sandbox import cgroup, cgroupfs, files, jail, landlock, linux, policy, request, script, seccomp, shell  # noqa: E402
+from sandbox import cgroup, cgroupfs, files, jail, jail_child, landlock, linux, policy, request, script, seccomp, shell  # noqa: E402
 from sandbox.client import SandboxClient  # noqa: E402
 
 NOBODY = 65534
@@ -211,12 +211,12 @@ def jail_run_once(req: dict[str, Any], root: Path, uid: int, gid: int, weak: boo
 
 @contextlib.contextmanager
 def namespaces(flags: int):
-    saved = jail.NAMESPACES
-    jail.NAMESPACES = flags
+    saved = jail_child.NAMESPACES
+    jail_child.NAMESPACES = flags
     try:
         yield
     finally:
-        jail.NAMESPACES = saved
+        jail_child.NAMESPACES = saved
 
 
 def warm_like_the_sandbox() -> None:
@@ -381,7 +381,7 @@ def measure(n: int, warmup: int, uid: int, gid: int, userns: bool) -> dict[str, 
     gc.freeze()
     helper = UnprivilegedHelper() if userns else None
 
-    no_net = jail.NAMESPACES & ~linux.CLONE_NEWNET
+    no_net = jail_child.NAMESPACES & ~linux.CLONE_NEWNET
     names = list(WORKLOADS)
 
     def one(level: str, name: str) -> tuple[float, bool, dict | None]:
@@ -533,8 +533,11 @@ class _Proxy:
 def instrumented(stamps: Stamps):
     """Wrap the jail's steps so each marks a timestamp; the run itself is unchanged. Restores everything after."""
     role = {"name": "sandbox"}  # per process: every child gets its own copy at fork
-    real = {name: getattr(jail, name) for name in ("run", "_child", "_init", "_build_root", "_runner", "_set_limits")}
-    real_os, real_libc = jail.os, jail.LIBC
+    real = {
+        "run": jail.run,
+        **{n: getattr(jail_child, n) for n in ("keeper", "_init", "_build_root", "_runner", "_set_limits")},
+    }
+    real_os, real_libc = jail.os, jail_child.LIBC
     real_ruleset, real_enforce, real_install = landlock.ruleset, landlock.enforce, seccomp.install
     real_slot = {name: getattr(cgroup.Slot, name) for name in ("configure", "enter")}
     real_groups = {name: getattr(cgroup.RunGroups, name) for name in ("acquire", "release")}
@@ -555,7 +558,7 @@ def instrumented(stamps: Stamps):
         def wrapper(*args, **kwargs):
             role["name"] = name
             stamps.mark(event)
-            return real[f"_{name}" if name != "keeper" else "_child"](*args, **kwargs)
+            return real[name if name == "keeper" else f"_{name}"](*args, **kwargs)
 
         return wrapper
 
@@ -599,11 +602,11 @@ def instrumented(stamps: Stamps):
             stamps.mark("unshare_end")
 
     jail.run = run
-    jail._child = enter("keeper", "keeper_start")
-    jail._init = enter("init", "init_start")
-    jail._runner = enter("runner", "runner_start")
-    jail._build_root = span(real["_build_root"], "build_start", "build_end")
-    jail._set_limits = span(real["_set_limits"], "limits_start", "limits_end")
+    jail_child.keeper = enter("keeper", "keeper_start")
+    jail_child._init = enter("init", "init_start")
+    jail_child._runner = enter("runner", "runner_start")
+    jail_child._build_root = span(real["_build_root"], "build_start", "build_end")
+    jail_child._set_limits = span(real["_set_limits"], "limits_start", "limits_end")
     landlock.ruleset = span(real_ruleset, "ruleset_start", "ruleset_end")
     landlock.enforce = span(real_enforce, "landlock_start", "landlock_end")
     seccomp.install = span(real_install, "seccomp_start", "seccomp_end")
@@ -611,14 +614,15 @@ def instrumented(stamps: Stamps):
     cgroup.Slot.enter = span(real_slot["enter"], "enter_start", "enter_end")
     cgroup.RunGroups.acquire = span(real_groups["acquire"], "acquire_start", "acquire_end")
     cgroup.RunGroups.release = span(real_groups["release"], "release_start", "release_end")
-    jail.os = _Proxy(os, fork=fork, wait=wait, waitpid=waitpid, _exit=_exit)
-    jail.LIBC = _Proxy(real_libc, unshare=unshare)
+    jail.os = jail_child.os = _Proxy(os, fork=fork, wait=wait, waitpid=waitpid, _exit=_exit)
+    jail_child.LIBC = _Proxy(real_libc, unshare=unshare)
     try:
         yield
     finally:
         for name, fn in real.items():
-            setattr(jail, name, fn)
-        jail.os, jail.LIBC = real_os, real_libc
+            setattr(jail if name == "run" else jail_child, name, fn)
+        jail.os = jail_child.os = real_os
+        jail_child.LIBC = real_libc
         landlock.ruleset, landlock.enforce, seccomp.install = real_ruleset, real_enforce, real_install
         for name, fn in real_slot.items():
             setattr(cgroup.Slot, name, fn)
@@ -788,7 +792,7 @@ class Prototype:
         return lambda job, paths: self.run(job, paths, uid, gid, limits)
 
     def _flags(self) -> int:
-        return jail.NAMESPACES & ~linux.CLONE_NEWNET if self.netns is not None else jail.NAMESPACES
+        return jail_child.NAMESPACES & ~linux.CLONE_NEWNET if self.netns is not None else jail_child.NAMESPACES
 
     def _enter_netns(self) -> None:
         if self.netns is not None:
@@ -841,14 +845,14 @@ class Prototype:
                     os.setsid()
                     os.dup2(fds[1], 2)
                     self._enter_netns()
-                    jail._build_root(paths, uid, gid, limits)
+                    jail_child._build_root(paths, uid, gid, limits)
                     linux.check(linux.LIBC.sethostname(b"sandbox", 7), "sethostname")
                     os.write(fds[3], b"r")
                     if os.read(go_r, 1):
-                        os._exit(jail._runner(job, paths, uid, gid, limits, False, fds))
+                        os._exit(jail_child._runner(job, paths, uid, gid, limits, False, fds))
                 except BaseException as exc:
-                    jail._report(f"prototype setup failed: {exc}")
-                os._exit(jail.EXIT_SETUP_FAILED)
+                    jail_child._report(f"prototype setup failed: {exc}")
+                os._exit(jail_child.EXIT_SETUP_FAILED)
         finally:
             for fd, kind in self.saved:  # back to our own namespaces; fail closed if that is impossible
                 if linux.LIBC.setns(fd, kind) != 0:
@@ -860,7 +864,7 @@ class Prototype:
         devnull = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
         keeper = os.fork()
         if keeper == 0:  # pragma: no cover - the keeper
-            code = jail.EXIT_SETUP_FAILED
+            code = jail_child.EXIT_SETUP_FAILED
             try:
                 os.setsid()
                 linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -869,10 +873,10 @@ class Prototype:
                 self._enter_netns()
                 init = os.fork()
                 if init == 0:
-                    icode = jail.EXIT_SETUP_FAILED
+                    icode = jail_child.EXIT_SETUP_FAILED
                     try:
                         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-                        jail._build_root(paths, uid, gid, limits)
+                        jail_child._build_root(paths, uid, gid, limits)
                         linux.check(linux.LIBC.sethostname(b"sandbox", 7), "sethostname")
                         os.write(fds[3], b"r")
                         if not os.read(go_r, 1):
@@ -880,9 +884,9 @@ class Prototype:
                         runner = os.fork()
                         if runner == 0:
                             try:
-                                os._exit(jail._runner(job, paths, uid, gid, limits, False, fds))
+                                os._exit(jail_child._runner(job, paths, uid, gid, limits, False, fds))
                             finally:
-                                os._exit(jail.EXIT_SETUP_FAILED)
+                                os._exit(jail_child.EXIT_SETUP_FAILED)
                         for fd in fds:
                             os.close(fd)
                         if self.early_eof:
@@ -893,7 +897,7 @@ class Prototype:
                                 icode = os.waitstatus_to_exitcode(status)
                                 break
                     except BaseException as exc:
-                        jail._report(f"prototype setup failed: {exc}")
+                        jail_child._report(f"prototype setup failed: {exc}")
                     os._exit(icode if icode >= 0 else 128 - icode)
                 if self.early_eof:
                     for fd in fds:
@@ -902,7 +906,7 @@ class Prototype:
                 _, status = os.waitpid(init, 0)
                 code = os.waitstatus_to_exitcode(status)
             except BaseException as exc:
-                jail._report(f"prototype setup failed: {exc}")
+                jail_child._report(f"prototype setup failed: {exc}")
             os._exit(code if code >= 0 else 128 - code)
         os.close(devnull)
         return keeper
@@ -916,7 +920,7 @@ def experiments(runs: int, uid: int, gid: int) -> dict[str, Any]:
     cwd = os.getcwd()  # setns() into a mount namespace moves the caller to its root
     own = {name: os.stat(f"/proc/self/ns/{name}").st_ino for name, _ in _NS_TYPES}
     netns = SharedNetns()
-    real_libc = jail.LIBC
+    real_libc = jail_child.LIBC
 
     def shared_unshare(flags: int) -> int:  # today's jail.run, but setns() into one network namespace
         rc = real_libc.unshare(flags)
@@ -924,16 +928,16 @@ def experiments(runs: int, uid: int, gid: int) -> dict[str, Any]:
 
     def today(shared_net: bool) -> Callable[[jail.Job, jail.Paths], dict[str, Any]]:
         def go(job: jail.Job, paths: jail.Paths) -> dict[str, Any]:
-            saved = jail.NAMESPACES
+            saved = jail_child.NAMESPACES
             if shared_net:
-                jail.LIBC = _Proxy(real_libc, unshare=shared_unshare)
-                jail.NAMESPACES = saved & ~linux.CLONE_NEWNET
+                jail_child.LIBC = _Proxy(real_libc, unshare=shared_unshare)
+                jail_child.NAMESPACES = saved & ~linux.CLONE_NEWNET
             try:
                 t = time.perf_counter()
                 out = jail.run(job, paths, uid, gid, limits)
                 dt = (time.perf_counter() - t) * 1000
             finally:
-                jail.LIBC, jail.NAMESPACES = real_libc, saved
+                jail_child.LIBC, jail_child.NAMESPACES = real_libc, saved
             return {"critical": dt, "reaped": dt, "prebuild": float("nan"), "result": out.result, "ready": b"",
                     "stderr": out.stderr}  # fmt: skip
 
@@ -1040,8 +1044,8 @@ def pieces(runs: int, uid: int, gid: int) -> dict[str, float]:
     shutil.rmtree(base, ignore_errors=True)
     result = {k: _median(v) for k, v in out.items()}
     flags = {
-        "unshare(NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS) (today)": jail.NAMESPACES,
-        "unshare(...) without NEWNET": jail.NAMESPACES & ~linux.CLONE_NEWNET,
+        "unshare(NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS) (today)": jail_child.NAMESPACES,
+        "unshare(...) without NEWNET": jail_child.NAMESPACES & ~linux.CLONE_NEWNET,
         "unshare(NEWNET) alone": linux.CLONE_NEWNET,
         "unshare(NEWNS) alone": linux.CLONE_NEWNS,
     }
@@ -1096,7 +1100,7 @@ def _mount_and_seccomp_pieces(runs: int, uid: int, gid: int) -> dict[str, float]
         linux.check(linux.LIBC.unshare(linux.CLONE_NEWNS), "unshare(NEWNS)")
 
     out["_build_root today (in a child, fresh mount namespace)"] = _median(
-        [_in_child(lambda: jail._build_root(paths, uid, gid, limits) or True, fresh_ns) for _ in range(runs)]
+        [_in_child(lambda: jail_child._build_root(paths, uid, gid, limits) or True, fresh_ns) for _ in range(runs)]
     )
     template = _template_namespace(paths, uid, gid)
     out["per run on a root built once: setns + unshare(NEWNS) + /work, /files, /tmp + pivot_root"] = _median(

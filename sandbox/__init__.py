@@ -1,8 +1,9 @@
 """The sandbox: runs bots' shell commands, custom Python scripts and file operations in confined processes.
 
 Self-contained: standard library + RestrictedPython; imports nothing from ``botworker``. Start reading at
-``policy.py`` (every allowlist, option and limit, as data), then ``jail.py`` (how one run is confined) and
-``cgroup.py`` (how a run's process tree is held as a whole). ``python -m sandbox check`` (or ``botworker
+``policy.py`` (every allowlist, option and limit, as data), then ``jail.py`` and ``jail_child.py`` (how one run is
+confined: watched from outside, and what its own processes do) and ``cgroup.py`` (how a run's process tree is held
+as a whole). ``python -m sandbox check`` (or ``botworker
 sandbox-check``) tries every layer below from inside real runs on the machine it is run on.
 
 Threat model

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cgroup, check, files, jail, policy, request, script, seccomp, shell
-from .linux import alive
+from .linux import alive, effective_capabilities
 from .protocol import ProtocolError, read_frame, write_frame
 
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_GET_NO_NEW_PRIVS, _PR_GET_SECCOMP = 1, 4, 39, 21
@@ -292,7 +292,7 @@ def _probe_job(result_fd: int) -> None:
         inet = exc.strerror or "denied"
     seen = {
         "uid": os.getuid(),
-        "caps": jail.effective_capabilities(),
+        "caps": effective_capabilities(),
         "pid": os.getpid(),
         "hostname": os.uname().nodename,
         "nnp": libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0),

@@ -9,7 +9,7 @@ import re
 import signal
 from typing import Any
 
-from . import files, jail, policy
+from . import files, jail, jail_child, policy
 
 _SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -89,7 +89,7 @@ def death(out: jail.Outcome, what: str) -> str:
         return f"{what} killed: memory limit of the run"
     if out.exit_code in (128 + signal.SIGKILL, -signal.SIGKILL):
         return f"{what} killed (CPU time or memory limit of a process)"
-    if out.exit_code == jail.EXIT_SETUP_FAILED:
+    if out.exit_code == jail_child.EXIT_SETUP_FAILED:
         tail = out.stderr.decode(errors="replace").strip().splitlines()
         return f"{what} could not start: {tail[-1] if tail else 'sandbox setup failed'}"
     if out.exit_code and (out.exit_code > 128 or out.exit_code < 0):

@@ -169,33 +169,50 @@ def _getopt(name: str, program: Program, templates: list[str], filled: list[str]
             if kind == _REQUIRED and not eq:
                 i = _take_argument(name, f"--{option}", templates, filled, i, options)
             continue
-        # A cluster comes out one option per element, a required argument in an element of its own ("-rnk2" ->
-        # "-r", "-n", "-k", "2"): what the program sees then never depends on how it reads a cluster itself
-        # (tail reads "-cf" in argv[1] as its obsolete "-c, follow" form before getopt does).
-        j = 1
-        while j < len(template):
-            if named <= j:
-                raise ShellRefused(f"{name}: a parameter cannot name an option ({template!r})")
-            letter = template[j]
-            kind = short.get(letter)
-            if kind is None:
-                raise ShellRefused(
-                    f"{name}: option -{letter} is not allowed (allowed: {allowed}; "
-                    "an operand that starts with '-' goes after '--')"
-                )
-            j += 1
-            rest = value[j:]  # the letters before j are literal: the same in the template and the value
-            if kind == _OPTIONAL:  # an optional argument can only be attached
-                options.append(f"-{letter}{rest}")
-                break
-            options.append(f"-{letter}")
-            if kind == _REQUIRED:
-                if rest:
-                    options.append(rest)
-                else:
-                    i = _take_argument(name, f"-{letter}", templates, filled, i, options)
-                break
+        i = _short_cluster(name, template, value, named, short, allowed, (templates, filled, i), options)
     return options, operands
+
+
+def _short_cluster(
+    name: str,
+    template: str,
+    value: str,
+    named: int,
+    short: dict[str, str],
+    allowed: str,
+    rest_of_line: tuple[list[str], list[str], int],
+    options: list[str],
+) -> int:
+    """One element of short options (``-rnk2``) into ``options``; returns the index of the next element (one
+    further when a required argument was the next element)."""
+    templates, filled, i = rest_of_line
+    # A cluster comes out one option per element, a required argument in an element of its own ("-rnk2" ->
+    # "-r", "-n", "-k", "2"): what the program sees then never depends on how it reads a cluster itself
+    # (tail reads "-cf" in argv[1] as its obsolete "-c, follow" form before getopt does).
+    j = 1
+    while j < len(template):
+        if named <= j:
+            raise ShellRefused(f"{name}: a parameter cannot name an option ({template!r})")
+        letter = template[j]
+        kind = short.get(letter)
+        if kind is None:
+            raise ShellRefused(
+                f"{name}: option -{letter} is not allowed (allowed: {allowed}; "
+                "an operand that starts with '-' goes after '--')"
+            )
+        j += 1
+        rest = value[j:]  # the letters before j are literal: the same in the template and the value
+        if kind == _OPTIONAL:  # an optional argument can only be attached
+            options.append(f"-{letter}{rest}")
+            break
+        options.append(f"-{letter}")
+        if kind == _REQUIRED:
+            if rest:
+                options.append(rest)
+            else:
+                i = _take_argument(name, f"-{letter}", templates, filled, i, options)
+            break
+    return i
 
 
 def _take_argument(name: str, option: str, templates: list[str], filled: list[str], i: int, out: list[str]) -> int:

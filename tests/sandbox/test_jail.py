@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sandbox import cgroup, jail, landlock, policy, shell
+from sandbox import cgroup, jail, jail_child, landlock, policy, shell
 
 import kit
 
@@ -450,7 +450,7 @@ def test_cant_make_a_child_return_into_the_sandbox_with_an_unprintable_error(
         raise Unprintable()
 
     out = run_raw(job)
-    assert out.exit_code == jail.EXIT_SETUP_FAILED and b"could not be formatted" in out.stderr, out
+    assert out.exit_code == jail_child.EXIT_SETUP_FAILED and b"could not be formatted" in out.stderr, out
 
 
 # ---- weak mode (the development fallback) ---------------------------------------------------------------------

@@ -230,7 +230,7 @@ ODD_REQUESTS = {
     "list_kind": (b'{"id":1,"kind":["script"]}', "Server.handle looks the kind up in a dict (since db5a8bb): an "
                   "unhashable kind raises TypeError outside handle()'s except clause"),
     "nan_wall": (b'{"id":1,"kind":"script","source":"result=1","params":{},"limits":{"wall_seconds":NaN}}',
-                 "json.loads accepts NaN; __main__._limits lets it through (NaN <= 0 is False) and jail._collect "
+                 "json.loads accepts NaN; the limits check let it through (NaN <= 0 is False) and jail._collect "
                  "crashes in poll()"),
     "nan_output": (b'{"id":1,"kind":"script","source":"result=1","params":{},"limits":{"output_bytes":NaN}}',
                    "int(NaN) in Server._script raises ValueError outside handle()'s except clause"),
