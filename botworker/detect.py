@@ -6,9 +6,10 @@ Two paths:
 - any other tool: the message names the tool: its ``name`` or ``displayName`` as words ("run the word count
   script"), or the distinctive words of its name next to a word for its type ("query the orders database" for
   ``orders_db``), or only its type ("run the script") when the bot has exactly one tool of that type and the
-  message asks for an action. Parameters are extracted from the text as the seed did (URLs, absolute paths,
-  quoted strings as ``param1``, ``param2``..., a search query), plus ``name=value`` / ``name: value`` for the
-  tool's own parameter names; its parameters still unfilled take the quoted strings in order.
+  message asks for an action. Parameters are extracted from the text as the platform's first worker did (URLs,
+  absolute paths, quoted strings as ``param1``, ``param2``..., a search query), plus ``name=value`` /
+  ``name: value`` for the tool's own parameter names; its parameters still unfilled take the quoted strings in
+  order.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def _clean_query(raw: str) -> str:
 
 
 def extract_params(text: str) -> dict[str, Any]:
-    """URLs, absolute paths, quoted strings (param1, param2, ...) and a search query, as the seed extracted them."""
+    """URLs, absolute paths, quoted strings (param1, param2, ...) and a search query, as the platform's first worker
+    extracted them."""
     params: dict[str, Any] = {}
     urls = _URL.findall(text)
     if urls:

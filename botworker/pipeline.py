@@ -45,7 +45,8 @@ class Outcome:
     replayed: bool = False
 
 
-# The reply saved and sent when the language model fails (the seed's apology); the error event says why.
+# The reply saved and sent when the language model fails (the platform's first worker's apology, kept word for
+# word); the error event says why.
 APOLOGY = "I'm sorry, but I encountered an error while generating a response. Please try again."
 
 

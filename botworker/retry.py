@@ -1,4 +1,4 @@
-"""Back-off arithmetic shared by tool calls and the LLM client: exponential with full jitter, ``Retry-After``.
+"""Back-off arithmetic shared by tool calls and the LLM client: exponential with half jitter, ``Retry-After``.
 
 Pure functions (the randomness and the clock are parameters), so tests can pin them down.
 """

@@ -24,5 +24,5 @@ def system_prompt(ctx: BotContext) -> str:
 
 
 def estimate_tokens(*texts: str) -> int:
-    """The seed's estimate (characters / 4), used when no model counted tokens."""
+    """The platform's first worker's estimate (characters / 4), used when no model counted tokens."""
     return max(1, sum(len(t) for t in texts) // 4)

@@ -97,7 +97,7 @@ def _limits(config: dict[str, Any]) -> dict[str, Any]:
         return {}
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
         raise ToolFailure("`timeout` must be a positive number of seconds")
-    # Tool configs of the platform give timeouts in milliseconds when they are large (the seed used 30000).
+    # Tool configs of the platform give timeouts in milliseconds when they are large (the platform's first worker used 30000).
     seconds = timeout / 1000 if timeout > 300 else timeout
     return {"wall_seconds": min(max(float(seconds), MIN_LIMITS["wall_seconds"]), MAX_LIMITS["wall_seconds"])}
 
