@@ -76,6 +76,15 @@ def test_timeouts_and_utc_hold_per_transaction_and_stay_there(
         worker.store.fetch("SELECT pg_sleep(2)")
     with connect(bouncer) as other:  # the next client of the same (only) server connection
         assert query(other, "SELECT current_setting('statement_timeout') AS t") == [{"t": "0"}]
+    assert worker.store._per_transaction or worker.store._connection_class.without_options  # it saw the pooler
+
+
+def test_a_direct_connection_keeps_its_settings_in_the_session(make_worker: Callable[..., Worker]) -> None:
+    """Without a pooler the settings ride in the startup packet, checked once per connection: no SET LOCAL frame
+    in every transaction (at the default timeout too: PostgreSQL shows 30000 ms as "30s")."""
+    worker = make_worker()
+    assert worker.store.fetch("SELECT current_setting('statement_timeout') AS t") == [{"t": "30s"}]
+    assert not worker.store._per_transaction
 
 
 def test_prepared_statements_behind_pgbouncer_fall_back_instead_of_crashing(

@@ -87,7 +87,7 @@ class Store:
         self.cfg = cfg
         self._prepare = cfg.db_prepare
         timeout = int(cfg.db_statement_timeout * 1000)
-        self._session = {"statement_timeout": f"{timeout}ms", "TimeZone": "UTC"}
+        self._session = {"statement_timeout": str(timeout), "TimeZone": "UTC"}
         # Sent first in every transaction when the session cannot be trusted to hold the settings (a pooler).
         self._frame = f"SET LOCAL statement_timeout = {timeout}; SET LOCAL TimeZone = 'UTC'"
         self._per_transaction = False
@@ -101,10 +101,11 @@ class Store:
             "keepalives_count": 3,
         }
         self.tools = ToolConnection(cfg, self._connect_args)
+        self._connection_class = PooledConnection.for_store()
         options = f"-c statement_timeout={timeout} -c TimeZone=UTC"
         self.pool: ConnectionPool[PooledConnection] = ConnectionPool(
             cfg.database_url,
-            connection_class=PooledConnection,
+            connection_class=self._connection_class,
             kwargs={
                 **self._connect_args,
                 "options": options,
@@ -153,7 +154,7 @@ class Store:
             try:
                 conn = self._checkout()
             except PoolTimeout:
-                why = PooledConnection.failure or f"no connection within {self.cfg.db_connect_timeout}s"
+                why = self._connection_class.failure or f"no connection within {self.cfg.db_connect_timeout}s"
                 raise TransientError(errors.DATABASE_UNAVAILABLE, f"cannot connect to PostgreSQL: {why}") from None
             try:
                 with conn.cursor() as cur:
@@ -190,7 +191,7 @@ class Store:
 
     def _query(self, cur: psycopg.ClientCursor[Any], steps: Sequence[tuple[str, Params]]) -> str:
         """One query string: the settings, then each step (a named statement, or SQL) with its values quoted in."""
-        parts = [self._frame] if self._per_transaction or PooledConnection.without_options else []
+        parts = [self._frame] if self._per_transaction or self._connection_class.without_options else []
         for sql, params in steps:
             if sql in NAMED:
                 sql = EXECUTE[sql] if self._prepare else NAMED[sql][0]
@@ -203,7 +204,10 @@ class Store:
         (DB_PREPARE). A clash says that a pooler shares server sessions between clients: then nothing is prepared
         any more."""
         if not self._per_transaction:
-            shown = conn.execute("SELECT current_setting('statement_timeout') AS t, current_setting('TimeZone') AS z")
+            shown = conn.execute(  # pg_settings gives the timeout in ms ("30000"); current_setting says "30s"
+                "SELECT (SELECT setting FROM pg_settings WHERE name = 'statement_timeout') AS t,"
+                " current_setting('TimeZone') AS z"
+            )
             row = shown.fetchone() or {}
             if (row.get("t"), row.get("z")) != (self._session["statement_timeout"], self._session["TimeZone"]):
                 log.info("the session did not keep its settings (a pooler?): they go in every transaction")

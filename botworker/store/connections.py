@@ -28,30 +28,35 @@ def dict_rows(cursor: psycopg.Cursor[Any]) -> Callable[[Sequence[Any]], dict[str
 
 class PooledConnection(psycopg.Connection[dict[str, Any]]):
     """The pool's connections. They ask for the store's session settings in the startup packet (``options``);
-    a pooler that refuses that parameter (PgBouncer's default) gets a connection without it, and the process
+    a pooler that refuses that parameter (PgBouncer's default) gets a connection without it, and the store
     remembers to set them in every transaction instead. Also remembers why the last connection attempt failed (the
     pool itself only says that it timed out)."""
 
+    # Per store: each Store connects through a subclass of its own (``for_store``), so these never leak between two.
     failure = ""
     without_options = False  # a pooler refused the `options` startup parameter: never send it again
 
     @classmethod
+    def for_store(cls) -> type[PooledConnection]:
+        return type("PooledConnection", (cls,), {"failure": "", "without_options": False})
+
+    @classmethod
     def connect(cls, *args: Any, **kwargs: Any) -> PooledConnection:  # type: ignore[override]
-        if PooledConnection.without_options:
+        if cls.without_options:
             kwargs.pop("options", None)
         try:
             conn = super().connect(*args, **kwargs)
         except psycopg.OperationalError as exc:
             if "options" not in kwargs or "unsupported startup parameter" not in str(exc):
-                PooledConnection.failure = one_line(exc)
+                cls.failure = one_line(exc)
                 raise
             log.info("the server refused the `options` startup parameter (a pooler): settings go in each transaction")
-            PooledConnection.without_options = True
+            cls.without_options = True
             return cls.connect(*args, **kwargs)
         except psycopg.Error as exc:
-            PooledConnection.failure = one_line(exc)
+            cls.failure = one_line(exc)
             raise
-        PooledConnection.failure = ""
+        cls.failure = ""
         return conn  # type: ignore[return-value]
 
 
