@@ -21,8 +21,7 @@ from .logs import setup_logging
 def _settings_help() -> str:
     lines = []
     for s in SETTINGS.values():
-        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
-        lines.append(f"  {s.env:<24} {s.help}" + (f" (default {default})" if default not in ("", ()) else ""))
+        lines.append(f"  {s.env:<24} {s.help}" + (f" (default {s.default_text})" if s.default_text else ""))
     return "\n".join(lines)
 
 

@@ -32,6 +32,16 @@ class Setting:
     default: Any
     help: str
 
+    @property
+    def default_text(self) -> str:
+        """The default as the variable would be written ("" when there is none), for the docs and ``--help``."""
+        value = self.default
+        if isinstance(value, tuple):
+            return ",".join(value)
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
 
 def setting(env: str, parse: Callable[[str], Any], default: Any, help: str) -> Any:
     """A ``Config`` field that is a setting: the one place its variable, parser, default and help are written."""
@@ -299,11 +309,8 @@ def settings_table() -> str:
     """docs/configuration.md's table, from the declarations."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for s in SETTINGS.values():
-        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
-        if isinstance(default, bool):
-            default = str(default).lower()
-        shown = f"`{default:g}`" if isinstance(default, float) else f"`{default}`" if default != "" else ""
-        rows.append(f"| `{s.env}` | {shown}{' ' if shown else ''}| {s.help} |")
+        shown = f"`{s.default_text}` " if s.default_text else ""
+        rows.append(f"| `{s.env}` | {shown}| {s.help} |")
     return "\n".join(rows) + "\n"
 
 
