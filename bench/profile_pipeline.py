@@ -47,6 +47,7 @@ from botworker.config import load_config  # noqa: E402
 from botworker.logs import setup_logging  # noqa: E402
 from botworker.queue import ERRORS, MESSAGES, RESPONSES, STATUS  # noqa: E402
 from botworker.schema import migrate  # noqa: E402
+from botworker.store.statements import NAMED  # noqa: E402
 from botworker.worker import Heartbeat, Worker  # noqa: E402
 
 # ---- instrumentation ---------------------------------------------------------------------------------------
@@ -196,6 +197,8 @@ def explain(srv: Servers, repeat: int = 20) -> list[tuple[str, float, float]]:
     with psycopg.connect(srv.database_url) as conn:
         for kind, steps in SAMPLES.items():
             for sql, params in steps:
+                if sql in NAMED:  # a named statement: its SQL text
+                    sql = NAMED[sql][0]
                 if isinstance(params, dict) and "uid1" in params:  # new row ids, or the key clashes with real rows
                     params = {**params, "uid1": str(uuid.uuid4()), "uid2": str(uuid.uuid4())}
                 plans, execs = [], []

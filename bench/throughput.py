@@ -295,10 +295,12 @@ class Collector(threading.Thread):
 class Fleet:
     """``python -m botworker run --procs N`` in a subprocess, as an operator starts it."""
 
-    def __init__(self, procs: int, srv: Servers) -> None:
+    def __init__(
+        self, procs: int, srv: Servers, flags: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.procs = procs
-        env = {**os.environ, "REDIS_URL": srv.redis_url, "DATABASE_URL": srv.database_url}
-        cmd = [sys.executable, "-m", "botworker", "run", "--procs", str(procs), "--log-level", "WARNING"]
+        env = {**os.environ, "REDIS_URL": srv.redis_url, "DATABASE_URL": srv.database_url, **(env or {})}
+        cmd = [sys.executable, "-m", "botworker", "run", "--procs", str(procs), "--log-level", "WARNING", *flags]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
 
     def wait_ready(self, client: redis.Redis, timeout: float = 60.0) -> dict[str, Any]:

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--procs", help="worker processes (overrides WORKER_PROCS)")
+    run.add_argument("--threads", help="consumer threads per worker process (overrides WORKER_THREADS)")
     sub.add_parser("migrate", parents=[common], help="create the contract's tables if missing (development)")
     status = sub.add_parser("status", parents=[common], help="queue and fleet status; exit 5 if no worker is alive")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -72,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if command == "run":
         flags["procs"] = args.procs  # validated by the loader, as WORKER_PROCS is
+        flags["worker_threads"] = args.threads
     try:
         cfg = load_config(flags, env_file=args.env_file)
     except ConfigError as exc:
@@ -134,8 +136,11 @@ def _status(cfg: Config, as_json: bool) -> int:
             state = "ready" if box.get("ok") else f"UNAVAILABLE ({box.get('error')})"
             print(f"  sandbox: {state}{' WEAK MODE' if box.get('weak') else ''}{': ' + layers if layers else ''}")
             for w in node["workers"]:
-                busy = f"busy {w['busyFor']}s" if w["busyFor"] else "idle"
-                print(f"  worker {w['wid']} pid {w['pid']}: {busy}, {w['processed']} processed")
+                threads, busy = w.get("threads", 1), w.get("busyThreads", int(bool(w["busyFor"])))
+                held = (
+                    f"{busy}/{threads} threads busy (longest {w['busyFor']}s)" if busy else f"{threads} thread(s) idle"
+                )
+                print(f"  worker {w['wid']} pid {w['pid']}: {held}, {w['processed']} processed")
     alive = any(n["workers"] for n in nodes)
     return errors.EXIT_OK if alive else errors.EXIT_NO_WORKERS
 

@@ -8,9 +8,7 @@ bounds, help), . An invalid value raises
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -21,6 +19,7 @@ from urllib.parse import quote, urlsplit
 from dotenv import dotenv_values
 
 from .errors import ConfigError
+from .parsers import boolean, decimal, hosts, integer, level, text, url
 
 
 @dataclass(frozen=True)
@@ -48,89 +47,6 @@ def setting(env: str, parse: Callable[[str], Any], default: Any, help: str) -> A
     return field(default=default, metadata={"setting": Setting(env, parse, default, help)})
 
 
-def _int(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        value = int(raw.strip())
-        if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo} and {hi}")
-        return value
-
-    return parse
-
-
-def _float(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        value = float(raw.strip())
-        if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo:g} and {hi:g}")
-        return value
-
-    return parse
-
-
-def _str(raw: str) -> str:
-    return raw.strip()
-
-
-def _level(raw: str) -> str:
-    value = raw.strip().upper()
-    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
-    return value
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be 1/0, true/false, yes/no or on/off")
-
-
-def _hosts(raw: str) -> tuple[str, ...]:
-    """Comma-separated CIDRs/addresses or host names (``*.example.com`` matches subdomains)."""
-    out = []
-    for item in (x.strip().lower().rstrip(".") for x in raw.split(",")):
-        if not item:
-            continue
-        try:
-            out.append(str(ipaddress.ip_network(item, strict=False)))
-            continue
-        except ValueError:
-            pass
-        name = item[2:] if item.startswith("*.") else item
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?)*", name):
-            raise ValueError(f"{item!r} is neither a CIDR nor a host name")
-        out.append(item)
-    return tuple(out)
-
-
-def _url(*schemes: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip()
-        if not value:
-            return ""
-        if urlsplit(value).scheme not in schemes:
-            raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
-        if "postgres" in schemes:
-            _check_conninfo(value)
-        return value
-
-    return parse
-
-
-def _check_conninfo(url: str) -> None:
-    """libpq must be able to read the URL (a stray '%' in a password is the usual mistake). Checked here, once,
-    because libpq's complaint would quote the password later, wherever the connection is first opened."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        conninfo_to_dict(url)
-    except Exception:  # psycopg.ProgrammingError; its message quotes the offending part of the URL
-        raise ValueError("libpq cannot read this URL (percent-encode special characters of the password)") from None
-
-
 @dataclass(frozen=True)
 class Config:
     """Every setting of one run, each declared once, here: its variable, parser (with bounds), default and help.
@@ -138,153 +54,176 @@ class Config:
     docs/configuration.md's table, which ``settings_table`` writes."""
 
     redis_url: str = setting(
-        "REDIS_URL", _url("redis", "rediss", "unix"), "", "full Redis URL; wins over REDIS_HOST/PORT/PASSWORD/DB"
+        "REDIS_URL", url("redis", "rediss", "unix"), "", "full Redis URL; wins over REDIS_HOST/PORT/PASSWORD/DB"
     )
-    redis_host: str = setting("REDIS_HOST", _str, "localhost", "Redis host")
-    redis_port: int = setting("REDIS_PORT", _int(1, 65535), 6379, "Redis port")
-    redis_password: str = setting("REDIS_PASSWORD", _str, "", "Redis password (never logged)")
-    redis_db: int = setting("REDIS_DB", _int(0, 1023), 0, "Redis database number")
+    redis_host: str = setting("REDIS_HOST", text, "localhost", "Redis host")
+    redis_port: int = setting("REDIS_PORT", integer(1, 65535), 6379, "Redis port")
+    redis_password: str = setting("REDIS_PASSWORD", text, "", "Redis password (never logged)")
+    redis_db: int = setting("REDIS_DB", integer(0, 1023), 0, "Redis database number")
     database_url: str = setting(
-        "DATABASE_URL", _url("postgres", "postgresql"), "", "full PostgreSQL URL; wins over DB_*"
+        "DATABASE_URL", url("postgres", "postgresql"), "", "full PostgreSQL URL; wins over DB_*"
     )
-    db_host: str = setting("DB_HOST", _str, "localhost", "PostgreSQL host")
-    db_port: int = setting("DB_PORT", _int(1, 65535), 5432, "PostgreSQL port")
-    db_user: str = setting("DB_USER", _str, "postgres", "PostgreSQL user")
-    db_password: str = setting("DB_PASSWORD", _str, "", "PostgreSQL password (never logged)")
-    db_name: str = setting("DB_NAME", _str, "botplatform", "PostgreSQL database")
-    gemini_key: str = setting("GEMINI_KEY", _str, "", "Gemini API key; unset: the offline responder answers")
+    db_host: str = setting("DB_HOST", text, "localhost", "PostgreSQL host")
+    db_port: int = setting("DB_PORT", integer(1, 65535), 5432, "PostgreSQL port")
+    db_user: str = setting("DB_USER", text, "postgres", "PostgreSQL user")
+    db_password: str = setting("DB_PASSWORD", text, "", "PostgreSQL password (never logged)")
+    db_name: str = setting("DB_NAME", text, "botplatform", "PostgreSQL database")
+    gemini_key: str = setting("GEMINI_KEY", text, "", "Gemini API key; unset: the offline responder answers")
     gemini_base_url: str = setting(
-        "GEMINI_BASE_URL", _url("http", "https"), "", "Gemini API base URL (a proxy, a test server); empty: Google's"
+        "GEMINI_BASE_URL", url("http", "https"), "", "Gemini API base URL (a proxy, a test server); empty: Google's"
     )
-    gemini_timeout: float = setting("GEMINI_TIMEOUT", _float(1, 600), 30.0, "timeout (s) of one Gemini request")
+    gemini_timeout: float = setting("GEMINI_TIMEOUT", decimal(1, 600), 30.0, "timeout (s) of one Gemini request")
     gemini_model: str = setting(
-        "GEMINI_MODEL", _str, "", "model for every bot; empty: the bot's `model` column (default gemini-2.5-flash)"
+        "GEMINI_MODEL", text, "", "model for every bot; empty: the bot's `model` column (default gemini-2.5-flash)"
     )
     llm_max_rounds: int = setting(
-        "LLM_MAX_ROUNDS", _int(1, 20), 5, "function-calling rounds per reply, then it answers"
+        "LLM_MAX_ROUNDS", integer(1, 20), 5, "function-calling rounds per reply, then it answers"
     )
     llm_max_tool_calls: int = setting(
-        "LLM_MAX_TOOL_CALLS", _int(0, 1000), 10, "tool calls the model may make per reply (more are refused)"
+        "LLM_MAX_TOOL_CALLS", integer(0, 1000), 10, "tool calls the model may make per reply (more are refused)"
     )
     llm_max_attempts: int = setting(
-        "LLM_MAX_ATTEMPTS", _int(1, 10), 4, "attempts of one Gemini request on 429/5xx/timeouts (back-off, jitter)"
+        "LLM_MAX_ATTEMPTS", integer(1, 10), 4, "attempts of one Gemini request on 429/5xx/timeouts (back-off, jitter)"
     )
     llm_retry_delay: float = setting(
-        "LLM_RETRY_DELAY", _float(0, 60), 1.0, "first back-off (s) of a retried Gemini request; doubles, with jitter"
+        "LLM_RETRY_DELAY", decimal(0, 60), 1.0, "first back-off (s) of a retried Gemini request; doubles, with jitter"
     )
     llm_deadline: float = setting(
-        "LLM_DEADLINE", _float(1, 3600), 60.0, "total time (s) for one reply: all rounds and retries"
+        "LLM_DEADLINE", decimal(1, 3600), 60.0, "total time (s) for one reply: all rounds and retries"
     )
     llm_history_tokens: int = setting(
-        "LLM_HISTORY_TOKENS", _int(0, 10**6), 8000, "token budget of the conversation history sent (oldest out)"
+        "LLM_HISTORY_TOKENS", integer(0, 10**6), 8000, "token budget of the conversation history sent (oldest out)"
     )
     encryption_key: str = setting(
-        "ENCRYPTION_KEY", _str, "", "the platform's key for `secrets.encryptedValue` (never logged); unset: no secrets"
+        "ENCRYPTION_KEY", text, "", "the platform's key for `secrets.encryptedValue` (never logged); unset: no secrets"
     )
     http_allowed_hosts: tuple[str, ...] = setting(
         "HTTP_ALLOWED_HOSTS",
-        _hosts,
+        hosts,
         (),
         "CIDRs and host names (`*.corp.example`) tools may reach although private/loopback/link-local",
     )
-    http_timeout: float = setting("HTTP_TIMEOUT", _float(0.1, 600), 10.0, "default timeout (s) of an HTTP tool call")
-    http_max_timeout: float = setting("HTTP_MAX_TIMEOUT", _float(0.1, 600), 60.0, "cap on an HTTP tool's own `timeout`")
+    http_timeout: float = setting("HTTP_TIMEOUT", decimal(0.1, 600), 10.0, "default timeout (s) of an HTTP tool call")
+    http_max_timeout: float = setting(
+        "HTTP_MAX_TIMEOUT", decimal(0.1, 600), 60.0, "cap on an HTTP tool's own `timeout`"
+    )
     http_max_response_bytes: int = setting(
-        "HTTP_MAX_RESPONSE_BYTES", _int(1024, 64 << 20), 1 << 20, "largest HTTP tool response body read"
+        "HTTP_MAX_RESPONSE_BYTES", integer(1024, 64 << 20), 1 << 20, "largest HTTP tool response body read"
     )
     db_tool_timeout: float = setting(
-        "DB_TOOL_TIMEOUT", _float(0.1, 600), 10.0, "statement timeout (s) of database tools"
+        "DB_TOOL_TIMEOUT", decimal(0.1, 600), 10.0, "statement timeout (s) of database tools"
     )
-    db_tool_max_rows: int = setting("DB_TOOL_MAX_ROWS", _int(1, 100000), 100, "rows a database tool returns at most")
+    db_tool_max_rows: int = setting("DB_TOOL_MAX_ROWS", integer(1, 100000), 100, "rows a database tool returns at most")
     db_tool_url: str = setting(
         "DB_TOOL_URL",
-        _url("postgres", "postgresql"),
+        url("postgres", "postgresql"),
         "",
         "PostgreSQL URL database tools use on the platform database (a restricted login); empty: DATABASE_URL",
     )
     tool_max_attempts: int = setting(
-        "TOOL_MAX_ATTEMPTS", _int(1, 10), 3, "attempts of a retryable tool call (idempotent, or opted in)"
+        "TOOL_MAX_ATTEMPTS", integer(1, 10), 3, "attempts of a retryable tool call (idempotent, or opted in)"
     )
-    tool_retry_delay: float = setting("TOOL_RETRY_DELAY", _float(0, 60), 0.5, "first tool retry back-off (s); doubles")
+    tool_retry_delay: float = setting("TOOL_RETRY_DELAY", decimal(0, 60), 0.5, "first tool retry back-off (s); doubles")
     tool_retry_after_max: float = setting(
         "TOOL_RETRY_AFTER_MAX",
-        _float(0, 600),
+        decimal(0, 600),
         30.0,
         "longest `Retry-After` (s) honoured, and the most one call waits in retries in all",
     )
     tool_result_budget: int = setting(
-        "TOOL_RESULT_BUDGET", _int(256, 1 << 20), 4000, "bytes of one tool result the LLM sees (and metadata keeps)"
+        "TOOL_RESULT_BUDGET", integer(256, 1 << 20), 4000, "bytes of one tool result the LLM sees (and metadata keeps)"
     )
     tool_results_budget: int = setting(
         "TOOL_RESULTS_BUDGET",
-        _int(256, 4 << 20),
+        integer(256, 4 << 20),
         12000,
         "bytes of all tool results of a message the LLM sees (and metadata keeps)",
     )
-    procs: int = setting("WORKER_PROCS", _int(1, 256), 2, "worker processes (flag --procs)")
+    procs: int = setting("WORKER_PROCS", integer(1, 256), 2, "worker processes (flag --procs): about one per core")
+    worker_threads: int = setting(
+        "WORKER_THREADS",
+        integer(1, 1024),
+        1,
+        "consumer threads per worker process (flag --threads): replies in flight while waiting on the LLM or tools",
+    )
     max_message_bytes: int = setting(
-        "MAX_MESSAGE_BYTES", _int(1, 1 << 20), 16384, "longest accepted `message` (UTF-8 bytes)"
+        "MAX_MESSAGE_BYTES", integer(1, 1 << 20), 16384, "longest accepted `message` (UTF-8 bytes)"
     )
-    max_attempts: int = setting("MAX_ATTEMPTS", _int(1, 100), 3, "attempts before a message is dead-lettered")
+    max_attempts: int = setting("MAX_ATTEMPTS", integer(1, 100), 3, "attempts before a message is dead-lettered")
     retry_delay: float = setting(
-        "RETRY_DELAY", _float(0, 300), 1.0, "first back-off (s) before retrying a transient failure; doubles"
+        "RETRY_DELAY", decimal(0, 300), 1.0, "first back-off (s) before retrying a transient failure; doubles"
     )
-    history_limit: int = setting("HISTORY_LIMIT", _int(0, 1000), 10, "conversation messages loaded as history")
+    history_limit: int = setting("HISTORY_LIMIT", integer(0, 1000), 10, "conversation messages loaded as history")
     pop_timeout: float = setting(
-        "POP_TIMEOUT", _float(0.1, 30), 1.0, "BLMOVE timeout (s): how often an idle worker checks for shutdown"
+        "POP_TIMEOUT", decimal(0.1, 30), 1.0, "BLMOVE timeout (s): how often an idle worker checks for shutdown"
     )
     graceful_timeout: float = setting(
-        "GRACEFUL_TIMEOUT", _float(0, 3600), 30.0, "warm shutdown: time (s) in-flight messages get to finish"
+        "GRACEFUL_TIMEOUT", decimal(0, 3600), 30.0, "warm shutdown: time (s) in-flight messages get to finish"
     )
     worker_timeout: float = setting(
-        "WORKER_TIMEOUT", _float(2, 3600), 120.0, "a worker silent this long (s) is killed and replaced"
+        "WORKER_TIMEOUT", decimal(2, 3600), 120.0, "a worker silent this long (s) is killed and replaced"
     )
     boot_timeout: float = setting(
-        "BOOT_TIMEOUT", _float(0, 3600), 30.0, "how long (s) a worker retries Redis/PostgreSQL at boot"
+        "BOOT_TIMEOUT", decimal(0, 3600), 30.0, "how long (s) a worker retries Redis/PostgreSQL at boot"
     )
     node_ttl: float = setting(
-        "NODE_TTL", _float(3, 3600), 20.0, "heartbeat key expiry (s): after it, another host recovers our messages"
+        "NODE_TTL", decimal(3, 3600), 20.0, "heartbeat key expiry (s): after it, another host recovers our messages"
     )
     max_requests: int = setting(
-        "MAX_REQUESTS", _int(0, 10**9), 0, "recycle a worker after this many messages (0: never)"
+        "MAX_REQUESTS", integer(0, 10**9), 0, "recycle a worker after this many messages (0: never)"
     )
     db_pool_size: int = setting(
-        "DB_POOL_SIZE", _int(1, 64), 1, "PostgreSQL connections of a worker process's pool (one per busy thread)"
+        "DB_POOL_SIZE",
+        integer(0, 64),
+        0,
+        "PostgreSQL connections of a worker process's pool; 0: one per 8 threads, at least 1, at most 4",
     )
     db_connect_timeout: int = setting(
-        "DB_CONNECT_TIMEOUT", _int(1, 300), 5, "PostgreSQL connect timeout (s), and the wait for a pooled connection"
+        "DB_CONNECT_TIMEOUT", integer(1, 300), 5, "PostgreSQL connect timeout (s), and the wait for a pooled connection"
     )
     db_statement_timeout: float = setting(
-        "DB_STATEMENT_TIMEOUT", _float(0.1, 3600), 30.0, "PostgreSQL statement timeout (s), set in each transaction"
+        "DB_STATEMENT_TIMEOUT", decimal(0.1, 3600), 30.0, "PostgreSQL statement timeout (s), set in each transaction"
     )
     db_prepare: bool = setting(
         "DB_PREPARE",
-        _bool,
+        boolean,
         True,
         "prepare the per-message statements once per connection (set false behind PgBouncer in transaction mode)",
     )
     redis_timeout: float = setting(
-        "REDIS_TIMEOUT", _float(0.5, 300), 5.0, "Redis socket timeout (s), on top of the BLMOVE wait"
+        "REDIS_TIMEOUT", decimal(0.5, 300), 5.0, "Redis socket timeout (s), on top of the BLMOVE wait"
     )
     sandbox_root: str = setting(
-        "SANDBOX_ROOT", _str, "/var/lib/botworker/sandbox", "sandbox state: each bot's files (and weak-mode work dirs)"
+        "SANDBOX_ROOT", text, "/var/lib/botworker/sandbox", "sandbox state: each bot's files (and weak-mode work dirs)"
     )
     sandbox_uid: int = setting(
         "SANDBOX_UID",
-        _int(1, 2**31 - 1),
+        integer(1, 2**31 - 1),
         100000,
-        "first uid of sandboxed runs (worker N uses SANDBOX_UID + N) when run as root",
+        "first uid of sandboxed runs when run as root (worker N's runs: SANDBOX_UID + N * SANDBOX_CONCURRENCY + lane)",
     )
-    sandbox_gid: int = setting("SANDBOX_GID", _int(1, 2**31 - 1), 100000, "gid of sandboxed runs when run as root")
+    sandbox_concurrency: int = setting(
+        "SANDBOX_CONCURRENCY",
+        integer(1, 64),
+        4,
+        "sandboxed runs a worker process runs at once; more wait in line (each run its own jail and budget)",
+    )
+    sandbox_gid: int = setting("SANDBOX_GID", integer(1, 2**31 - 1), 100000, "gid of sandboxed runs when run as root")
     sandbox_allow_weak: bool = setting(
         "SANDBOX_ALLOW_WEAK",
-        _bool,
+        boolean,
         False,
         "DEVELOPMENT ONLY: run tools with weaker confinement when namespaces are unavailable",
     )
-    node_name: str = setting("NODE_NAME", _str, "", "this host's name in heartbeats and status (default: hostname)")
-    log_level: str = setting("LOG_LEVEL", _level, "INFO", "DEBUG, INFO, WARNING or ERROR")
+    node_name: str = setting("NODE_NAME", text, "", "this host's name in heartbeats and status (default: hostname)")
+    log_level: str = setting("LOG_LEVEL", level, "INFO", "DEBUG, INFO, WARNING or ERROR")
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # name -> where it came from
+
+    @property
+    def pool_size(self) -> int:
+        """PostgreSQL connections per worker process: DB_POOL_SIZE, or sized to the database work of the threads
+        (a connection is held only while loading or saving, a few ms of a reply that waits seconds on the LLM)."""
+        return self.db_pool_size or max(1, min(4, -(-self.worker_threads // 8)))
 
     def redacted(self) -> dict[str, Any]:
         """The settings with passwords and keys hidden, for logs and `status`."""
@@ -295,7 +234,7 @@ class Config:
             value = getattr(self, f.name)
             if f.name.endswith(("_key", "_password")):
                 value = "set" if value else "unset"
-            elif f.name.endswith("_url"):
+            elif f.name.endswith("url"):
                 value = redact_url(value)
             out[f.name] = value
         return out
@@ -318,7 +257,7 @@ def _shown(name: str, raw: str) -> str:
     """A value as an error message may quote it: URLs without their password, secrets not at all."""
     if name.endswith(("_password", "_key")):
         return "***"
-    if name.endswith("_url"):
+    if name.endswith("url"):
         try:
             return redact_url(raw)
         except ValueError:

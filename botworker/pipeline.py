@@ -55,7 +55,9 @@ def utcnow() -> datetime:
 
 
 class Pipeline:
-    """Processes validated messages; one per worker process."""
+    """Processes validated messages; one per worker process, shared by its consumer threads (``handle`` keeps its
+    state in locals; what it holds across calls is thread-safe: the store's pool, the HTTP session, the sandbox
+    client, the responder)."""
 
     def __init__(
         self,
@@ -72,9 +74,9 @@ class Pipeline:
         self.responder = responder
         self.sandbox = sandbox
         self.families = registry.default() if families is None else families
-        # One HTTP session per worker process: connections are reused across messages, each pinned to an
-        # address the outbound policy checked.
-        self.http = pinned.session(outbound.OutboundPolicy(cfg.http_allowed_hosts))
+        # One HTTP session per worker process, shared by its threads: connections are reused across messages,
+        # each pinned to an address the outbound policy checked; up to one per thread is kept per host.
+        self.http = pinned.session(outbound.OutboundPolicy(cfg.http_allowed_hosts), max(4, cfg.worker_threads))
         self.tick = tick  # called between steps: the worker's heartbeat
         self.clock = clock
 

@@ -2,7 +2,7 @@
 
 The pattern is Redis's documented reliable queue (as rq's intermediate queue)::
 
-    bot_messages ──BLMOVE RIGHT→LEFT──▶ bot_messages:processing:<node>:<wid>:<pid>   (owned by one worker)
+    bot_messages ──BLMOVE RIGHT→LEFT──▶ bot_messages:processing:<node>:<wid>:<pid>:<thread>   (one consumer's)
          ▲                                        │
          └──── requeue at the head (RPUSH side) ◀──┤ worker died / transient failure
                                                   ├──▶ finish: LREM + LPUSH/PUBLISH bot_responses|bot_errors
@@ -85,13 +85,14 @@ return 1
 """
 
 
-def processing_key(node_id: str, wid: int, pid: int) -> str:
-    return f"{PROCESSING_PREFIX}{node_id}:{wid}:{pid}"
+def processing_key(node_id: str, wid: int, pid: int, thread: int = 0) -> str:
+    """The processing list of one consumer thread: ``bot_messages:processing:<node>:<wid>:<pid>:<thread>``."""
+    return f"{PROCESSING_PREFIX}{node_id}:{wid}:{pid}:{thread}"
 
 
 def node_of(processing: str) -> str:
-    """The node id inside a processing list's name (node ids may not contain ':'; the rest is wid:pid)."""
-    return processing[len(PROCESSING_PREFIX) :].rsplit(":", 2)[0]
+    """The node id inside a processing list's name (node ids may not contain ':'; the rest is wid:pid:thread)."""
+    return processing[len(PROCESSING_PREFIX) :].split(":", 1)[0]
 
 
 def encode(event: dict[str, Any]) -> str:

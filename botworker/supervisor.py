@@ -54,6 +54,7 @@ class Slot:
     pid: int
     heartbeat: Heartbeat
     started: float
+    threads: int = 1
     retiring: bool = False
     retire_deadline: float = 0.0
     killed: bool = False
@@ -186,7 +187,7 @@ class Supervisor:
                 self._spawn(wid)
 
     def _spawn(self, wid: int) -> None:
-        heartbeat = Heartbeat()
+        heartbeat = Heartbeat(self.cfg.worker_threads)
         # Block our signals across fork: the child must not run the supervisor's handlers before it installs its own.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         pid = os.fork()
@@ -201,7 +202,7 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        self.slots[pid] = Slot(wid, pid, heartbeat, time.monotonic())
+        self.slots[pid] = Slot(wid, pid, heartbeat, time.monotonic(), self.cfg.worker_threads)
         log.info("spawned worker %d (pid %d)", wid, pid)
 
     def _become_worker(self, wid: int) -> None:
@@ -237,7 +238,8 @@ class Supervisor:
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
             clean = code == 0 and (slot.retiring or self.state != "running" or self.cfg.max_requests)
             (log.info if clean else log.warning)("worker %d (pid %d) %s after %.1fs", slot.wid, pid, how, lived)
-            self._requeue(processing_key(self.node_id, slot.wid, pid))
+            self.pending.update(processing_key(self.node_id, slot.wid, pid, t) for t in range(slot.threads))
+            self._drain_pending()
             if code == errors.EXIT_WORKER_BOOT and self.state == "running":
                 log.error("a worker could not boot (Redis or PostgreSQL unreachable): stopping")
                 self.exit_code = errors.EXIT_BOOT
@@ -307,10 +309,6 @@ class Supervisor:
 
     # ---- Redis bookkeeping ---------------------------------------------------------------------------------
 
-    def _requeue(self, processing: str) -> None:
-        self.pending.add(processing)
-        self._drain_pending()
-
     def _drain_pending(self) -> None:
         for name in sorted(self.pending):
             if self._guard(lambda name=name: requeue_list(self.redis, name)) is not None:
@@ -341,6 +339,8 @@ class Supervisor:
                     "pid": s.pid,
                     "processed": s.heartbeat.processed,
                     "busyFor": round(s.heartbeat.busy_for, 1),
+                    "threads": s.threads,
+                    "busyThreads": s.heartbeat.busy_threads,
                     "beatAge": round(s.heartbeat.age(), 1),
                     "retiring": s.retiring,
                 }

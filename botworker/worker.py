@@ -1,14 +1,14 @@
-"""One worker process: connect after the fork, then ``run_once()`` in a loop until told to stop.
+"""One worker process: connect after the fork, then run WORKER_THREADS consumer threads until told to stop.
 
-``process(raw)`` is the message boundary: whatever happens inside, the message ends in exactly one of
-- ``finish``: the reply and/or error events pushed and the message acked, atomically;
-- ``release``: put back at the head of the line after a transient failure (database down), once it answers again;
-- ``dead_letter``: after ``max_attempts`` attempts (crashes included), with a ``bot_errors`` event.
-A Redis failure at any step is retried with back-off until Redis answers; the message waits in this worker's
-processing list meanwhile, where the supervisor finds it if the worker dies.
+What the threads share is opened here, once per process: one Redis client (its pool gives each blocked pop a
+connection of its own), one PostgreSQL pool sized to the database work (a connection is held only while loading
+or saving, never across an LLM or tool wait), one pipeline (one Gemini client, one HTTP session), and one sandbox
+process serving up to SANDBOX_CONCURRENCY runs at a time. What each thread does with a message is in
+``consumer.py``.
 
-Signals: SIGTERM asks for a warm stop (finish the current message, then exit 0); SIGINT, SIGHUP, SIGTTIN and
-SIGTTOU are the supervisor's, ignored here. Handlers only record.
+Signals: SIGTERM asks for a warm stop (every thread finishes its current message, then the process exits 0);
+SIGINT, SIGHUP, SIGTTIN and SIGTTOU are the supervisor's, ignored here. Handlers only record. A consumer thread
+that dies of a bug stops the process (exit 1, after the others finish): the supervisor requeues and respawns.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable
 from multiprocessing.sharedctypes import RawArray
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 
@@ -27,53 +27,73 @@ from sandbox.client import SandboxClient, SandboxError
 
 from . import errors
 from .config import Config
-from .errors import BootError, MessageError, TransientError
+from .consumer import Consumer
+from .errors import BootError, TransientError
 from .llm import make_responder
-from .message import Ids, error_event, read, reply_events
-from .pipeline import Pipeline, utcnow
-from .queue import ERRORS, RESPONSES, ReliableQueue, processing_key
+from .pipeline import Pipeline
+from .queue import ReliableQueue, processing_key
 from .store import Store
 from .tools import registry
 
 log = logging.getLogger(__name__)
 
-DATABASE_POLL = 1.0  # seconds between two probes of a database that is down
-T = TypeVar("T")
-
 _BEAT, _PROCESSED, _BUSY_SINCE = 0, 1, 2
+_CELLS = 3
 
 
 class Heartbeat:
-    """A few shared doubles the worker writes and the supervisor reads: last beat, messages done, busy since.
+    """A few shared doubles per consumer thread that the worker writes and the supervisor reads: last beat,
+    messages done, busy since.
 
     Created by the supervisor just before the fork (anonymous shared memory, not a connection). CLOCK_MONOTONIC
-    is system-wide on Linux, so both sides compare the same clock.
+    is system-wide on Linux, so both sides compare the same clock. Each thread writes only its own cells: a thread
+    says which they are once (``attach``); a thread that never did (the main one) writes thread 0's.
     """
 
-    def __init__(self) -> None:
-        self._cells = RawArray("d", 3)
-        self.beat()
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+        self._cells = RawArray("d", _CELLS * threads)
+        self._local = threading.local()
+        now = time.monotonic()
+        for t in range(threads):
+            self._cells[t * _CELLS + _BEAT] = now
+
+    def attach(self, thread: int) -> None:
+        """The calling thread writes the cells of consumer ``thread`` from now on."""
+        self._local.base = thread * _CELLS
+
+    def _base(self) -> int:
+        return getattr(self._local, "base", 0)
 
     def beat(self) -> None:
-        self._cells[_BEAT] = time.monotonic()
-
-    def age(self) -> float:
-        return time.monotonic() - self._cells[_BEAT]
+        self._cells[self._base() + _BEAT] = time.monotonic()
 
     def count(self) -> None:
-        self._cells[_PROCESSED] += 1
+        self._cells[self._base() + _PROCESSED] += 1
+
+    def busy(self, on: bool) -> None:
+        self._cells[self._base() + _BUSY_SINCE] = time.monotonic() if on else 0.0
+
+    def _column(self, cell: int) -> list[float]:
+        return [self._cells[t * _CELLS + cell] for t in range(self.threads)]
+
+    def age(self) -> float:
+        """Seconds since the quietest thread last beat: one stuck thread makes the whole worker stuck."""
+        return time.monotonic() - min(self._column(_BEAT))
 
     @property
     def processed(self) -> int:
-        return int(self._cells[_PROCESSED])
-
-    def busy(self, on: bool) -> None:
-        self._cells[_BUSY_SINCE] = time.monotonic() if on else 0.0
+        return int(sum(self._column(_PROCESSED)))
 
     @property
     def busy_for(self) -> float:
-        since = self._cells[_BUSY_SINCE]
-        return time.monotonic() - since if since else 0.0
+        """How long the longest-busy thread has held its message (0 when every thread is idle)."""
+        since = [s for s in self._column(_BUSY_SINCE) if s]
+        return time.monotonic() - min(since) if since else 0.0
+
+    @property
+    def busy_threads(self) -> int:
+        return sum(1 for s in self._column(_BUSY_SINCE) if s)
 
 
 class Worker:
@@ -86,13 +106,12 @@ class Worker:
         self.heartbeat = heartbeat
         self.ppid = os.getppid()
         self.stopping = False
-        self.handled = 0
-        self._redis_down = 0.0  # current back-off while Redis is unreachable between messages
         self.redis: redis.Redis
-        self.queue: ReliableQueue
         self.store: Store
         self.pipeline: Pipeline
         self.sandbox: SandboxClient
+        self.consumers: list[Consumer] = []
+        self._recycling = threading.Lock()
 
     # ---- life cycle ----------------------------------------------------------------------------------------
 
@@ -106,19 +125,53 @@ class Worker:
         except BootError as exc:
             log.error("worker %s cannot boot: %s", self.wid, exc)
             return errors.EXIT_WORKER_BOOT
-        log.info("worker %s ready (pid %d, list %s)", self.wid, os.getpid(), self.queue.processing)
+        log.info("worker %s ready (pid %d, %d thread(s))", self.wid, os.getpid(), len(self.consumers))
         try:
-            while not self.stopping:
-                self.run_once()
-                if self.cfg.max_requests and self.handled >= self.cfg.max_requests:
-                    log.info("worker %s recycling after %d messages", self.wid, self.handled)
-                    break
-                if os.getppid() != self.ppid:
-                    log.warning("worker %s: supervisor is gone, stopping", self.wid)
-                    break
+            return self._serve()
         finally:
             self._close()
-        return errors.EXIT_OK
+
+    def _serve(self) -> int:
+        """Run the consumers in threads of their own; the main thread watches (signals are delivered to it)."""
+        threads = [
+            threading.Thread(target=self._consume, args=(n, c), name=f"consumer-{n}", daemon=True)
+            for n, c in enumerate(self.consumers)
+        ]
+        for thread in threads:
+            thread.start()
+        code = errors.EXIT_OK
+        while any(t.is_alive() for t in threads):
+            next(t for t in threads if t.is_alive()).join(0.25)
+            if self._should_stop():
+                continue
+            if os.getppid() != self.ppid:
+                log.warning("worker %s: supervisor is gone, stopping", self.wid)
+                self.stopping = True
+            elif not all(t.is_alive() for t in threads):
+                log.error("worker %s: a consumer thread died; stopping the process", self.wid)
+                self.stopping, code = True, errors.EXIT_ERROR
+        return code
+
+    def _should_stop(self) -> bool:
+        """Asked by each consumer before it takes a message: a warm stop, or MAX_REQUESTS reached (with T threads,
+        up to T-1 messages more may be taken meanwhile: each finishes)."""
+        with self._recycling:
+            if not self.stopping and self.cfg.max_requests and self.handled >= self.cfg.max_requests:
+                log.info("worker %s recycling after %d messages", self.wid, self.handled)
+                self.stopping = True
+        return self.stopping
+
+    def _consume(self, n: int, consumer: Consumer) -> None:
+        self.heartbeat.attach(n)
+        try:
+            consumer.run(self._should_stop)
+        except BaseException:
+            log.exception("worker %s thread %d crashed", self.wid, n)
+            raise
+
+    @property
+    def handled(self) -> int:
+        return sum(c.handled for c in self.consumers)
 
     @staticmethod
     def preload(cfg: Config) -> dict[str, Any]:
@@ -158,169 +211,53 @@ class Worker:
                 if time.monotonic() + delay > deadline or self.stopping:
                     raise BootError(f"Redis or PostgreSQL unreachable for {self.cfg.boot_timeout:g}s: {exc}") from exc
                 log.warning("worker %s waiting for Redis/PostgreSQL: %s", self.wid, exc)
-                self._sleep(delay)
+                time.sleep(delay)
+                self.heartbeat.beat()
                 delay = min(delay * 2, 5.0)
-        self.queue = ReliableQueue(self.redis, processing_key(self.node_id, self.wid, os.getpid()))
-        self.queue.register()
-        # Each worker has its own sandbox process and its own jail uid (so process limits are per worker).
-        self.sandbox, _ = start_sandbox(self.cfg, self.cfg.sandbox_uid + self.wid, f"worker {self.wid}")
+        # Each worker has its own sandbox process, and its runs uids of their own (so that one worker's runs
+        # cannot reach another's processes): SANDBOX_CONCURRENCY of them from SANDBOX_UID + wid * that.
+        uid = self.cfg.sandbox_uid + self.wid * self.cfg.sandbox_concurrency
+        self.sandbox, _ = start_sandbox(self.cfg, uid, f"worker {self.wid}")
         self.pipeline = Pipeline(
             self.cfg, self.store, make_responder(self.cfg), tick=self.heartbeat.beat, sandbox=self.sandbox
         )
+        pid = os.getpid()
+        for n in range(self.heartbeat.threads):
+            queue = ReliableQueue(self.redis, processing_key(self.node_id, self.wid, pid, n))
+            queue.register()
+            name = f"{self.wid}" if self.heartbeat.threads == 1 else f"{self.wid}.{n}"
+            self.consumers.append(Consumer(name, queue, self.pipeline, self.heartbeat, lambda: self.stopping))
 
     def _close(self) -> None:
-        try:
-            self.queue.unregister()
-        except redis.RedisError as exc:
-            log.warning("worker %s could not unregister its processing list: %s", self.wid, exc)
+        for consumer in self.consumers:
+            try:
+                consumer.queue.unregister()
+            except redis.RedisError as exc:
+                log.warning("worker %s could not unregister %s: %s", self.wid, consumer.queue.processing, exc)
         self.sandbox.close()
         self.pipeline.http.close()
         self.store.close()
         self.redis.close()
 
-    # ---- the loop ------------------------------------------------------------------------------------------
+    # ---- driving one consumer in-process (tests, benchmarks) ------------------------------------------------
+
+    @property
+    def queue(self) -> ReliableQueue:
+        """The first consumer's queue."""
+        return self.consumers[0].queue
 
     def run_once(self) -> bool:
-        """Wait up to pop_timeout for one message and process it. True if a message was processed."""
-        self.heartbeat.beat()
-        try:
-            raw = self.queue.pop(self.cfg.pop_timeout)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            # Nothing is in flight yet: back off and let the loop notice a stop request meanwhile.
-            self._redis_down = min(self._redis_down * 2 or 0.1, 5.0)
-            log.warning("worker %s: Redis unavailable (%s); retrying in %.1fs", self.wid, exc, self._redis_down)
-            self._sleep(self._redis_down)
-            return False
-        self._redis_down = 0.0
-        if raw is None:
-            return False
-        self.heartbeat.busy(True)
-        try:
-            self.process(raw)
-        finally:
-            self.heartbeat.busy(False)
-            self.heartbeat.count()
-            self.handled += 1
-        return True
+        """One message through the first consumer, in the calling thread."""
+        return self.consumers[0].run_once()
 
     def process(self, raw: bytes | str) -> None:
-        """The message boundary: one popped payload in, one settled message out (begin -> handle -> settle)."""
-        env = read(raw, self.cfg.max_message_bytes, utcnow())
-        mid = env.ids.message_id
-        if not env.readable:  # not a JSON object: nothing to attempt again
-            self._fail(raw, env.ids, env.error)
-            return
-        if env.rewritten is not None and self._redis(lambda: self.queue.replace(raw, env.rewritten)):
-            raw = env.rewritten
-        attempts, done = self._redis(lambda: self.queue.begin(mid))
-        if done:
-            log.info("message %s was already answered: duplicate dropped", mid)
-            self._finish(raw, mid, [], "duplicates")
-            return
-        if attempts > self.cfg.max_attempts:
-            self._dead_letter(raw, env.ids, attempts, errors.INTERNAL_ERROR, "the worker died while processing it")
-            return
-        log.info('🤖 Processing message for bot %s: "%s"', env.ids.bot_id, env.preview)
-        if env.message is None:
-            self._fail(raw, env.ids, env.error)
-            return
-        try:
-            outcome = self.pipeline.handle(env.message)
-        except TransientError as exc:
-            self._retry(raw, env.ids, attempts, exc)
-            return
-        except MessageError as exc:
-            self._fail(raw, env.ids, exc)
-            return
-        except Exception as exc:  # the one catch-all: a bug ends this message with an event, not the worker
-            log.exception("❌ Error processing message %s: unexpected %s", mid, type(exc).__name__)
-            error = f"internal error while processing the message ({type(exc).__name__})"
-            self._finish(raw, mid, [(ERRORS, error_event(env.ids, errors.INTERNAL_ERROR, error))], "errors")
-            return
-        response, error_ev = reply_events(
-            env.message, outcome.instance_id, outcome.user_row, outcome.bot_row, outcome.error_code, outcome.error or ""
-        )
-        if error_ev is not None:
-            log.error("❌ Error processing message %s: %s", mid, outcome.error)
-        self._finish(raw, mid, [(RESPONSES, response)] + ([(ERRORS, error_ev)] if error_ev else []), "processed")
-        log.info("✅ Bot message processed successfully (%s%s)", mid, ", replayed" if outcome.replayed else "")
-
-    def _fail(self, raw: bytes | str, ids: Ids, exc: MessageError | None) -> None:
-        """The message cannot be answered (bad input, unknown bot...): one error event, settled."""
-        assert exc is not None
-        log.error("❌ Error processing message %s: %s (%s)", ids.message_id, exc.error, exc.code)
-        self._finish(raw, ids.message_id, [(ERRORS, error_event(ids, exc.code, exc.error))], "errors")
-
-    # ---- settling a message --------------------------------------------------------------------------------
-
-    def _finish(self, raw: bytes | str, mid: str, events: list[tuple[str, dict[str, Any]]], stat: str) -> None:
-        if not self._redis(lambda: self.queue.finish(raw, mid, events, stat)):
-            log.warning("message %s was recovered by someone else while we processed it: events not pushed", mid)
-
-    def _retry(self, raw: bytes | str, ids: Ids, attempts: int, exc: TransientError) -> None:
-        if attempts >= self.cfg.max_attempts:
-            self._dead_letter(raw, ids, attempts, exc.code, exc.error)
-            return
-        log.warning(
-            "attempt %d of message %s failed (%s): retrying when the database answers",
-            attempts,
-            ids.message_id,
-            exc.error,
-        )
-        self._wait_for_database(self.cfg.retry_delay * 2 ** (attempts - 1))
-        self._redis(lambda: self.queue.release(raw))
-
-    def _dead_letter(self, raw: bytes | str, ids: Ids, attempts: int, code: str, reason: str) -> None:
-        error = f"gave up after {attempts - (attempts > self.cfg.max_attempts)} attempt(s): {reason}"
-        log.error("❌ Error processing message %s: %s; moved to the dead-letter list", ids.message_id, error)
-        entry = {
-            "message": raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw,
-            "messageId": ids.message_id,
-            "code": code,
-            "error": error,
-            "attempts": attempts,
-            "failedAt": utcnow().isoformat(),
-            "node": self.node_id,
-        }
-        event = error_event(ids, errors.DEAD_LETTERED, error)
-        self._redis(lambda: self.queue.dead_letter(raw, ids.message_id, entry, event))
-
-    def _wait_for_database(self, delay: float) -> None:
-        """Back off, then wait until PostgreSQL answers (or we are told to stop), beating all along. The server is
-        asked about once a second (each try bounded by DB_CONNECT_TIMEOUT), so work resumes within about a second
-        of its return, not after a back-off that grew during a long outage."""
-        self._sleep(delay)
-        while not self.stopping:
-            try:
-                self.store.ping()
-                return
-            except TransientError as exc:
-                log.warning("worker %s: database still unavailable: %s", self.wid, exc.error)
-                self._sleep(DATABASE_POLL)
-
-    def _redis(self, call: Callable[[], T]) -> T:
-        """Run one Redis step, retrying connection failures with back-off (the message waits in our list)."""
-        delay = 0.1
-        while True:
-            try:
-                return call()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("worker %s: Redis unavailable (%s); retrying in %.1fs", self.wid, exc, delay)
-                self._sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    def _sleep(self, seconds: float) -> None:
-        """Sleep in short steps, beating, so the supervisor does not take a waiting worker for a stuck one."""
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            self.heartbeat.beat()
-            time.sleep(min(left, 0.25))
+        self.consumers[0].process(raw)
 
 
 def start_sandbox(cfg: Config, uid: int, who: str) -> tuple[SandboxClient, dict[str, Any]]:
     """A sandbox process for ``who``, and its greeting (which layers hold), logged. A sandbox that cannot start is
     reported, not raised: sandboxed tools then fail with the reason, and the client retries at the first one."""
-    client = SandboxClient(cfg.sandbox_root, uid, cfg.sandbox_gid, cfg.sandbox_allow_weak)
+    client = SandboxClient(cfg.sandbox_root, uid, cfg.sandbox_gid, cfg.sandbox_allow_weak, cfg.sandbox_concurrency)
     try:
         hello = client.start()
     except SandboxError as exc:

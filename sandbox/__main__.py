@@ -1,10 +1,12 @@
-"""The sandbox process: confine itself once, probe the confinement layers, then serve requests from its pipes.
+"""The sandbox process: confine itself once, probe the confinement layers, then serve requests from its pipes,
+up to ``--lanes`` at once (lanes.py: each request is answered by ``Server.handle`` in a lane of its own).
 
-    python -I -m sandbox --root DIR --uid UID --gid GID [--allow-weak] [--parent-pid PID]
+    python -I -m sandbox --root DIR --uid UID --gid GID [--lanes N] [--allow-weak] [--parent-pid PID]
     python -m sandbox check [--root DIR] [--uid UID] [--gid GID] [--allow-weak] [--json]     (see check.py)
 
 stdin and stdout carry protocol frames (see protocol.py); stderr is for log lines. The first frame it writes is
-``{"type": "hello", "ok", "layers", "weak", "error", "cgroup"}``. Then, per request frame::
+``{"type": "hello", "ok", "layers", "weak", "error", "cgroup", "lanes"}``. Then, per request frame (answers come
+in any order; each carries its request's ``id``)::
 
     {"id", "kind": "script", "source", "params", "limits"?}
     {"id", "kind": "shell", "command", "params", "secret_env"?, "cwd"?, "limits"?, "scope"?}
@@ -13,7 +15,8 @@ stdin and stdout carry protocol frames (see protocol.py); stderr is for log line
     {"id", "kind": "check"}                   every layer tried from inside real runs (check.py)
 
 one response frame ``{"id", "ok", "error"?, "result"?, "stdout"?, "stderr"?, "exit_code"?, "killed"?,
-"truncated"?, "duration_ms"?, "cpu_ms"?}`` (``killed``: "wall_time", "cpu_time" or "memory"). A run that names a
+"truncated"?, "duration_ms"?, "cpu_ms"?, "lost"?}`` (``killed``: "wall_time", "cpu_time" or "memory"; ``lost``: the
+lane answering it died). A run that names a
 ``scope`` (the bot's id) gets ``ROOT/files/<scope>`` as ``/files``: writable in file operations, read-only in shell
 runs, not at all in scripts. Nothing else of a run lives on the host (``/work`` and ``/tmp`` are tmpfs), except in
 weak mode, whose work directories under ``ROOT/runs`` are removed in the background (and swept at start-up).
@@ -37,9 +40,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import cgroup, check, files, jail, policy, request, script, seccomp, shell
+from . import cgroup, check, files, jail, lanes, policy, request, script, seccomp, shell
 from .linux import alive, effective_capabilities
-from .protocol import ProtocolError, read_frame, write_frame
+from .protocol import write_frame
 
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_GET_NO_NEW_PRIVS, _PR_GET_SECCOMP = 1, 4, 39, 21
 _PR_SET_NO_NEW_PRIVS = 38
@@ -334,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gid", required=True, type=int)
     parser.add_argument("--allow-weak", action="store_true")
     parser.add_argument("--parent-pid", type=int)
+    parser.add_argument("--lanes", type=int, default=1, help=f"runs at once, 1 to {policy.MAX_LANES} (lanes.py)")
     args = parser.parse_args(argv)
+    if not 1 <= args.lanes <= policy.MAX_LANES:
+        parser.error(f"--lanes must be between 1 and {policy.MAX_LANES}")
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # die with the worker
@@ -352,28 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     if server.weak:
         print("sandbox: WEAK MODE (development flag): no namespaces, no private root", file=sys.stderr)
-    write_frame(1, server.hello())
+    dispatcher = lanes.Dispatcher(server, args.lanes)
     try:
-        serve(server)
+        dispatcher.start()
+        write_frame(1, {**server.hello(), "lanes": dispatcher.pids()})
+        dispatcher.run()
     finally:
+        dispatcher.stop()
         server.close()
     return 0
-
-
-def serve(server: Server) -> None:
-    """Answer request frames until the worker closes the pipe (or sends garbage)."""
-    while True:
-        try:
-            frame = read_frame(0)
-        except ProtocolError as exc:
-            if "before a frame" not in str(exc):
-                print(f"sandbox: bad request frame, closing: {exc}", file=sys.stderr)
-            return
-        reply = server.handle(frame)
-        try:
-            write_frame(1, reply)
-        except ProtocolError as exc:  # a reply over the frame limit: say so instead of dying
-            write_frame(1, {"id": reply.get("id"), "ok": False, "error": f"sandbox reply too large: {exc}"})
 
 
 if __name__ == "__main__":

@@ -234,6 +234,19 @@ class RunGroups:
             raise CgroupUnavailable(f"cannot create run cgroups: {exc}{hint}") from None
         return groups
 
+    def move_home(self, name: str) -> None:
+        """For a lane (a process forked from the sandbox process to hold runs of its own): a home group
+        ``<parent>/<name>`` (reused when a lane that died left it), with no limit until a run sets them, and the
+        calling process in it. The group it leaves stays the sandbox process's."""
+        dirs = [(h, f"{p}/{name}") for h, p in zip(self.hierarchies, self.parents, strict=True)]
+        for _, directory in dirs:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, 0o755)
+        slot = Slot(dirs, home=True)
+        slot.relax()  # (a dead lane's last run may have left its limits)
+        join([directory for _, directory in dirs])
+        self.home = slot
+
     def _new_slot(self, home: bool = False) -> Slot:
         directories = [(h, f"{p}/run-{self._count}") for h, p in zip(self.hierarchies, self.parents, strict=True)]
         self._count += 1

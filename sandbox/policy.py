@@ -44,6 +44,7 @@ FILES_QUOTA_BYTES = 64 << 20  # a bot's /files as a whole (bytes of files and di
 FILES_QUOTA_ENTRIES = 10_000  # files and directories in a bot's /files
 
 MAX_FRAME_BYTES = 8 << 20  # the largest request or response frame on the pipes
+MAX_LANES = 64  # runs one sandbox process holds at once (each in a lane: a process and a run cgroup of its own)
 MAX_ARGV_BYTES = 64 << 10  # total size of a shell command's argv
 MAX_SCRIPT_BYTES = 64 << 10  # largest custom script source
 MAX_FILE_BYTES = 1 << 20  # largest file a file_operation reads or writes

@@ -55,7 +55,12 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
 
 
 def write_frame(fd: int, message: dict[str, Any], deadline: float | None = None, limit: int = MAX_FRAME_BYTES) -> None:
-    data = memoryview(encode_frame(message, limit))
+    write_payload(fd, encode_frame(message, limit)[_HEADER.size :], deadline)
+
+
+def write_payload(fd: int, payload: bytes, deadline: float | None = None) -> None:
+    """A frame of a payload as read (``read_payload``): the sandbox process relays frames without re-encoding."""
+    data = memoryview(_HEADER.pack(len(payload)) + payload)
     while data:
         _wait(fd, deadline, write=True)
         try:
@@ -68,10 +73,15 @@ def write_frame(fd: int, message: dict[str, Any], deadline: float | None = None,
 
 
 def read_frame(fd: int, deadline: float | None = None, limit: int = MAX_FRAME_BYTES) -> dict[str, Any]:
+    return decode_payload(read_payload(fd, deadline, limit))
+
+
+def read_payload(fd: int, deadline: float | None = None, limit: int = MAX_FRAME_BYTES) -> bytes:
+    """One frame's payload, not decoded."""
     (length,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size, deadline, header=True))
     if length > limit:
         raise ProtocolError(f"frame of {length} bytes exceeds the {limit}-byte limit")
-    return decode_payload(_read_exactly(fd, length, deadline))
+    return _read_exactly(fd, length, deadline)
 
 
 def _read_exactly(fd: int, n: int, deadline: float | None, header: bool = False) -> bytes:

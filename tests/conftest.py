@@ -184,7 +184,7 @@ class Fleet:
             if len(pids) != n:
                 return None
             lists = self.client.smembers("bot_worker:processing")
-            return pids if all(any(name.endswith(f":{pid}") for name in lists) for pid in pids) else None
+            return pids if all(any(f":{pid}:" in name for name in lists) for pid in pids) else None
 
         return wait_for(ready, timeout, f"{n} ready workers")
 

@@ -50,21 +50,23 @@ def in_flight(r: redis.Redis) -> int:
 
 
 def busy_pids(r: redis.Redis) -> list[int]:
-    """Pids of the workers whose processing list holds a message right now."""
-    return [int(name.rsplit(":", 1)[1]) for name in r.scan_iter(PROCESSING_PREFIX + "*") if r.llen(name)]
+    """Pids of the workers with a processing list (``...:<wid>:<pid>:<thread>``) holding a message right now."""
+    return [int(name.split(":")[-2]) for name in r.scan_iter(PROCESSING_PREFIX + "*") if r.llen(name)]
 
 
 def all_events(r: redis.Redis) -> list[dict[str, Any]]:
     return events(r, RESPONSES) + events(r, ERRORS)
 
 
+@pytest.mark.parametrize("procs,threads", [(4, 1), (2, 3)], ids=["4x1", "2x3"])
 def test_burst_under_random_sigkills_answers_every_message_exactly_once(
-    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, start_fleet: Callable[..., Fleet]
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, start_fleet: Callable[..., Fleet], procs: int, threads: int
 ) -> None:
-    """300 messages (tool and plain, a fifth without messageId) go through 4 workers while a random worker is
-    SIGKILLed every 0.3 s: every message gets exactly one bot_responses event and exactly its 2 rows, nothing is
-    duplicated, dead-lettered or left in bot_messages/processing lists, and the fleet is back to 4 workers."""
-    fleet = start_fleet(4, MAX_ATTEMPTS="10")
+    """300 messages (tool and plain, a fifth without messageId) go through the workers (processes x threads) while
+    a random worker is SIGKILLed every 0.3 s: every message gets exactly one bot_responses event and exactly its 2
+    rows, nothing is duplicated, dead-lettered or left in bot_messages/processing lists, and the fleet is whole
+    again. With threads, a kill takes every message its threads hold."""
+    fleet = start_fleet(procs, args=("--threads", str(threads)), MAX_ATTEMPTS="10")
     run = uuid.uuid4().hex[:8]
     sent: list[dict[str, Any]] = []
     for i in range(300):
@@ -116,7 +118,7 @@ def test_burst_under_random_sigkills_answers_every_message_exactly_once(
         return len(all_events(r)) >= len(sent) and r.llen(MESSAGES) == 0 and in_flight(r) == 0
 
     wait_for(settled, 90, "every message to be settled")
-    fleet.wait_workers(4, timeout=60)
+    fleet.wait_workers(procs, timeout=60)
     log = fleet.log()
     stats = r.hgetall("bot_worker:stats")
     print(f"killed {len(kills)} workers, {len(mid_message)} busy; {log.count('requeued')} requeues; {stats}")

@@ -49,7 +49,7 @@ def in_flight(r: redis.Redis, mid: str) -> tuple[str, int] | None:
     """(processing list, worker pid) of the worker currently holding the message with this id, if any."""
     for name in r.scan_iter(PROCESSING_PREFIX + "*"):
         if any(mid in raw for raw in r.lrange(name, 0, -1)):
-            return name, int(name.rsplit(":", 1)[1])
+            return name, int(name.split(":")[-2])  # (...:<wid>:<pid>:<thread>)
     return None
 
 
@@ -532,8 +532,8 @@ def test_orphaned_processing_list_of_dead_node_is_recovered(
 ) -> None:
     """A processing list left by a node whose key expired is requeued by a starting fleet and its message answered
     once; a processing list of a node that is still alive is left alone."""
-    orphan = PROCESSING_PREFIX + "deadnode-1:0:12345"
-    live = PROCESSING_PREFIX + "livenode-1:0:999"
+    orphan = PROCESSING_PREFIX + "deadnode-1:0:12345:3"
+    live = PROCESSING_PREFIX + "livenode-1:0:999:0"
     lost, busy = bot.message("list my models"), bot.message("hello from a live node")
     r.lpush(orphan, json.dumps(lost))
     r.lpush(live, json.dumps(busy))

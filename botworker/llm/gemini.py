@@ -30,6 +30,7 @@ import importlib
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,18 @@ def _http_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExce
 
 
 _TIMEOUTS, _TRANSPORT = _http_errors()
+
+
+def _pool_limits(threads: int) -> Any:
+    """Connection-pool limits for the SDK's HTTP client, of the library it will use (it picks the one these come
+    from): one kept-alive connection per worker thread, no cap on connections."""
+    for name in ("httpx2", "httpx"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        return module.Limits(max_connections=None, max_keepalive_connections=max(threads, 20))
+    raise ImportError("google-genai needs httpx or httpx2")
 
 
 def classify(exc: BaseException) -> Failure:
@@ -230,19 +243,28 @@ class GeminiResponder:
         self.clock = clock
         self.rng = rng
         self._client: genai.Client | None = None
+        self._lock = threading.Lock()
 
     def client(self) -> genai.Client:
-        """The process's client, made at first use (never at import, never before the fork)."""
-        if self._client is None:
-            options = types.HttpOptions(
-                api_version=API_VERSION,
-                timeout=_ms(self.cfg.gemini_timeout),
-                retry_options=types.HttpRetryOptions(attempts=1),  # retried here, within LLM_DEADLINE
-            )
-            if self.cfg.gemini_base_url:
-                options.base_url = self.cfg.gemini_base_url
-            self._client = genai.Client(vertexai=False, api_key=self.cfg.gemini_key, http_options=options)
-        return self._client
+        """The process's client, made at first use (never at import, never before the fork), shared by the
+        worker's threads (its HTTP connection pool included)."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._make_client()
+            return self._client
+
+    def _make_client(self) -> genai.Client:
+        options = types.HttpOptions(
+            api_version=API_VERSION,
+            timeout=_ms(self.cfg.gemini_timeout),
+            retry_options=types.HttpRetryOptions(attempts=1),  # retried here, within LLM_DEADLINE
+            # Every thread of the worker may wait on Gemini at once: keep a connection per thread alive (httpx
+            # keeps 20 by default; the others would reconnect, TLS included, for every request).
+            client_args={"limits": _pool_limits(self.cfg.worker_threads)},
+        )
+        if self.cfg.gemini_base_url:
+            options.base_url = self.cfg.gemini_base_url
+        return genai.Client(vertexai=False, api_key=self.cfg.gemini_key, http_options=options)
 
     def reply(
         self, ctx: BotContext, msg: Message, results: Sequence[ToolResult], tools: ToolRunner | None = None

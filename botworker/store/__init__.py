@@ -117,8 +117,8 @@ class Store:
             configure=self._configure,
             # A fixed size: a pool that grows when a caller waits would rotate this process's statements over more
             # server backends than it has callers (measured: 10-20% of the throughput with a second idle backend).
-            min_size=cfg.db_pool_size,
-            max_size=cfg.db_pool_size,
+            min_size=cfg.pool_size,
+            max_size=cfg.pool_size,
             timeout=cfg.db_connect_timeout,  # how long a caller waits for a connection
             # A failed connection attempt is retried with back-off for this long, then given up: the next caller
             # starts a fresh attempt at once, so a server that is back is used within seconds.
@@ -181,7 +181,7 @@ class Store:
         """A pooled connection that the server has not closed while it idled (a restart, an idle timeout, a
         failover: bytes or end-of-file wait on its socket); found without a round trip. Stale ones are closed, and
         the pool makes new ones."""
-        for _ in range(self.cfg.db_pool_size):
+        for _ in range(self.cfg.pool_size):
             conn = self.pool.getconn()
             if not (conn.closed or conn.broken or has_news(conn)):
                 return conn

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import select
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -61,33 +62,30 @@ class PooledConnection(psycopg.Connection[dict[str, Any]]):
 
 
 class ToolConnection:
-    """The connection database tools run on, one per process, opened at the first tool call."""
+    """The connections database tools run on: opened at the first tool call, kept idle for the next one (as many
+    as the store's pool has, at most), one per thread that is running a database tool."""
 
     def __init__(self, cfg: Config, connect_args: dict[str, Any]) -> None:
         self.cfg = cfg
         self._connect_args = connect_args
-        self._tool_conn: psycopg.Connection[Any] | None = None
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        if self._tool_conn is not None:
-            self._tool_conn.close()
-            self._tool_conn = None
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """The connection database tools run on: psycopg 3 in autocommit mode, one of its own (never the pool's),
-        logged in as DB_TOOL_URL's role when set. psycopg 3 binds parameters on the server (extended protocol), so
-        a tool's values never appear in the statement text that ``pg_stat_activity`` and server logs show, and
-        the server itself refuses a second statement. After each use it is rolled back and ``DISCARD ALL``-ed
-        (session settings, advisory locks, temporary tables): nothing one call does reaches the next, another
-        user's. Errors of the tools' own statements pass through untranslated: the tool reports them."""
-        conn = self._tool_conn
-        if conn is not None and not conn.closed and has_news(conn):
-            # An idle connection with bytes waiting was ended by the server (terminated, idle timeout, failover):
-            # replace it now rather than fail the next call, another user's perhaps.
-            conn.close()
-        if conn is None or conn.closed:
-            conn = self._tool_conn = self._connect_tools()
+        """A connection for one tool call: psycopg 3 in autocommit mode, never one of the pool's, logged in as
+        DB_TOOL_URL's role when set. psycopg 3 binds parameters on the server (extended protocol), so a tool's
+        values never appear in the statement text that ``pg_stat_activity`` and server logs show, and the server
+        itself refuses a second statement. After each use it is rolled back and ``DISCARD ALL``-ed (session
+        settings, advisory locks, temporary tables): nothing one call does reaches the next, another user's.
+        Errors of the tools' own statements pass through untranslated: the tool reports them."""
+        conn = self._take()
         try:
             yield conn
         finally:
@@ -96,7 +94,26 @@ class ToolConnection:
                 conn.execute("DISCARD ALL")  # not in a transaction block: a statement of its own
             except psycopg.Error:
                 conn.close()
-                self._tool_conn = None
+            else:
+                self._give(conn)
+
+    def _take(self) -> psycopg.Connection[Any]:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed and not has_news(conn):
+                    return conn
+                # Bytes waiting on an idle connection: the server ended it (terminated, idle timeout, failover).
+                # Replace it now rather than fail the next call, another user's perhaps.
+                conn.close()
+        return self._connect_tools()
+
+    def _give(self, conn: psycopg.Connection[Any]) -> None:
+        with self._lock:
+            if len(self._idle) < self.cfg.pool_size:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def _connect_tools(self) -> psycopg.Connection[Any]:
         url = self.cfg.db_tool_url or self.cfg.database_url

@@ -77,15 +77,13 @@ class Deadline:
         self._timer.daemon = True
 
     def __enter__(self) -> Deadline:
-        global _current
-        _current = self
+        _current.deadline = self
         self._timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        global _current
         self._timer.cancel()
-        _current = None
+        _current.deadline = None
 
     def track(self, conn: Any) -> None:
         with self._lock:
@@ -100,12 +98,13 @@ class Deadline:
                 _shutdown(conn)
 
 
-_current: Deadline | None = None  # the call in progress (a worker makes one tool call at a time)
+_current = threading.local()  # .deadline: the calling thread's call in progress (a thread makes one at a time)
 
 
 def _track(conn: Any) -> Any:
-    if _current is not None:
-        _current.track(conn)
+    deadline = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.track(conn)
     return conn
 
 

@@ -19,12 +19,12 @@ import time
 ROOT_MODE = os.geteuid() == 0
 MODE = "root" if ROOT_MODE else "unprivileged"
 JAIL_UID = JAIL_GID = 150_000  # the uid/gid root-mode runs get (unused in unprivileged mode)
-_RUN_GROUP = re.compile(r":/(?:.*/)?sandbox-(\d+)(?:\.\d+)?/run-\d+$", re.MULTILINE)
+_RUN_GROUP = re.compile(r":/(?:.*/)?sandbox-(\d+)(?:\.\d+)?/(run|lane)-\d+$", re.MULTILINE)
 
 
 def run_processes() -> list[int]:
-    """Processes that are in some sandbox's run group right now (the sandbox process itself, which lives in its
-    run group, not counted)."""
+    """Processes that are in some sandbox's run group right now: not the sandbox process itself, which lives in
+    its run group, nor its lanes (children of it, each living in a ``lane-<n>`` group of its own)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -32,11 +32,20 @@ def run_processes() -> list[int]:
         try:
             with open(f"/proc/{entry}/cgroup") as f:
                 group = _RUN_GROUP.search(f.read())
-            if group and group.group(1) != entry:
-                found.append(int(entry))
+            if not group or group.group(1) == entry:
+                continue
+            if group.group(2) == "lane" and parent(int(entry)) == int(group.group(1)):
+                continue
+            found.append(int(entry))
         except OSError:
             continue  # gone meanwhile
     return found
+
+
+def parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
 
 
 def leftovers(grace: float = 3.0) -> list[int]:

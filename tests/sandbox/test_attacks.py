@@ -142,9 +142,18 @@ def test_cant_find_the_worker_environment_in_the_sandbox_process(client: Sandbox
     assert CANARY.encode() not in environ and b"SANDBOX_CANARY" not in environ
     fd_dir = f"/proc/{client.proc.pid}/fd"
     # No inherited descriptors but its two pipes and stderr (the worker's own, shared on purpose for log lines);
-    # beyond those, only the cgroup.procs files of its own run groups (opened by itself, close-on-exec).
+    # beyond those, two pipes to each of its lanes (lanes.py), and the cgroup.procs files of its own run groups
+    # (opened by itself, close-on-exec).
     extra = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir) if int(fd) > 2]
-    assert all(f"/sandbox-{client.proc.pid}/run-" in p and p.endswith("/cgroup.procs") for p in extra), extra
+    lanes = client.call({"kind": "ping"})["lanes"]
+    assert len([p for p in extra if p.startswith("pipe:")]) == 2 * len(lanes), extra
+    assert all(f"/sandbox-{client.proc.pid}/run-" in p and p.endswith("/cgroup.procs") for p in extra
+               if not p.startswith("pipe:")), extra  # fmt: skip
+    worker_pipes = {os.readlink(f"{fd_dir}/{fd}") for fd in (0, 1)}
+    for lane in lanes:  # a lane has its own two pipes for 0 and 1, none of the worker's, none of another lane's
+        held = {fd: os.readlink(f"/proc/{lane}/fd/{fd}") for fd in os.listdir(f"/proc/{lane}/fd")}
+        assert not worker_pipes & set(held.values()), held
+        assert {"0", "1"} <= {fd for fd, p in held.items() if p.startswith("pipe:")} <= {"0", "1", "2"}, held
     assert os.readlink(f"{fd_dir}/0").startswith("pipe:") and os.readlink(f"{fd_dir}/1").startswith("pipe:")
 
 

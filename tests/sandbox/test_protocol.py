@@ -375,7 +375,8 @@ def _waitpid(pid: int, deadline: float) -> tuple[int, int]:
 
 
 def _hold_run(sandbox: int, who_dies: str, seen: dict[str, Any], seized: threading.Event) -> None:
-    """Tracer thread. who_dies="keeper": let the keeper fork init, then hold both until the sandbox's deadline kill
+    """Tracer thread of ``sandbox``, the process that forks runs (a lane of the sandbox process). who_dies="keeper":
+    let the keeper fork init, then hold both until the sandbox's deadline kill
     lands on the keeper. who_dies="sandbox": hold the fresh keeper and kill the sandbox itself. Then release the
     orphan, which arms its parent-death signal too late."""
     deadline = time.monotonic() + 15
@@ -444,10 +445,10 @@ def _hold_run(sandbox: int, who_dies: str, seen: dict[str, Any], seized: threadi
 def test_a_run_whose_keeper_dies_at_the_deadline_before_init_is_armed_leaves_nothing(
     client: SandboxClient, root: Path
 ) -> None:
-    assert client.proc is not None
     seen: dict[str, Any] = {}
     seized = threading.Event()
-    tracer = threading.Thread(target=_hold_run, args=(client.proc.pid, "keeper", seen, seized))
+    # Runs are forked by a lane of the sandbox process (lanes.py); an idle sandbox hands the next run to lane 0.
+    tracer = threading.Thread(target=_hold_run, args=(client.hello["lanes"][0], "keeper", seen, seized))
     tracer.start()
     seized.wait(10)  # the request goes only once the sandbox is traced: its next fork is the run's keeper
     try:
@@ -471,10 +472,9 @@ def test_a_run_whose_keeper_dies_at_the_deadline_before_init_is_armed_leaves_not
 
 @_ROOT_ONLY
 def test_a_run_whose_sandbox_dies_before_the_keeper_is_armed_leaves_nothing(client: SandboxClient, root: Path) -> None:
-    assert client.proc is not None
     seen: dict[str, Any] = {}
     seized = threading.Event()
-    tracer = threading.Thread(target=_hold_run, args=(client.proc.pid, "sandbox", seen, seized))
+    tracer = threading.Thread(target=_hold_run, args=(client.hello["lanes"][0], "sandbox", seen, seized))
     tracer.start()
     seized.wait(10)  # the request goes only once the sandbox is traced: its next fork is the run's keeper
     try:

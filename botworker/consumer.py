@@ -1,0 +1,200 @@
+"""One consumer thread of a worker process: pop one message into a processing list of its own, process it, settle it.
+
+A worker process runs WORKER_THREADS consumers over what it shares (one Redis client, one PostgreSQL pool, one
+sandbox, one pipeline). Each consumer holds at most one message, in
+``bot_messages:processing:<node>:<wid>:<pid>:<thread>``, and pops only when it is free: no prefetch, so a message
+never waits behind another in a busy thread while an idle worker elsewhere could take it.
+
+``process(raw)`` is the message boundary: whatever happens inside, the message ends in exactly one of
+- ``finish``: the reply and/or error events pushed and the message acked, atomically;
+- ``release``: put back at the head of the line after a transient failure (database down), once it answers again;
+- ``dead_letter``: after ``max_attempts`` attempts (crashes included), with a ``bot_errors`` event.
+A Redis failure at any step is retried with back-off until Redis answers; the message waits in this consumer's
+processing list meanwhile, where the supervisor finds it if the worker dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis
+
+from . import errors
+from .errors import MessageError, TransientError
+from .message import Ids, error_event, read, reply_events
+from .pipeline import Pipeline, utcnow
+from .queue import ERRORS, RESPONSES, ReliableQueue, node_of
+
+if TYPE_CHECKING:  # (the worker imports this module; only its type is needed here)
+    from .worker import Heartbeat
+
+log = logging.getLogger(__name__)
+
+DATABASE_POLL = 1.0  # seconds between two probes of a database that is down
+T = TypeVar("T")
+
+
+class Consumer:
+    """One thread's loop. ``stopping()`` says when to stop taking messages (the worker's warm stop)."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        queue: ReliableQueue,
+        pipeline: Pipeline,
+        heartbeat: Heartbeat,
+        stopping: Callable[[], bool],
+    ) -> None:
+        self.worker_id = worker_id  # "<wid>" or "<wid>.<thread>", for log lines
+        self.queue = queue
+        self.pipeline = pipeline
+        self.cfg = pipeline.cfg
+        self.store = pipeline.store
+        self.heartbeat = heartbeat
+        self.stopping = stopping
+        self.handled = 0
+        self._redis_down = 0.0  # current back-off while Redis is unreachable between messages
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        """Take messages until ``should_stop()``; the message in hand is always finished first."""
+        while not should_stop():
+            self.run_once()
+
+    def run_once(self) -> bool:
+        """Wait up to pop_timeout for one message and process it. True if a message was processed."""
+        self.heartbeat.beat()
+        try:
+            raw = self.queue.pop(self.cfg.pop_timeout)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Nothing is in flight yet: back off and let the loop notice a stop request meanwhile.
+            self._redis_down = min(self._redis_down * 2 or 0.1, 5.0)
+            log.warning("worker %s: Redis unavailable (%s); retrying in %.1fs", self.worker_id, exc, self._redis_down)
+            self._sleep(self._redis_down)
+            return False
+        self._redis_down = 0.0
+        if raw is None:
+            return False
+        self.heartbeat.busy(True)
+        try:
+            self.process(raw)
+        finally:
+            self.heartbeat.busy(False)
+            self.heartbeat.count()
+            self.handled += 1
+        return True
+
+    def process(self, raw: bytes | str) -> None:
+        """The message boundary: one popped payload in, one settled message out (begin -> handle -> settle)."""
+        env = read(raw, self.cfg.max_message_bytes, utcnow())
+        mid = env.ids.message_id
+        if not env.readable:  # not a JSON object: nothing to attempt again
+            self._fail(raw, env.ids, env.error)
+            return
+        if env.rewritten is not None and self._redis(lambda: self.queue.replace(raw, env.rewritten)):
+            raw = env.rewritten
+        attempts, done = self._redis(lambda: self.queue.begin(mid))
+        if done:
+            log.info("message %s was already answered: duplicate dropped", mid)
+            self._finish(raw, mid, [], "duplicates")
+            return
+        if attempts > self.cfg.max_attempts:
+            self._dead_letter(raw, env.ids, attempts, errors.INTERNAL_ERROR, "the worker died while processing it")
+            return
+        log.info('🤖 Processing message for bot %s: "%s"', env.ids.bot_id, env.preview)
+        if env.message is None:
+            self._fail(raw, env.ids, env.error)
+            return
+        try:
+            outcome = self.pipeline.handle(env.message)
+        except TransientError as exc:
+            self._retry(raw, env.ids, attempts, exc)
+            return
+        except MessageError as exc:
+            self._fail(raw, env.ids, exc)
+            return
+        except Exception as exc:  # the one catch-all: a bug ends this message with an event, not the worker
+            log.exception("❌ Error processing message %s: unexpected %s", mid, type(exc).__name__)
+            error = f"internal error while processing the message ({type(exc).__name__})"
+            self._finish(raw, mid, [(ERRORS, error_event(env.ids, errors.INTERNAL_ERROR, error))], "errors")
+            return
+        response, error_ev = reply_events(
+            env.message, outcome.instance_id, outcome.user_row, outcome.bot_row, outcome.error_code, outcome.error or ""
+        )
+        if error_ev is not None:
+            log.error("❌ Error processing message %s: %s", mid, outcome.error)
+        self._finish(raw, mid, [(RESPONSES, response)] + ([(ERRORS, error_ev)] if error_ev else []), "processed")
+        log.info("✅ Bot message processed successfully (%s%s)", mid, ", replayed" if outcome.replayed else "")
+
+    def _fail(self, raw: bytes | str, ids: Ids, exc: MessageError | None) -> None:
+        """The message cannot be answered (bad input, unknown bot...): one error event, settled."""
+        assert exc is not None
+        log.error("❌ Error processing message %s: %s (%s)", ids.message_id, exc.error, exc.code)
+        self._finish(raw, ids.message_id, [(ERRORS, error_event(ids, exc.code, exc.error))], "errors")
+
+    # ---- settling a message --------------------------------------------------------------------------------
+
+    def _finish(self, raw: bytes | str, mid: str, events: list[tuple[str, dict[str, Any]]], stat: str) -> None:
+        if not self._redis(lambda: self.queue.finish(raw, mid, events, stat)):
+            log.warning("message %s was recovered by someone else while we processed it: events not pushed", mid)
+
+    def _retry(self, raw: bytes | str, ids: Ids, attempts: int, exc: TransientError) -> None:
+        if attempts >= self.cfg.max_attempts:
+            self._dead_letter(raw, ids, attempts, exc.code, exc.error)
+            return
+        log.warning(
+            "attempt %d of message %s failed (%s): retrying when the database answers",
+            attempts,
+            ids.message_id,
+            exc.error,
+        )
+        self._wait_for_database(self.cfg.retry_delay * 2 ** (attempts - 1))
+        self._redis(lambda: self.queue.release(raw))
+
+    def _dead_letter(self, raw: bytes | str, ids: Ids, attempts: int, code: str, reason: str) -> None:
+        error = f"gave up after {attempts - (attempts > self.cfg.max_attempts)} attempt(s): {reason}"
+        log.error("❌ Error processing message %s: %s; moved to the dead-letter list", ids.message_id, error)
+        entry = {
+            "message": raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw,
+            "messageId": ids.message_id,
+            "code": code,
+            "error": error,
+            "attempts": attempts,
+            "failedAt": utcnow().isoformat(),
+            "node": node_of(self.queue.processing),
+        }
+        event = error_event(ids, errors.DEAD_LETTERED, error)
+        self._redis(lambda: self.queue.dead_letter(raw, ids.message_id, entry, event))
+
+    def _wait_for_database(self, delay: float) -> None:
+        """Back off, then wait until PostgreSQL answers (or we are told to stop), beating all along. The server is
+        asked about once a second (each try bounded by DB_CONNECT_TIMEOUT), so work resumes within about a second
+        of its return, not after a back-off that grew during a long outage."""
+        self._sleep(delay)
+        while not self.stopping():
+            try:
+                self.store.ping()
+                return
+            except TransientError as exc:
+                log.warning("worker %s: database still unavailable: %s", self.worker_id, exc.error)
+                self._sleep(DATABASE_POLL)
+
+    def _redis(self, call: Callable[[], T]) -> T:
+        """Run one Redis step, retrying connection failures with back-off (the message waits in our list)."""
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("worker %s: Redis unavailable (%s); retrying in %.1fs", self.worker_id, exc, delay)
+                self._sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep in short steps, beating, so the supervisor does not take a waiting thread for a stuck one."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.heartbeat.beat()
+            time.sleep(min(left, 0.25))
