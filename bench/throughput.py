@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End-to-end throughput and latency of a real worker fleet: push M messages, time every reply event.
 
-    .venv/bin/python bench/throughput.py [--procs 1,2,4,8] [--messages 2000] [--tool|--no-tool] [--warmup 100]
+    .venv/bin/python bench/throughput.py [--procs 1,2,4,8] [--threads 1] [--messages 2000] [--tool|--no-tool] [--warmup 100]
         [--repeat 3] [--closed-loop 200] [--conversations 0] [--json out.json] [--py-spy /tmp/spy]
 
 Uses REDIS_URL and DATABASE_URL when both are set (nothing is flushed there: only the bench's own keys are
@@ -451,7 +451,7 @@ def run_once(srv: Servers, client: redis.Redis, procs: int, args: argparse.Names
     client.delete(RESPONSES, ERRORS)
     collector = Collector(client)
     collector.start()
-    fleet = Fleet(procs, srv)
+    fleet = Fleet(procs, srv, ("--threads", str(args.threads)))
     try:
         fleet.wait_ready(client)
         warm_up(client, collector, srv.database_url, args.warmup, args.tool, args.batch)
@@ -643,6 +643,7 @@ def print_table(results: list[Result], closed: dict[str, float] | None, tool: bo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--procs", default="1,2,4,8", help="comma-separated fleet sizes (default 1,2,4,8)")
+    parser.add_argument("--threads", type=int, default=1, help="consumer threads per worker (default 1)")
     parser.add_argument("--messages", type=int, default=2000, help="messages per run (default 2000)")
     parser.add_argument(
         "--tool", action=argparse.BooleanOptionalAction, default=False, help='"list my models" (a platform tool)'

@@ -2,9 +2,9 @@
 
 Self-contained: standard library + RestrictedPython; imports nothing from ``botworker``. Start reading at
 ``policy.py`` (every allowlist, option and limit, as data), then ``jail.py`` and ``jail_child.py`` (how one run is
-confined: watched from outside, and what its own processes do) and ``cgroup.py`` (how a run's process tree is held
-as a whole). ``python -m sandbox check`` (or ``botworker
-sandbox-check``) tries every layer below from inside real runs on the machine it is run on.
+confined: watched from outside, and what its own processes do), ``cgroup.py`` (how a run's process tree is held
+as a whole) and ``lanes.py`` (how one sandbox process holds several runs at once, kept apart). ``python -m sandbox
+check`` (or ``botworker sandbox-check``) tries every layer below from inside real runs on the machine it is run on.
 
 Threat model
 ------------
@@ -16,7 +16,7 @@ exhaust the machine (CPU, memory, processes, disk, output), or take the worker d
 the worker that sends the requests.
 
 Modes. Production runs the sandbox unprivileged (the systemd unit's ``User=botworker``): each run gets a user
-namespace of its own, where it is uid 0 with no capability. Started as root, each worker's runs get a host uid of
+namespace of its own, where it is uid 0 with no capability. Started as root, each lane's runs (lanes.py) get a host uid of
 their own instead. Both modes build the same jail and pass the same test suite (CI runs it twice).
 
 Layers (each stops the attack on its own; together they are the boundary)
@@ -24,7 +24,10 @@ Layers (each stops the attack on its own; together they are the boundary)
 ==========================  =================================================================================
 process boundary            The worker execs ``python -I`` with an environment built from nothing and no
                             inherited descriptors (``client.py``): the sandbox never holds a worker secret.
-                            It never runs untrusted code itself; it forks one fresh process tree per request.
+                            It never runs untrusted code itself: it hands each request to a lane
+                            (``lanes.py``: a process forked from it after start-up, confined the same way,
+                            dying with it), which forks one fresh process tree per run. Up to ``--lanes``
+                            runs at once; each lane has a run cgroup of its own and, as root, a uid of its own.
                             It is non-dumpable: not even the worker's uid can read its memory or environment.
 cgroup (per run)            Every run's whole process tree is in a cgroup of its own (``cgroup.py``, v2 or
                             v1): memory (no swap; its tmpfs pages count), processes and CPU rate are held for
@@ -39,7 +42,7 @@ private root                A tmpfs root holding ``/usr`` (read-only bind), ``/e
                             and inode count of their own, and the bot's ``/files`` (writable in file
                             operations only; read-only in shell runs; absent in script runs); ``pivot_root``
                             into it and the host's root is detached. Writable mounts are ``nosuid,nodev,noexec``.
-unprivileged identity       As root, the runner switches to a uid/gid of its own (per worker) with no
+unprivileged identity       As root, the runner switches to a uid/gid of its own (per lane) with no
                             supplementary groups; when the sandbox is not root, uid 0 of the run's own user
                             namespace. Either way the bounding and ambient sets are emptied and securebits
                             locked first, then every other capability set.
