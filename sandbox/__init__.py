@@ -16,8 +16,8 @@ exhaust the machine (CPU, memory, processes, disk, output), or take the worker d
 the worker that sends the requests.
 
 Modes. Production runs the sandbox unprivileged (the systemd unit's ``User=botworker``): each run gets a user
-namespace of its own, where it is uid 0 with no capability. Started as root, each lane's runs (lanes.py) get a host uid of
-their own instead. Both modes build the same jail and pass the same test suite (CI runs it twice).
+namespace of its own, where it is uid 0 with no capability. Started as root, each lane's runs (lanes.py) get a host
+uid of their own instead. Both modes build the same jail and pass the same test suite (CI runs it twice).
 
 Layers (each stops the attack on its own; together they are the boundary)
 -----------------------------------------------------------------------------
