@@ -143,8 +143,14 @@ class Config:
     worker_threads: int = setting(
         "WORKER_THREADS",
         integer(1, 1024),
-        1,
+        16,
         "consumer threads per worker process (flag --threads): replies in flight while waiting on the LLM or tools",
+    )
+    cpu_slots: int = setting(
+        "WORKER_CPU_SLOTS",
+        integer(1, 64),
+        1,
+        "threads of a worker process that run the CPU-bound part of a message at once (the rest wait or queue)",
     )
     max_message_bytes: int = setting(
         "MAX_MESSAGE_BYTES", integer(1, 1 << 20), 16384, "longest accepted `message` (UTF-8 bytes)"
@@ -176,7 +182,7 @@ class Config:
         "DB_POOL_SIZE",
         integer(0, 64),
         0,
-        "PostgreSQL connections of a worker process's pool; 0: one per 8 threads, at least 1, at most 4",
+        "PostgreSQL connections of a worker process's pool; 0: WORKER_CPU_SLOTS + 1, at most WORKER_THREADS",
     )
     db_connect_timeout: int = setting(
         "DB_CONNECT_TIMEOUT", integer(1, 300), 5, "PostgreSQL connect timeout (s), and the wait for a pooled connection"
@@ -221,9 +227,9 @@ class Config:
 
     @property
     def pool_size(self) -> int:
-        """PostgreSQL connections per worker process: DB_POOL_SIZE, or sized to the database work of the threads
-        (a connection is held only while loading or saving, a few ms of a reply that waits seconds on the LLM)."""
-        return self.db_pool_size or max(1, min(4, -(-self.worker_threads // 8)))
+        """PostgreSQL connections per worker process: DB_POOL_SIZE, or sized to the database work of the threads:
+        loads and saves run in a CPU slot (one per slot), plus one for platform tools, which run outside them."""
+        return self.db_pool_size or min(self.worker_threads, self.cpu_slots + 1)
 
     def redacted(self) -> dict[str, Any]:
         """The settings with passwords and keys hidden, for logs and `status`."""

@@ -27,6 +27,7 @@ from .errors import MessageError, TransientError
 from .message import Ids, error_event, read, reply_events
 from .pipeline import Pipeline, utcnow
 from .queue import ERRORS, RESPONSES, ReliableQueue, node_of
+from .slots import CpuSlots
 
 if TYPE_CHECKING:  # (the worker imports this module; only its type is needed here)
     from .worker import Heartbeat
@@ -47,6 +48,7 @@ class Consumer:
         pipeline: Pipeline,
         heartbeat: Heartbeat,
         stopping: Callable[[], bool],
+        slots: CpuSlots,
     ) -> None:
         self.worker_id = worker_id  # "<wid>" or "<wid>.<thread>", for log lines
         self.queue = queue
@@ -55,6 +57,7 @@ class Consumer:
         self.store = pipeline.store
         self.heartbeat = heartbeat
         self.stopping = stopping
+        self.slots = slots
         self.handled = 0
         self._redis_down = 0.0  # current back-off while Redis is unreachable between messages
 
@@ -79,7 +82,8 @@ class Consumer:
             return False
         self.heartbeat.busy(True)
         try:
-            self.process(raw)
+            with self.slots.hold():
+                self.process(raw)
         finally:
             self.heartbeat.busy(False)
             self.heartbeat.count()
@@ -195,6 +199,7 @@ class Consumer:
     def _sleep(self, seconds: float) -> None:
         """Sleep in short steps, beating, so the supervisor does not take a waiting thread for a stuck one."""
         end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            self.heartbeat.beat()
-            time.sleep(min(left, 0.25))
+        with self.slots.waiting():
+            while (left := end - time.monotonic()) > 0:
+                self.heartbeat.beat()
+                time.sleep(min(left, 0.25))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ from .detect import detect
 from .errors import LLMError
 from .llm import Responder
 from .message import Message, Reply
+from .slots import CpuSlots
 from .store import Store
 from .tools import Family, ToolContext, budget, outbound, pinned, registry
 from .tools.dispatch import ToolRunner
@@ -68,6 +70,7 @@ class Pipeline:
         clock: Callable[[], datetime] = utcnow,
         sandbox: SandboxClient | None = None,
         families: dict[str, Family] | None = None,
+        slots: CpuSlots | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -79,6 +82,8 @@ class Pipeline:
         self.http = pinned.session(outbound.OutboundPolicy(cfg.http_allowed_hosts), max(4, cfg.worker_threads))
         self.tick = tick  # called between steps: the worker's heartbeat
         self.clock = clock
+        # The worker's CPU slots: its thread lets another run while a tool or the language model is waited on.
+        self.slots = slots or CpuSlots(1, tick)
 
     def handle(self, msg: Message) -> Outcome:
         ctx = self.store.load_context(msg)
@@ -93,12 +98,14 @@ class Pipeline:
         runner = ToolRunner(tool_ctx, self.families, self.tick)
         for call in detect(msg.text, ctx.tools):
             log.info("📝 Extracted params for %s: %s", call.name, _short(call.params))
-            runner.run(call)
+            with self.slots.waiting():
+                runner.run(call)
 
         self.tick()
         llm_error: dict[str, str] | None = None
         try:
-            reply = self.responder.reply(ctx, msg, list(runner.results), runner)
+            with self.slots.waiting() if self.responder.waits else nullcontext():
+                reply = self.responder.reply(ctx, msg, list(runner.results), runner)
         except LLMError as exc:
             log.warning("message %s: the language model failed (%s): %s", msg.message_id, exc.code, exc.error)
             reply = Reply(APOLOGY, str(exc.extra.get("model") or "unknown"), exc.tokens_used, dict(exc.extra))

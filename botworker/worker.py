@@ -32,6 +32,7 @@ from .errors import BootError, TransientError
 from .llm import make_responder
 from .pipeline import Pipeline
 from .queue import ReliableQueue, processing_key
+from .slots import CpuSlots
 from .store import Store
 from .tools import registry
 
@@ -219,14 +220,20 @@ class Worker:
         uid = self.cfg.sandbox_uid + self.wid * self.cfg.sandbox_concurrency
         self.sandbox, _ = start_sandbox(self.cfg, uid, f"worker {self.wid}")
         self.pipeline = Pipeline(
-            self.cfg, self.store, make_responder(self.cfg), tick=self.heartbeat.beat, sandbox=self.sandbox
+            self.cfg,
+            self.store,
+            make_responder(self.cfg),
+            tick=self.heartbeat.beat,
+            sandbox=self.sandbox,
+            slots=CpuSlots(self.cfg.cpu_slots, self.heartbeat.beat),
         )
         pid = os.getpid()
+        slots = self.pipeline.slots
         for n in range(self.heartbeat.threads):
             queue = ReliableQueue(self.redis, processing_key(self.node_id, self.wid, pid, n))
             queue.register()
             name = f"{self.wid}" if self.heartbeat.threads == 1 else f"{self.wid}.{n}"
-            self.consumers.append(Consumer(name, queue, self.pipeline, self.heartbeat, lambda: self.stopping))
+            self.consumers.append(Consumer(name, queue, self.pipeline, self.heartbeat, lambda: self.stopping, slots))
 
     def _close(self) -> None:
         for consumer in self.consumers:

@@ -229,7 +229,9 @@ class _Exchange:
 
 
 class GeminiResponder:
-    """Replies through the Gemini API (see the module docstring). One per worker process."""
+    """Replies through the Gemini API (see the module docstring). One per worker process, shared by its threads."""
+
+    waits = True
 
     def __init__(
         self,

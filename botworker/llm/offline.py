@@ -26,6 +26,8 @@ _KIND_WORDS = {
 class OfflineResponder:
     """Deterministic replies without a language model."""
 
+    waits = False  # pure CPU
+
     def reply(
         self, ctx: BotContext, msg: Message, results: Sequence[ToolResult], tools: ToolRunner | None = None
     ) -> Reply:

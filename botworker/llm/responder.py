@@ -13,6 +13,8 @@ from ..tools.dispatch import ToolRunner
 class Responder(Protocol):
     """Produces the bot's reply for one message."""
 
+    waits: bool  # whether reply() waits on the network (then the worker's thread gives up its CPU slot meanwhile)
+
     def reply(self, ctx: BotContext, msg: Message, results: Sequence[ToolResult], tools: ToolRunner) -> Reply:
         """``results``: the calls detection made; ``tools`` runs more (function calling) and records them."""
         ...
