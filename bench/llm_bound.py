@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -124,37 +125,35 @@ class SlowGemini:
         self.httpd.server_close()
 
 
-def fleet_pss(pid: int) -> float:
-    """PSS (MiB) of a process and all its descendants (shared pages split among the processes sharing them)."""
-    total = 0
+def _tree_sum(pid: int, measure: Callable[[psutil.Process], float]) -> float:
+    """``measure`` summed over a process and all its descendants (processes gone meanwhile count 0)."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return 0.0
+    total = 0.0
     for proc in procs:
         try:
-            total += proc.memory_full_info().pss
+            total += measure(proc)
         except psutil.Error:
             continue
-    return total / MiB
+    return total
+
+
+def fleet_pss(pid: int) -> float:
+    """PSS (MiB) of a process tree (shared pages split among the processes sharing them)."""
+    return _tree_sum(pid, lambda p: p.memory_full_info().pss) / MiB
 
 
 def fleet_cpu(pid: int) -> float:
     """CPU seconds used so far by a process tree (reaped children included: each sandboxed run's processes)."""
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            continue
-    return total
+
+    def used(proc: psutil.Process) -> float:
+        t = proc.cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    return _tree_sum(pid, used)
 
 
 def pg_connections(dsn: str) -> int:

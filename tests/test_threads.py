@@ -2,8 +2,8 @@
 and everything the reliable queue promises holds per thread: warm and cold stops, a SIGKILLed worker, a stuck
 thread. Also the shared parts under concurrent use: one Store (its pool smaller than the threads), one Redis client.
 
-Messages are held mid-flight with the advisory lock a worker takes before saving (``advisory_lock``): the thread
-blocks there, on a pooled connection, so these fleets get DB_POOL_SIZE = threads.
+Messages are held mid-flight with the advisory lock a worker takes before saving (``advisory_lock``): the first
+thread blocks there, in the process's CPU slot, and the others wait for the slot with their message taken.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import psycopg
@@ -32,6 +32,9 @@ from botworker.queue import ERRORS, MESSAGES, PROCESSING_PREFIX, PROCESSING_SET,
 from botworker.store import Store
 
 from conftest import Bot, Fleet, Servers, advisory_lock, connect, events, process_env, push, query, wait_for
+from gemini_server import GeminiServer, slow, text
+
+pytest_plugins = ["gemini_server"]
 
 
 def holders(r: redis.Redis) -> dict[str, str]:
@@ -69,17 +72,27 @@ def hold(db_url: str, mids: list[str], stack: ExitStack) -> None:
         stack.enter_context(advisory_lock(conn, mid))
 
 
+@contextmanager
+def busy(
+    start_fleet: Callable[..., Fleet], r: redis.Redis, servers: Servers, msgs: list[dict[str, Any]], threads: int = 3
+) -> Iterator[tuple[Fleet, dict[str, str]]]:
+    """One worker of ``threads`` threads, each holding one of ``msgs`` (held mid-flight until the block ends):
+    the fleet and which processing list holds which message."""
+    fleet = start_fleet(1, args=("--threads", str(threads)))
+    with ExitStack() as stack:
+        hold(servers.database_url, [m["messageId"] for m in msgs], stack)
+        for msg in msgs:
+            push(r, msg)
+        taken = min(threads, len(msgs))
+        yield fleet, wait_for(lambda: (h := holders(r)) and len(h) == taken and h, 20, "every thread busy")
+
+
 def test_each_thread_holds_one_message_in_its_own_list_and_nothing_is_prefetched(
     r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, servers: Servers, start_fleet: Callable[..., Fleet]
 ) -> None:
-    fleet = start_fleet(1, args=("--threads", "3"), DB_POOL_SIZE="3")
     msgs = [bot.message("list my models") for _ in range(4)]
     mids = [m["messageId"] for m in msgs]
-    with ExitStack() as stack:
-        hold(servers.database_url, mids, stack)
-        for msg in msgs:
-            push(r, msg)
-        held = wait_for(lambda: (h := holders(r)) and len(h) == 3 and h, 20, "three threads to take a message each")
+    with busy(start_fleet, r, servers, msgs) as (fleet, held):
         assert len(set(held.values())) == 3, held  # three lists
         assert {name.rsplit(":", 1)[1] for name in held.values()} == {"0", "1", "2"}
         assert len({name.rsplit(":", 2)[1] for name in held.values()}) == 1  # of one worker process
@@ -95,15 +108,10 @@ def test_each_thread_holds_one_message_in_its_own_list_and_nothing_is_prefetched
 def test_warm_stop_with_every_thread_busy_finishes_each_message(
     r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, servers: Servers, start_fleet: Callable[..., Fleet]
 ) -> None:
-    fleet = start_fleet(1, args=("--threads", "3"), DB_POOL_SIZE="3")
     msgs = [bot.message(f"hello {i}") for i in range(3)]
     behind = bot.message("queued behind them")
     mids = [m["messageId"] for m in msgs]
-    with ExitStack() as stack:
-        hold(servers.database_url, mids, stack)
-        for msg in msgs:
-            push(r, msg)
-        wait_for(lambda: len(holders(r)) == 3, 20, "every thread busy")
+    with busy(start_fleet, r, servers, msgs) as (fleet, _):
         push(r, behind)
         fleet.signal(signal.SIGTERM)
         wait_for(lambda: "warm stop" in fleet.log(), 10, "the warm stop to begin")
@@ -119,14 +127,9 @@ def test_warm_stop_with_every_thread_busy_finishes_each_message(
 def test_a_sigkilled_threaded_worker_has_every_threads_message_requeued_and_answered_once(
     r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, servers: Servers, start_fleet: Callable[..., Fleet]
 ) -> None:
-    fleet = start_fleet(1, args=("--threads", "3"), DB_POOL_SIZE="3")
     msgs = [bot.message("list my models") for _ in range(3)]
     mids = [m["messageId"] for m in msgs]
-    with ExitStack() as stack:
-        hold(servers.database_url, mids, stack)
-        for msg in msgs:
-            push(r, msg)
-        held = wait_for(lambda: (h := holders(r)) and len(h) == 3 and h, 20, "every thread busy")
+    with busy(start_fleet, r, servers, msgs) as (fleet, held):
         [pid] = {int(name.split(":")[-2]) for name in held.values()}
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: f"(pid {pid}) killed by SIGKILL" in fleet.log(), 10, "the death to be seen")
@@ -146,7 +149,7 @@ def test_one_stuck_thread_gets_its_worker_replaced_and_the_message_answered_once
 ) -> None:
     """The other thread idles and beats; the stuck one's silence is enough for the supervisor."""
     env = {"WORKER_TIMEOUT": "3", "HTTP_MAX_TIMEOUT": "1", "DB_TOOL_TIMEOUT": "1", "GEMINI_TIMEOUT": "1"}
-    fleet = start_fleet(1, args=("--threads", "2"), DB_POOL_SIZE="2", **env)
+    fleet = start_fleet(1, args=("--threads", "2"), **env)
     msg = bot.message("list my models")
     mid = msg["messageId"]
     with ExitStack() as stack:
@@ -158,6 +161,28 @@ def test_one_stuck_thread_gets_its_worker_replaced_and_the_message_answered_once
         wait_for(lambda: (n := holders(r).get(mid)) and f":{pid}:" not in n, 20, "the message to be taken again")
     wait_for(lambda: answers(r)[mid] == 1, 20, "the answer")
     assert answers(r) == Counter([mid]) and rows(db, mid) == 2
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait() == errors.EXIT_OK
+
+
+def test_threads_wait_on_gemini_side_by_side(
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, gemini: GeminiServer, start_fleet: Callable[..., Fleet]
+) -> None:
+    """One worker process of 4 threads, a Gemini that takes 2 s a request: 4 requests are in progress at once (the
+    4th arrives before the 1st is answered), and every message gets its own reply, once."""
+    gemini.script(then=slow(text("Here you are."), 2.0))
+    fleet = start_fleet(1, args=("--threads", "4"), GEMINI_KEY="test-key", GEMINI_BASE_URL=gemini.url)
+    msgs = [bot.message(f"question {i}") for i in range(8)]
+    for msg in msgs:
+        push(r, msg)
+    wait_for(lambda: len(answers(r)) == 8, 30, "eight answers")
+    arrivals = sorted(request.at for request in gemini.requests)
+    assert len(arrivals) == 8
+    assert arrivals[3] - arrivals[0] < 2.0, arrivals  # the first four overlapped: one process, four waits
+    assert answers(r) == Counter(m["messageId"] for m in msgs)
+    replies = [e["botResponse"]["content"] for e in events(r, RESPONSES)]
+    assert replies == ["Here you are."] * 8
+    assert all(rows(db, m["messageId"]) == 2 for m in msgs)
     fleet.signal(signal.SIGTERM)
     assert fleet.wait() == errors.EXIT_OK
 
