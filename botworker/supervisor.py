@@ -341,6 +341,7 @@ class Supervisor:
                     "busyFor": round(s.heartbeat.busy_for, 1),
                     "threads": s.threads,
                     "busyThreads": s.heartbeat.busy_threads,
+                    "eachThread": s.heartbeat.each(),
                     "beatAge": round(s.heartbeat.age(), 1),
                     "retiring": s.retiring,
                 }

@@ -96,6 +96,19 @@ class Heartbeat:
     def busy_threads(self) -> int:
         return sum(1 for s in self._column(_BUSY_SINCE) if s)
 
+    def each(self) -> list[dict[str, float]]:
+        """Every thread's progress: messages done, seconds busy with the current one (0: idle), since its beat."""
+        now = time.monotonic()
+        cells = zip(self._column(_PROCESSED), self._column(_BUSY_SINCE), self._column(_BEAT), strict=True)
+        return [
+            {
+                "processed": int(done),
+                "busyFor": round(now - since, 1) if since else 0.0,
+                "beatAge": round(now - beat, 1),
+            }
+            for done, since, beat in cells
+        ]
+
 
 class Worker:
     """One worker process. ``run()`` returns the process's exit code."""

@@ -98,6 +98,8 @@ def test_each_thread_holds_one_message_in_its_own_list_and_nothing_is_prefetched
         assert len({name.rsplit(":", 2)[1] for name in held.values()}) == 1  # of one worker process
         assert r.llen(MESSAGES) == 1  # the fourth waits in the queue: a thread takes a message only when free
         wait_for(lambda: "3/3 threads busy" in status(servers), 10, "status to show every thread busy")
+        [worker] = wait_for(lambda: (n := fleet.node()) and n["workers"], 10, "the node key")
+        assert [(t["processed"], t["busyFor"] > 0) for t in worker["eachThread"]] == [(0, True)] * 3
     wait_for(lambda: len(answers(r)) == 4, 30, "all four answers")
     assert answers(r) == Counter(mids) and all(rows(db, mid) == 2 for mid in mids)
     assert "3 thread(s) idle" in wait_for(lambda: (s := status(servers)) and "idle" in s and s, 10, "idle threads")
