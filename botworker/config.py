@@ -212,7 +212,7 @@ class Config:
         "SANDBOX_CONCURRENCY",
         integer(1, 64),
         4,
-        "sandboxed runs a worker process runs at once; more wait in line (each run its own jail and budget)",
+        "sandboxed runs a worker process runs at once (one bot's: one fewer); more wait in line",
     )
     sandbox_gid: int = setting("SANDBOX_GID", integer(1, 2**31 - 1), 100000, "gid of sandboxed runs when run as root")
     sandbox_allow_weak: bool = setting(

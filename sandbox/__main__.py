@@ -44,7 +44,7 @@ from . import cgroup, check, files, jail, lanes, policy, request, script, seccom
 from .linux import alive, effective_capabilities
 from .protocol import write_frame
 
-_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_GET_NO_NEW_PRIVS, _PR_GET_SECCOMP = 1, 4, 39, 21
+_PR_SET_DUMPABLE, _PR_GET_NO_NEW_PRIVS, _PR_GET_SECCOMP = 4, 39, 21
 _PR_SET_NO_NEW_PRIVS = 38
 
 
@@ -122,16 +122,17 @@ class Server:
     # ---- requests ------------------------------------------------------------------------------------------
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One request's reply. Its ``id`` is the request's, set last: nothing a run wrote can change it."""
         rid = req.get("id")
-        self._reap_cleaners()
         try:
+            self._reap_cleaners()
             kind = req.get("kind")
             if not isinstance(kind, str):
                 raise request.Refused("`kind` must be a string")
             if kind == "ping":
-                return {"id": rid, "ok": True, **self.hello()}
+                return {"ok": True, **self.hello(), "id": rid}
             if kind == "check":
-                return {"id": rid, **check.run_battery(self)}
+                return {**check.run_battery(self), "id": rid}
             if self.unavailable:
                 raise request.Refused(f"sandbox unavailable: {self.unavailable}")
             limits = request.limits(req.get("limits"))
@@ -139,10 +140,10 @@ class Server:
             run = {"script": self._script, "shell": self._shell, "file": self._file}.get(kind)
             if run is None:
                 raise request.Refused(f"unknown request kind {kind!r}")
-            reply = {"id": rid, **run(req, limits, scope)}
+            reply = run(req, limits, scope)
             if self.weak:
                 reply["weak"] = True  # every result of a weakly confined run says so
-            return reply
+            return {**reply, "id": rid}
         except (request.Refused, shell.ShellRefused, files.FileRefused) as exc:
             return {"id": rid, "ok": False, "error": str(exc)}
         except Exception as exc:  # a bug of ours must cost one request, not the sandbox process
@@ -263,7 +264,12 @@ class Server:
         self._cleaners.append(pid)
 
     def _reap_cleaners(self) -> None:
-        self._cleaners = [pid for pid in self._cleaners if os.waitpid(pid, os.WNOHANG) == (0, 0)]
+        alive = []
+        for pid in self._cleaners:
+            with contextlib.suppress(ChildProcessError):  # (not ours: a lane inherited the list)
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    alive.append(pid)
+        self._cleaners = alive
 
     def close(self) -> None:
         if self.groups is not None:
@@ -343,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--lanes must be between 1 and {policy.MAX_LANES}")
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # die with the worker
+    # No parent-death signal here: it fires when the worker *thread* that started us ends, and any of a worker's
+    # threads may restart its sandbox. We stop when the worker's end of our stdin closes (it died, or closed it),
+    # and our lanes and runs die with us (theirs are armed against single-threaded parents).
     if args.parent_pid and os.getppid() != args.parent_pid:
-        return 1  # the worker died before we could ask to die with it
+        return 1  # the worker died before we started
     libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace, no /proc/<pid>/mem of this process
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # nothing it or its runs exec can gain privileges
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

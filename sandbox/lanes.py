@@ -127,8 +127,16 @@ class Dispatcher:
         except ProtocolError as exc:
             self._lost(lane, f"a sandbox lane failed during the request: {exc}")
             return
+        try:
+            rid = decode_payload(payload).get("id")
+        except ProtocolError as exc:
+            self._lost(lane, f"a sandbox lane answered garbage: {exc}")
+            return
+        if type(rid) is not type(lane.holding) or rid != lane.holding:
+            self._lost(lane, f"a sandbox lane answered request {rid!r} while holding {lane.holding!r}")
+            return
         lane.holding = None
-        write_payload(1, payload)  # (the lane made it a frame: under the size limit, with the request's id)
+        write_payload(1, payload)  # (the lane made it a frame: under the size limit)
 
     def _reply(self, reply: dict[str, Any]) -> None:
         try:
@@ -192,6 +200,7 @@ def _lane(server: Server, number: int, parent: int, requests: int, answers: int,
     os.close(requests)
     os.close(answers)
     server.uid += number
+    server._cleaners = []  # the sandbox process's, not our children
     if server.groups is not None:
         try:
             server.groups.move_home(f"lane-{number}")

@@ -53,13 +53,20 @@ def cwd(value: Any, scope: str | None) -> str:
     return "/".join([policy.FILES_DIR, *parts])
 
 
+# What a run's result object may say (script.py, files.py); anything else it wrote is dropped. A run is untrusted
+# even here: a key such as "id" or "lost" must never reach the reply frame, whose envelope is the sandbox's.
+RESULT_KEYS = frozenset(
+    {"ok", "result", "error", "line", "stdout", "truncated", "entries", "exists", "type", "content", "size", "written"}
+)
+
+
 def parse_result(out: jail.Outcome) -> dict[str, Any] | None:
-    """The object a run wrote on its result pipe, or None."""
+    """The object a run wrote on its result pipe (its known keys only), or None."""
     try:
         value = json.loads(out.result)
     except ValueError:
         return None
-    return value if isinstance(value, dict) else None
+    return {k: v for k, v in value.items() if k in RESULT_KEYS} if isinstance(value, dict) else None
 
 
 def meta(out: jail.Outcome) -> dict[str, Any]:
