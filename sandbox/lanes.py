@@ -82,8 +82,8 @@ class Dispatcher:
                     if fd == 0:
                         if not self._request():
                             return
-                    else:
-                        self._answer(self.lanes[fd])
+                    elif (lane := self.lanes.get(fd)) is not None:  # (None: dropped earlier in this round)
+                        self._answer(lane)
                 self._assign()
         finally:
             self.stop()
