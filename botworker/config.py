@@ -146,6 +146,12 @@ class Config:
         16,
         "consumer threads per worker process (flag --threads): replies in flight while waiting on the LLM or tools",
     )
+    worker_batch: int = setting(
+        "WORKER_BATCH",
+        integer(1, 100),
+        8,
+        "messages a thread takes at once when a backlog builds, replies not waiting on a model (1: one at a time)",
+    )
     cpu_slots: int = setting(
         "WORKER_CPU_SLOTS",
         integer(1, 64),

@@ -19,15 +19,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import redis
 
 from . import errors
 from .errors import MessageError, TransientError
-from .message import Ids, error_event, read, reply_events
-from .pipeline import Pipeline, utcnow
-from .queue import ERRORS, RESPONSES, ReliableQueue, node_of
+from .message import Envelope, Ids, error_event, read, reply_events
+from .pipeline import Outcome, Pipeline, utcnow
+from .queue import ERRORS, RESPONSES, ReliableQueue, Settled, node_of
 from .slots import CpuSlots
 
 if TYPE_CHECKING:  # (the worker imports this module; only its type is needed here)
@@ -68,7 +68,9 @@ class Consumer:
             self.run_once()
 
     def run_once(self) -> bool:
-        """Wait up to pop_timeout for one message and process it. True if a message was processed."""
+        """Wait up to pop_timeout for one message and process it; when a backlog has built and replies do not wait
+        on a model, take up to WORKER_BATCH - 1 more at once and process them together (one load and one save
+        round trip for all). True if a message was processed."""
         self.heartbeat.beat()
         try:
             raw = self.queue.pop(self.cfg.pop_timeout)
@@ -81,14 +83,21 @@ class Consumer:
         self._redis_down = 0.0
         if raw is None:
             return False
+        batch = [raw]
+        if self.cfg.worker_batch > 1 and not self.pipeline.responder.waits:
+            batch += self._redis(lambda: self.queue.take(self.cfg.worker_batch - 1))
         self.heartbeat.busy(True)
         try:
             with self.slots.hold():
-                self.process(raw)
+                if len(batch) == 1:
+                    self.process(raw)
+                else:
+                    self.process_batch(batch)
         finally:
             self.heartbeat.busy(False)
-            self.heartbeat.count()
-            self.handled += 1
+            for _ in batch:
+                self.heartbeat.count()
+            self.handled += len(batch)
         return True
 
     def process(self, raw: bytes | str) -> None:
@@ -96,67 +105,126 @@ class Consumer:
         env = read(raw, self.cfg.max_message_bytes, utcnow())
         mid = env.ids.message_id
         if not env.readable:  # not a JSON object: nothing to attempt again
-            self._fail(raw, env.ids, env.error)
+            self._finish_all([self._failed(raw, env.ids, env.error)])
             return
         if env.rewritten is not None and self._redis(lambda: self.queue.replace(raw, env.rewritten)):
             raw = env.rewritten
         attempts, done = self._redis(lambda: self.queue.begin(mid))
         if done:
             log.info("message %s was already answered: duplicate dropped", mid)
-            self._finish(raw, mid, [], "duplicates")
+            self._finish_all([Settled(raw, mid, [], "duplicates")])
             return
         if attempts > self.cfg.max_attempts:
             self._dead_letter(raw, env.ids, attempts, errors.INTERNAL_ERROR, "the worker died while processing it")
             return
         log.info('🤖 Processing message for bot %s: "%s"', env.ids.bot_id, env.preview)
         if env.message is None:
-            self._fail(raw, env.ids, env.error)
+            self._finish_all([self._failed(raw, env.ids, env.error)])
             return
         try:
-            outcome = self.pipeline.handle(env.message)
-        except TransientError as exc:
-            self._retry(raw, env.ids, attempts, exc)
-            return
-        except MessageError as exc:
-            self._fail(raw, env.ids, exc)
-            return
-        except Exception as exc:  # the one catch-all: a bug ends this message with an event, not the worker
-            log.exception("❌ Error processing message %s: unexpected %s", mid, type(exc).__name__)
-            error = f"internal error while processing the message ({type(exc).__name__})"
-            self._finish(raw, mid, [(ERRORS, error_event(env.ids, errors.INTERNAL_ERROR, error))], "errors")
-            return
+            result: Outcome | Exception = self.pipeline.handle(env.message)
+        except Exception as exc:  # the one catch-all: what it means is decided in _settle
+            result = exc
+        settled = self._settle(result, raw, env, attempts)
+        if settled is not None:
+            self._finish_all([settled])
+
+    def process_batch(self, raws: list[bytes]) -> None:
+        """Several popped payloads: the plain ones (readable, valid, with their own id) begin together, are
+        handled with one load and one save round trip, and are finished together; each keeps its own attempt
+        count, exactly-once save and events. Any other goes through ``process`` on its own."""
+        plain, later, ids = [], [], set()
+        for raw in raws:
+            env = read(raw, self.cfg.max_message_bytes, utcnow())
+            if env.ids.message_id in ids:
+                later.append(raw)  # a second copy: once the first is finished, it is a duplicate
+            elif env.readable and env.rewritten is None and env.message is not None:
+                plain.append((raw, env))
+                ids.add(env.ids.message_id)
+            else:
+                self.process(raw)
+        begun = self._redis(lambda: self.queue.begin_many([env.ids.message_id for _, env in plain]))
+        todo, finished = [], []
+        for (raw, env), (attempts, done) in zip(plain, begun, strict=True):
+            if done:
+                log.info("message %s was already answered: duplicate dropped", env.ids.message_id)
+                finished.append(Settled(raw, env.ids.message_id, [], "duplicates"))
+            elif attempts > self.cfg.max_attempts:
+                self._dead_letter(raw, env.ids, attempts, errors.INTERNAL_ERROR, "the worker died while processing it")
+            else:
+                log.info('🤖 Processing message for bot %s: "%s"', env.ids.bot_id, env.preview)
+                todo.append((raw, env, attempts))
+        try:
+            results = self.pipeline.handle_many([env.message for _, env, _ in todo])
+        except Exception as exc:  # the catch-all, for the batch's own steps (its load: the database is down?)
+            results = [exc] * len(todo)
+        retries = []
+        for (raw, env, attempts), result in zip(todo, results, strict=True):
+            if isinstance(result, TransientError):
+                retries.append((raw, env.ids, attempts, result))
+            elif (settled := self._settle(result, raw, env, attempts)) is not None:
+                finished.append(settled)
+        self._finish_all(finished)
+        self._retry_all(retries)
+        for raw in later:
+            self.process(raw)
+
+    def _settle(self, result: Outcome | Exception, raw: bytes | str, env: Envelope, attempts: int) -> Settled | None:
+        """What ends one handled message: its events to push, or (a transient failure) a retry, done here."""
+        mid = env.ids.message_id
+        if isinstance(result, TransientError):
+            self._retry(raw, env.ids, attempts, result)
+            return None
+        if isinstance(result, MessageError):
+            return self._failed(raw, env.ids, result)
+        if isinstance(result, Exception):  # a bug ends this message with an event, not the worker
+            log.error("❌ Error processing message %s: unexpected %s", mid, type(result).__name__, exc_info=result)
+            error = f"internal error while processing the message ({type(result).__name__})"
+            return Settled(raw, mid, [(ERRORS, error_event(env.ids, errors.INTERNAL_ERROR, error))], "errors")
+        assert env.message is not None
         response, error_ev = reply_events(
-            env.message, outcome.instance_id, outcome.user_row, outcome.bot_row, outcome.error_code, outcome.error or ""
+            env.message, result.instance_id, result.user_row, result.bot_row, result.error_code, result.error or ""
         )
         if error_ev is not None:
-            log.error("❌ Error processing message %s: %s", mid, outcome.error)
-        self._finish(raw, mid, [(RESPONSES, response)] + ([(ERRORS, error_ev)] if error_ev else []), "processed")
-        log.info("✅ Bot message processed successfully (%s%s)", mid, ", replayed" if outcome.replayed else "")
+            log.error("❌ Error processing message %s: %s", mid, result.error)
+        log.info("✅ Bot message processed successfully (%s%s)", mid, ", replayed" if result.replayed else "")
+        return Settled(raw, mid, [(RESPONSES, response)] + ([(ERRORS, error_ev)] if error_ev else []), "processed")
 
-    def _fail(self, raw: bytes | str, ids: Ids, exc: MessageError | None) -> None:
-        """The message cannot be answered (bad input, unknown bot...): one error event, settled."""
+    def _failed(self, raw: bytes | str, ids: Ids, exc: MessageError | None) -> Settled:
+        """The message cannot be answered (bad input, unknown bot...): one error event."""
         assert exc is not None
         log.error("❌ Error processing message %s: %s (%s)", ids.message_id, exc.error, exc.code)
-        self._finish(raw, ids.message_id, [(ERRORS, error_event(ids, exc.code, exc.error))], "errors")
+        return Settled(raw, ids.message_id, [(ERRORS, error_event(ids, exc.code, exc.error))], "errors")
 
     # ---- settling a message --------------------------------------------------------------------------------
 
-    def _finish(self, raw: bytes | str, mid: str, events: list[tuple[str, dict[str, Any]]], stat: str) -> None:
-        if not self._redis(lambda: self.queue.finish(raw, mid, events, stat)):
-            log.warning("message %s was recovered by someone else while we processed it: events not pushed", mid)
+    def _finish_all(self, settled: list[Settled]) -> None:
+        """Push each message's events and ack it (one round trip for all)."""
+        if not settled:
+            return
+        for s, done in zip(settled, self._redis(lambda: self.queue.finish_many(settled)), strict=True):
+            if not done:
+                log.warning("message %s was recovered by someone else while we processed it: events not pushed",
+                            s.message_id)  # fmt: skip
 
     def _retry(self, raw: bytes | str, ids: Ids, attempts: int, exc: TransientError) -> None:
-        if attempts >= self.cfg.max_attempts:
-            self._dead_letter(raw, ids, attempts, exc.code, exc.error)
-            return
-        log.warning(
-            "attempt %d of message %s failed (%s): retrying when the database answers",
-            attempts,
-            ids.message_id,
-            exc.error,
-        )
-        self._wait_for_database(self.cfg.retry_delay * 2 ** (attempts - 1))
-        self._redis(lambda: self.queue.release(raw))
+        self._retry_all([(raw, ids, attempts, exc)])
+
+    def _retry_all(self, retries: list[tuple[bytes | str, Ids, int, TransientError]]) -> None:
+        """Put messages back at the head of the line once the database answers (one wait for all of them), or
+        dead-letter those out of attempts."""
+        waiting = []
+        for raw, ids, attempts, exc in retries:
+            if attempts >= self.cfg.max_attempts:
+                self._dead_letter(raw, ids, attempts, exc.code, exc.error)
+            else:
+                log.warning("attempt %d of message %s failed (%s): retrying when the database answers", attempts,
+                            ids.message_id, exc.error)  # fmt: skip
+                waiting.append((raw, attempts))
+        if waiting:
+            self._wait_for_database(self.cfg.retry_delay * 2 ** (min(a for _, a in waiting) - 1))
+            for raw, _ in waiting:
+                self._redis(lambda raw=raw: self.queue.release(raw))
 
     def _dead_letter(self, raw: bytes | str, ids: Ids, attempts: int, code: str, reason: str) -> None:
         error = f"gave up after {attempts - (attempts > self.cfg.max_attempts)} attempt(s): {reason}"

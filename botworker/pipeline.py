@@ -23,11 +23,11 @@ from sandbox.client import SandboxClient
 from . import errors
 from .config import Config
 from .detect import detect
-from .errors import LLMError
+from .errors import LLMError, MessageError, TransientError
 from .llm import Responder
 from .message import Message, Reply
 from .slots import CpuSlots
-from .store import Store
+from .store import BotContext, Exchange, Store
 from .tools import Family, ToolContext, budget, outbound, pinned, registry
 from .tools.dispatch import ToolRunner
 from .tools.secrets import Secrets
@@ -86,7 +86,48 @@ class Pipeline:
         self.slots = slots or CpuSlots(1, tick)
 
     def handle(self, msg: Message) -> Outcome:
+        """One message: load, respond, save."""
         ctx = self.store.load_context(msg)
+        done = self.respond(msg, ctx)
+        return done if isinstance(done, Outcome) else self._saved(done, self.store.save_exchange_of(done))
+
+    def handle_many(self, msgs: list[Message]) -> list[Outcome | Exception]:
+        """Several messages with one load and one save round trip: each one's Outcome, or the exception that ends
+        it (a MessageError, or a bug). A TransientError of the batch's load is raised (the caller handles each
+        message on its own); when the batch's save fails, each exchange is saved on its own."""
+        out: list[Outcome | Exception | None] = [None] * len(msgs)
+        pending: list[tuple[int, Exchange]] = []
+        for i, (msg, ctx) in enumerate(zip(msgs, self.store.load_contexts(msgs), strict=True)):
+            if isinstance(ctx, MessageError):
+                out[i] = ctx
+                continue
+            try:
+                done = self.respond(msg, ctx)
+            except Exception as exc:  # (the message boundary decides what it means; the batch goes on)
+                out[i] = exc
+                continue
+            if isinstance(done, Outcome):
+                out[i] = done
+            else:
+                pending.append((i, done))
+        try:
+            pairs = self.store.save_exchanges([ex for _, ex in pending])
+        except TransientError as exc:
+            log.info("saving %d exchanges at once failed (%s): saving each on its own", len(pending), exc.error)
+            pairs = [self._save_one(ex) for _, ex in pending]
+        for (i, ex), pair in zip(pending, pairs, strict=True):
+            out[i] = pair if isinstance(pair, Exception) else self._saved(ex, pair)
+        return [o if o is not None else RuntimeError("no outcome") for o in out]
+
+    def _save_one(self, ex: Exchange) -> tuple[dict[str, Any], dict[str, Any]] | Exception:
+        try:
+            return self.store.save_exchange_of(ex)
+        except Exception as exc:  # (a TransientError retries that message alone)
+            return exc
+
+    def respond(self, msg: Message, ctx: BotContext) -> Outcome | Exchange:
+        """Everything between loading and saving: the replayed Outcome of an earlier attempt, or the Exchange to
+        save (tools run, reply made)."""
         if ctx.saved is not None:
             log.info("message %s was already saved by an earlier attempt: replaying its reply", msg.message_id)
             return _outcome(ctx.instance_id, *ctx.saved, replayed=True)
@@ -120,17 +161,21 @@ class Pipeline:
         if llm_error:
             metadata["error"] = llm_error
         response_ms = max(0, int((reply_at - msg.received_at).total_seconds() * 1000))
-        user_row, bot_row = self.store.save_exchange(
+        text = secrets.redact(reply.text)  # a model quoting a tool's output cannot quote a secret it never saw; still
+        return Exchange(
             msg,
             ctx.instance_id,
-            secrets.redact(reply.text),  # a model quoting a tool's output cannot quote a secret it never saw; still
+            text,
             reply_at,
             reply.tokens_used,
             response_ms,
             {"messageId": msg.message_id},
             metadata,
         )
-        return _outcome(ctx.instance_id, user_row, bot_row)
+
+    @staticmethod
+    def _saved(ex: Exchange, pair: tuple[dict[str, Any], dict[str, Any]]) -> Outcome:
+        return _outcome(ex.instance_id, *pair)
 
 
 def _outcome(instance_id: str, user_row: dict[str, Any], bot_row: dict[str, Any], replayed: bool = False) -> Outcome:

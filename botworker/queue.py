@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -77,6 +78,18 @@ redis.call('HINCRBY', KEYS[5], 'dead', 1)
 return 1
 """
 
+# KEYS: queue, processing list. ARGV: how many. Moves up to that many messages from the head of the line into the
+# processing list without waiting (a backlog taken at once); returns them, the head of the line first.
+_TAKE = """
+local taken = {}
+for i = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not raw then break end
+  taken[i] = raw
+end
+return taken
+"""
+
 # KEYS: processing list. ARGV: old raw, new raw. Swaps the in-flight copy (to record an assigned messageId).
 _REPLACE = """
 if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
@@ -99,6 +112,16 @@ def encode(event: dict[str, Any]) -> str:
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
+@dataclass(frozen=True)
+class Settled:
+    """A message ready to be finished: its events and the stats field it counts under."""
+
+    raw: bytes | str
+    message_id: str
+    events: list[tuple[str, dict[str, Any]]]
+    stat: str
+
+
 class ReliableQueue:
     """One worker's view of the queue: pops into its own processing list and acks out of it."""
 
@@ -109,6 +132,7 @@ class ReliableQueue:
         self._release = client.register_script(_RELEASE)
         self._dead = client.register_script(_DEAD_LETTER)
         self._replace = client.register_script(_REPLACE)
+        self._take = client.register_script(_TAKE)
 
     def register(self) -> None:
         """Announce the processing list, so a live supervisor can find it if this whole node dies."""
@@ -122,26 +146,54 @@ class ReliableQueue:
         """Wait up to ``timeout`` seconds for the next message; it stays in our processing list until acked."""
         return self.client.blmove(MESSAGES, self.processing, timeout, "RIGHT", "LEFT")
 
+    def take(self, n: int) -> list[bytes]:
+        """Up to ``n`` more messages at once, without waiting (none when the line is empty); each stays in our
+        processing list until it is settled, like a popped one."""
+        return list(self._take(keys=[MESSAGES, self.processing], args=[n])) if n > 0 else []
+
     def replace(self, old: bytes | str, new: str) -> bool:
         """Swap the in-flight copy for ``new`` (same message with an assigned messageId)."""
         return bool(self._replace(keys=[self.processing], args=[old, new]))
 
     def begin(self, message_id: str) -> tuple[int, bool]:
         """Count one more attempt; also say whether this id was already finished (a duplicate)."""
+        return self.begin_many([message_id])[0]
+
+    def begin_many(self, message_ids: list[str]) -> list[tuple[int, bool]]:
+        """``begin`` of several messages in one round trip."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(ATTEMPTS, message_id, 1)
-        pipe.exists(DONE_PREFIX + message_id)
-        attempts, done = pipe.execute()
-        return int(attempts), bool(done)
+        for message_id in message_ids:
+            pipe.hincrby(ATTEMPTS, message_id, 1)
+            pipe.exists(DONE_PREFIX + message_id)
+        replies = pipe.execute()
+        return [(int(replies[i]), bool(replies[i + 1])) for i in range(0, len(replies), 2)]
 
     def finish(
         self, raw: bytes | str, message_id: str, events: Iterable[tuple[str, dict[str, Any]]], stat: str
     ) -> bool:
         """Push the events (LPUSH + PUBLISH each) and ack the message, atomically. False: it was not ours any more."""
-        events = list(events)
-        keys = [self.processing, ATTEMPTS, DONE_PREFIX + message_id, STATS] + [channel for channel, _ in events]
-        args: list[Any] = [raw, message_id, DONE_TTL, stat] + [encode(event) for _, event in events]
-        return bool(self._finish(keys=keys, args=args))
+        return self.finish_many([Settled(raw, message_id, list(events), stat)])[0]
+
+    def finish_many(self, settled: list[Settled]) -> list[bool]:
+        """``finish`` of several messages in one round trip (each one's script atomic on its own). EVALSHA by hand:
+        a pipeline of registered scripts would ask SCRIPT EXISTS first, a round trip more; a script Redis forgot
+        (a restart) is loaded, and the messages it failed are finished again."""
+        calls = []
+        for s in settled:
+            keys = [self.processing, ATTEMPTS, DONE_PREFIX + s.message_id, STATS] + [channel for channel, _ in s.events]
+            calls.append((keys, [s.raw, s.message_id, DONE_TTL, s.stat] + [encode(event) for _, event in s.events]))
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(self._finish.sha, len(keys), *keys, *args)
+        replies = pipe.execute(raise_on_error=False)
+        out = []
+        for (keys, args), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                reply = self._finish(keys=keys, args=args)  # (loads it)
+            elif isinstance(reply, Exception):
+                raise reply
+            out.append(bool(reply))
+        return out
 
     def release(self, raw: bytes | str) -> bool:
         """Put the message back at the head of the line (it will be the next one taken); its attempt counts."""

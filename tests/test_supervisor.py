@@ -137,9 +137,9 @@ def test_sigkilled_worker_message_is_requeued_at_head_and_answered_once(
 ) -> None:
     """A worker SIGKILLed mid-message: the supervisor logs the death, puts the message back at the head of the line
     (ahead of messages that were queued behind it), respawns a worker with a new pid, and once the message can
-    proceed it is answered exactly once, with exactly its 2 rows. One worker of one thread, so the line order is
-    observable."""
-    fleet = start_fleet(1, args=("--threads", "1"))
+    proceed it is answered exactly once, with exactly its 2 rows. One worker of one thread taking one message at a
+    time, so the line order is observable."""
+    fleet = start_fleet(1, args=("--threads", "1"), WORKER_BATCH="1")
     first = bot.message("list my models")
     behind = [bot.message(f"hello {i}") for i in range(2)]
     mid = first["messageId"]
@@ -444,9 +444,9 @@ def test_max_requests_recycles_workers_without_losing_messages(
     r: redis.Redis, bot: Bot, start_fleet: Callable[..., Fleet]
 ) -> None:
     """MAX_REQUESTS=2: the worker exits cleanly after 2 messages and is replaced at once (no crash back-off);
-    6 messages through one worker slot are all answered exactly once by 3 successive processes. (One thread: with
-    T threads a worker may take up to T-1 messages more while its last ones finish.)"""
-    fleet = start_fleet(1, args=("--threads", "1"), MAX_REQUESTS="2")
+    6 messages through one worker slot are all answered exactly once by 3 successive processes. (One thread, one
+    message at a time: with T threads, or batches, a worker may take a few more while its last ones finish.)"""
+    fleet = start_fleet(1, args=("--threads", "1"), WORKER_BATCH="1", MAX_REQUESTS="2")
     first = fleet.worker_pids()
     msgs = [bot.message(f"hello {i}") for i in range(6)]
     for msg in msgs:

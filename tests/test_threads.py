@@ -77,8 +77,9 @@ def busy(
     start_fleet: Callable[..., Fleet], r: redis.Redis, servers: Servers, msgs: list[dict[str, Any]], threads: int = 3
 ) -> Iterator[tuple[Fleet, dict[str, str]]]:
     """One worker of ``threads`` threads, each holding one of ``msgs`` (held mid-flight until the block ends):
-    the fleet and which processing list holds which message."""
-    fleet = start_fleet(1, args=("--threads", str(threads)))
+    the fleet and which processing list holds which message. One message a thread (WORKER_BATCH=1): pushed at
+    once, they are a backlog, which a thread would otherwise take several of (test_batch.py)."""
+    fleet = start_fleet(1, args=("--threads", str(threads)), WORKER_BATCH="1")
     with ExitStack() as stack:
         hold(servers.database_url, [m["messageId"] for m in msgs], stack)
         for msg in msgs:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # Instances created for messages without instanceId get an id derived from the message id, so a retried message
 # reuses the instance its first attempt created instead of leaving a second one behind.
 INSTANCE_NAMESPACE = uuid.UUID("7d1f3c2e-5b0a-4c7e-9a55-2f0c8e6b9d41")
+FRAME_STATEMENTS = 2  # the SET LOCALs that open a transaction when the session cannot hold the settings
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,11 @@ class Store:
         self._run([("SELECT 1", None)])
 
     def _run(self, steps: Sequence[tuple[str, Params]]) -> list[dict[str, Any]]:
-        """Run ``steps`` in one transaction and one round trip; the rows of the last one.
+        """Run ``steps`` in one transaction and one round trip; the rows of the last one."""
+        return self._run_all(steps)[-1]
+
+    def _run_all(self, steps: Sequence[tuple[str, Params]]) -> list[list[dict[str, Any]]]:
+        """Run ``steps`` in one transaction and one round trip; the rows of each.
 
         A connection that the server closed while it was pooled (a restart) is replaced: the steps run once more on
         a new one, so a PostgreSQL restart costs no message an attempt. They are safe to run again: an aborted
@@ -158,11 +163,12 @@ class Store:
                 raise TransientError(errors.DATABASE_UNAVAILABLE, f"cannot connect to PostgreSQL: {why}") from None
             try:
                 with conn.cursor() as cur:
-                    cur.execute(self._query(cur, steps))
-                    while cur.nextset():  # to the last statement's rows
-                        pass
-                    res = cur.pgresult  # (not cur.description: it builds column objects we never use)
-                    return cur.fetchall() if res is not None and res.nfields else []
+                    query, framed = self._query(cur, steps)
+                    cur.execute(query)
+                    sets = [_rows(cur)]
+                    while cur.nextset():
+                        sets.append(_rows(cur))
+                    return sets[framed:]
             except _PREPARED_ELSEWHERE as exc:
                 self._stop_preparing(exc)
                 conn.close()  # its idea of which statements the server holds is wrong
@@ -189,14 +195,16 @@ class Store:
             self.pool.putconn(conn)
         return self.pool.getconn()
 
-    def _query(self, cur: psycopg.ClientCursor[Any], steps: Sequence[tuple[str, Params]]) -> str:
-        """One query string: the settings, then each step (a named statement, or SQL) with its values quoted in."""
-        parts = [self._frame] if self._per_transaction or self._connection_class.without_options else []
+    def _query(self, cur: psycopg.ClientCursor[Any], steps: Sequence[tuple[str, Params]]) -> tuple[str, int]:
+        """One query string: the settings, then each step (a named statement, or SQL) with its values quoted in;
+        and how many result sets the settings give before the steps' own."""
+        framed = self._per_transaction or self._connection_class.without_options
+        parts = [self._frame] if framed else []
         for sql, params in steps:
             if sql in NAMED:
                 sql = EXECUTE[sql] if self._prepare else NAMED[sql][0]
             parts.append(cur.mogrify(sql, params) if params is not None else sql)
-        return ";\n".join(parts)
+        return ";\n".join(parts), FRAME_STATEMENTS if framed else 0
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         """A new pooled connection: check that the session holds the settings asked for in the startup packet (a
@@ -241,11 +249,28 @@ class Store:
     def load_context(self, msg: Message) -> BotContext:
         """Bot (owned by the user, active), prompts, tools, instance (found or created), history, earlier save:
         one statement, one round trip."""
+        instance_id, params = self._load_params(msg)
+        return _context(msg, instance_id, self._run([("botworker_load", params)]))
+
+    def load_contexts(self, msgs: Sequence[Message]) -> list[BotContext | MessageError]:
+        """``load_context`` of several messages in one round trip (and one transaction): each message's context,
+        or the MessageError that says why it has none."""
+        loads = [self._load_params(msg) for msg in msgs]
+        sets = self._run_all([("botworker_load", params) for _, params in loads])
+        out: list[BotContext | MessageError] = []
+        for msg, (instance_id, _), rows in zip(msgs, loads, sets, strict=True):
+            try:
+                out.append(_context(msg, instance_id, rows))
+            except MessageError as exc:
+                out.append(exc)
+        return out
+
+    def _load_params(self, msg: Message) -> tuple[str, dict[str, Any]]:
         if msg.instance_id:
             instance_id = msg.instance_id
         else:
             instance_id = str(uuid.uuid5(INSTANCE_NAMESPACE, f"{msg.bot_id}:{msg.user_id}:{msg.message_id}"))
-        params = {
+        return instance_id, {
             "bot": msg.bot_id,
             "user": msg.user_id,
             "instance": instance_id,
@@ -253,23 +278,6 @@ class Store:
             "mid": msg.message_id,
             "limit": self.cfg.history_limit,
         }
-        rows = self._run([("botworker_load", params)])
-        row = rows[0] if rows else None
-        if row is None or str(row["userId"]) != msg.user_id:
-            # The same answer for "no such bot" and "not yours": ids of other users' bots are not revealed.
-            raise MessageError(errors.BOT_NOT_FOUND, f"bot {msg.bot_id} not found for this user")
-        if row["user"] is None:
-            raise MessageError(errors.USER_NOT_FOUND, f"user {msg.user_id} not found")
-        if not row["isActive"]:
-            raise MessageError(errors.BOT_INACTIVE, f"bot {msg.bot_id} is not active")
-        found = row["instance"]
-        if msg.instance_id and (found is None or found["botId"] != msg.bot_id or found["userId"] != msg.user_id):
-            raise MessageError(
-                errors.INSTANCE_NOT_FOUND, f"instance {msg.instance_id} is not an instance of this bot and user"
-            )
-        bot = {k: v for k, v in row.items() if k not in ("user", "prompts", "tools", "instance", "history", "own")}
-        own = _pair([_chat_row(r) for r in row["own"] or []])
-        return BotContext(bot, row["user"], row["prompts"], row["tools"], instance_id, row["history"], own)
 
     # ---- saving --------------------------------------------------------------------------------------------
 
@@ -291,26 +299,87 @@ class Store:
         transaction. The lock serialises two attempts of the same message (say, a worker presumed dead that is
         still finishing): the second one gets the first one's rows.
         """
-        params = {
-            "instance": instance_id,
-            "mid": msg.message_id,
-            "user": msg.user_id,
+        ex = Exchange(msg, instance_id, reply_text, reply_at, tokens_used, response_ms, user_meta, reply_meta)
+        return self.save_exchange_of(ex)
+
+    def save_exchange_of(self, ex: Exchange) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.save_exchanges([ex])[0]
+
+    def save_exchanges(self, exchanges: Sequence[Exchange]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """``save_exchange`` of several messages in one round trip and one transaction (all saved, or none: the
+        caller may then save them one by one). Their locks are taken in one order, so two batches sharing a
+        message cannot deadlock."""
+        order = sorted(range(len(exchanges)), key=lambda i: exchanges[i].msg.message_id)
+        steps: list[tuple[str, Params]] = []
+        for i in order:
+            ex = exchanges[i]
+            steps += [("botworker_lock", {"key": "botworker:" + ex.msg.message_id}), ("botworker_save", ex.params())]
+        sets = self._run_all(steps)
+        pairs: list[tuple[dict[str, Any], dict[str, Any]]] = [({}, {})] * len(exchanges)
+        for n, i in enumerate(order):
+            pair = _pair([_chat_row(r) for r in sets[2 * n + 1]])
+            if pair is None:
+                mid = exchanges[i].msg.message_id
+                raise TransientError(errors.DATABASE_UNAVAILABLE, f"message {mid}: rows not found after saving")
+            pairs[i] = pair
+        return pairs
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One message's exchange to save: the user's message and the bot's reply, with their metadata."""
+
+    msg: Message
+    instance_id: str
+    reply_text: str
+    reply_at: datetime
+    tokens_used: int
+    response_ms: int
+    user_meta: dict[str, Any]
+    reply_meta: dict[str, Any]
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance_id,
+            "mid": self.msg.message_id,
+            "user": self.msg.user_id,
             "uid1": str(uuid.uuid4()),
-            "text": msg.text,
-            "umeta": Jsonb(user_meta),
-            "received": msg.received_at,
+            "text": self.msg.text,
+            "umeta": Jsonb(self.user_meta),
+            "received": self.msg.received_at,
             "uid2": str(uuid.uuid4()),
-            "reply": reply_text,
-            "rmeta": Jsonb(reply_meta),
-            "ms": response_ms,
-            "tokens": tokens_used,
-            "at": reply_at,
+            "reply": self.reply_text,
+            "rmeta": Jsonb(self.reply_meta),
+            "ms": self.response_ms,
+            "tokens": self.tokens_used,
+            "at": self.reply_at,
         }
-        rows = self._run([("botworker_lock", {"key": "botworker:" + msg.message_id}), ("botworker_save", params)])
-        pair = _pair([_chat_row(r) for r in rows])
-        if pair is None:
-            raise TransientError(errors.DATABASE_UNAVAILABLE, f"message {msg.message_id}: rows not found after saving")
-        return pair
+
+
+def _context(msg: Message, instance_id: str, rows: list[dict[str, Any]]) -> BotContext:
+    """The load statement's row -> the message's context, or the MessageError that says why there is none."""
+    row = rows[0] if rows else None
+    if row is None or str(row["userId"]) != msg.user_id:
+        # The same answer for "no such bot" and "not yours": ids of other users' bots are not revealed.
+        raise MessageError(errors.BOT_NOT_FOUND, f"bot {msg.bot_id} not found for this user")
+    if row["user"] is None:
+        raise MessageError(errors.USER_NOT_FOUND, f"user {msg.user_id} not found")
+    if not row["isActive"]:
+        raise MessageError(errors.BOT_INACTIVE, f"bot {msg.bot_id} is not active")
+    found = row["instance"]
+    if msg.instance_id and (found is None or found["botId"] != msg.bot_id or found["userId"] != msg.user_id):
+        raise MessageError(
+            errors.INSTANCE_NOT_FOUND, f"instance {msg.instance_id} is not an instance of this bot and user"
+        )
+    bot = {k: v for k, v in row.items() if k not in ("user", "prompts", "tools", "instance", "history", "own")}
+    own = _pair([_chat_row(r) for r in row["own"] or []])
+    return BotContext(bot, row["user"], row["prompts"], row["tools"], instance_id, row["history"], own)
+
+
+def _rows(cur: psycopg.ClientCursor[Any]) -> list[dict[str, Any]]:
+    """The current result set's rows ([] for a statement that returns none)."""
+    res = cur.pgresult  # (not cur.description: it builds column objects we never use)
+    return cur.fetchall() if res is not None and res.nfields else []
 
 
 def _chat_row(row: dict[str, Any]) -> dict[str, Any]:
