@@ -29,7 +29,7 @@ import re
 import sys
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,12 +80,14 @@ def _sql_kind(sql: Any) -> str:
 
 
 def timed_run(run: Callable[..., list[dict[str, Any]]]) -> Callable[..., list[dict[str, Any]]]:
-    """``Store._run`` timed (client view: one round trip + server work) and named by its statements."""
+    """``Store._run_all`` timed (client view: one round trip + server work) and named by its statements (a batch's
+    repeated statements counted: "botworker_load x8")."""
 
     def wrapper(steps: Any) -> list[dict[str, Any]]:
         if not TIMING["on"]:
             return run(steps)
-        kind = " + ".join(_sql_kind(sql) for sql, _ in steps)
+        kinds = Counter(_sql_kind(sql) for sql, _ in steps)
+        kind = " + ".join(k if n == 1 else f"{k} x{n}" for k, n in kinds.items())
         SAMPLES.setdefault(kind, list(steps))
         t = time.perf_counter()
         try:
@@ -116,17 +118,19 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 # (object attribute on the worker, method, label); methods that do not exist (the code moved on) are skipped.
 STEPS = (
     ("queue", "pop", "redis: pop (BLMOVE)"),
-    ("queue", "begin", "redis: begin (attempts, done?)"),
-    ("queue", "finish", "redis: finish (ack + LPUSH/PUBLISH events)"),
+    ("queue", "take", "redis: take (the backlog behind it, WORKER_BATCH)"),
+    ("queue", "begin_many", "redis: begin (attempts, done?)"),
+    ("queue", "finish_many", "redis: finish (ack + LPUSH/PUBLISH events)"),
     ("store", "load_context", "pg: load_context"),
-    ("store", "save_exchange", "pg: save_exchange"),
+    ("store", "load_contexts", "pg: load_contexts (a batch)"),
+    ("store", "save_exchanges", "pg: save_exchanges"),
 )
 NESTED = "tool dispatch (incl. its SQL)"
 
 
 def instrument(worker: Worker) -> list[str]:
     """Wrap the steps with timers; returns the labels of what was wrapped."""
-    worker.store._run = timed_run(worker.store._run)  # type: ignore[method-assign]
+    worker.store._run_all = timed_run(worker.store._run_all)  # type: ignore[method-assign]
     wrapped = []
     for owner, method, label in STEPS:
         obj = getattr(worker, owner)
@@ -157,10 +161,9 @@ def fill(client: redis.Redis, dsn: str, n: int, tool: bool) -> None:
 
 def drain(worker: Worker, n: int) -> float:
     t = time.perf_counter()
-    done = 0
-    while done < n:
-        if worker.run_once():
-            done += 1
+    start = worker.handled
+    while worker.handled - start < n:  # (a call may take a batch: WORKER_BATCH)
+        worker.run_once()
     return time.perf_counter() - t
 
 

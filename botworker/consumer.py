@@ -1,10 +1,11 @@
 """One consumer thread of a worker process: pop one message into a processing list of its own, process it, settle it.
 
 A worker process runs WORKER_THREADS consumers over what it shares (one Redis client, one PostgreSQL pool, one
-sandbox, one pipeline). Each consumer holds at most one message, in
-``bot_messages:processing:<node>:<wid>:<pid>:<thread>``, and pops only when it is free: no prefetch, so no message
-waits in a thread behind another one while an idle worker elsewhere could take it. (A popped message may wait a
-moment for one of the process's CPU slots, ``slots.py``, while another thread does CPU work.)
+sandbox, one pipeline). Each consumer keeps what it holds in ``bot_messages:processing:<node>:<wid>:<pid>:<thread>``
+and pops only when it is free: no prefetch. It holds one message; when a backlog has built (and replies do not
+wait on a model), the few queued behind it too, up to WORKER_BATCH, handled together with one round trip per step
+(``process_batch``). (A popped message may wait a moment for one of the process's CPU slots, ``slots.py``, while
+another thread does CPU work.)
 
 ``process(raw)`` is the message boundary: whatever happens inside, the message ends in exactly one of
 - ``finish``: the reply and/or error events pushed and the message acked, atomically;
