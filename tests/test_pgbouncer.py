@@ -100,3 +100,18 @@ def test_prepared_statements_behind_pgbouncer_fall_back_instead_of_crashing(
             assert workers[i % 2].run_once()
     assert len(events(r, RESPONSES)) == len(sent) and events(r, ERRORS) == [] and r.llen(DEAD) == 0
     assert "stops preparing statements; set DB_PREPARE=false" in caplog.text
+
+
+def test_a_batch_goes_through_pgbouncer_in_one_transaction_each_way(
+    make_worker: Callable[..., Worker], r: redis.Redis, db, bot: Bot, bouncer: str
+) -> None:
+    """A backlog taken at once (WORKER_BATCH): its load and its save are each one multi-statement transaction,
+    which PgBouncer in transaction mode hands to one server connection whole."""
+    worker = make_worker(DATABASE_URL=bouncer, DB_PREPARE="false", WORKER_BATCH="8")
+    msgs = [bot.message("list my models" if i % 2 else f"hello {i}") for i in range(6)]
+    for msg in msgs:
+        push(r, msg)
+    assert worker.run_once()
+    assert sorted(e["messageId"] for e in events(r, RESPONSES)) == sorted(m["messageId"] for m in msgs)
+    assert events(r, ERRORS) == []
+    assert all(rows_for(db, m["messageId"]) == [{"role": "bot"}, {"role": "user"}] for m in msgs)
