@@ -151,3 +151,29 @@ def test_a_worker_killed_mid_batch_has_the_whole_batch_requeued_and_answered_onc
     replayed = next(e for e in responses if e["messageId"] == first["messageId"])
     assert replayed["botResponse"]["id"] == saved.bot_row["id"]
     assert all(len(rows_for(db, m["messageId"])) == 2 for m in msgs)
+
+
+def test_a_batch_with_nothing_left_to_save_or_load_makes_no_round_trip_for_it(
+    worker: Worker, r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every message of the batch fails before saving (unknown bots) or cannot be read: nothing to save; and a batch
+    of duplicates only: nothing to load."""
+    nobody = "00000000-0000-4000-8000-000000000000"
+    for i in range(3):
+        push(r, {**bot.message(f"hello {i}"), "botId": nobody})
+    push(r, "{not json")
+    trips = count_round_trips(monkeypatch, worker)
+    assert worker.run_once()
+    assert trips == [3]  # the load; no save
+    assert sorted(e["code"] for e in events(r, ERRORS)) == sorted([errors.BOT_NOT_FOUND] * 3 + [errors.INVALID_JSON])
+    r.delete(ERRORS)
+    answered = bot.message("hello")
+    push(r, answered)
+    assert worker.run_once()
+    for _ in range(3):
+        push(r, answered)  # copies of an answered message
+    trips.clear()
+    assert worker.run_once()
+    assert trips == []  # all duplicates: nothing loaded, nothing saved
+    assert len(events(r, RESPONSES)) == 1 and r.hget(STATS, "duplicates") == "3"
+    assert r.llen(MESSAGES) == 0 and r.llen(worker.queue.processing) == 0

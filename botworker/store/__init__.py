@@ -255,6 +255,8 @@ class Store:
     def load_contexts(self, msgs: Sequence[Message]) -> list[BotContext | MessageError]:
         """``load_context`` of several messages in one round trip (and one transaction): each message's context,
         or the MessageError that says why it has none."""
+        if not msgs:
+            return []
         loads = [self._load_params(msg) for msg in msgs]
         sets = self._run_all([("botworker_load", params) for _, params in loads])
         out: list[BotContext | MessageError] = []
@@ -309,6 +311,8 @@ class Store:
         """``save_exchange`` of several messages in one round trip and one transaction (all saved, or none: the
         caller may then save them one by one). Their locks are taken in one order, so two batches sharing a
         message cannot deadlock."""
+        if not exchanges:
+            return []
         order = sorted(range(len(exchanges)), key=lambda i: exchanges[i].msg.message_id)
         steps: list[tuple[str, Params]] = []
         for i in order:
