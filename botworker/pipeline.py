@@ -4,9 +4,13 @@
                                                  └▶ detect tool calls ─▶ run them ─▶ reply ─▶ save both rows
                                                                           (the responder may run more: function calling)
 
+``handle_many(messages)`` is the same flow for a batch (a backlog taken at once): one load for all, ``respond`` for
+each, one save for all.
+
 Expected failures are ``MessageError``s raised by the steps (unknown bot, bad instance...) or failed
-``ToolResult``s (a failing tool still gets a reply, plus a ``tool_failed`` error event). Nothing here catches
-``Exception``: the one catch-all is at the message boundary in ``worker.py``.
+``ToolResult``s (a failing tool still gets a reply, plus a ``tool_failed`` error event). ``handle`` catches nothing:
+the one catch-all is at the message boundary in ``consumer.py``; ``handle_many`` returns each message's exception
+instead of raising it, so that one message's failure is not its batch's.
 """
 
 from __future__ import annotations
