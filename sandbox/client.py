@@ -86,8 +86,9 @@ class SandboxClient:
         self._close()
         self.root.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-I", "-c", _BOOT, _PACKAGE_PARENT, "--root", str(self.root),
-                "--uid", str(self.uid), "--gid", str(self.gid), "--parent-pid", str(os.getpid()),
-                "--lanes", str(self.lanes)]  # fmt: skip
+                "--uid", str(self.uid), "--gid", str(self.gid), "--parent-pid", str(os.getpid())]  # fmt: skip
+        if self.lanes != 1:  # (its default: a sandbox from before lanes still starts, for bench --compare)
+            argv += ["--lanes", str(self.lanes)]
         if self.allow_weak:
             argv.append("--allow-weak")
         self.proc = subprocess.Popen(
