@@ -156,17 +156,17 @@ def fleet_cpu(pid: int) -> float:
     return _tree_sum(pid, used)
 
 
-def pg_connections(dsn: str) -> int:
+def pg_connections(conn: psycopg.Connection[Any]) -> int:
     """Client backends of the fleet (its pools and tools; not this script's own connection)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'botworker%' AND pid <> pg_backend_pid()"
-        ).fetchone()
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'botworker%' AND pid <> pg_backend_pid()"
+    ).fetchone()
     return int(row[0]) if row else 0
 
 
 class Sampler(threading.Thread):
-    """Peaks of the fleet's PSS and PostgreSQL connections while the burst is in progress."""
+    """Peaks of the fleet's PSS and PostgreSQL connections while the burst is in progress (one connection of its
+    own for the whole burst: a connection a sample would cost PostgreSQL a fork each time, on the measured cores)."""
 
     def __init__(self, pid: int, dsn: str) -> None:
         super().__init__(daemon=True, name="sampler")
@@ -176,9 +176,10 @@ class Sampler(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._halt.wait(0.5):
-            self.pss = max(self.pss, fleet_pss(self.pid))
-            self.connections = max(self.connections, pg_connections(self.dsn))
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self._halt.wait(0.5):
+                self.pss = max(self.pss, fleet_pss(self.pid))
+                self.connections = max(self.connections, pg_connections(conn))
 
     def stop(self) -> None:
         self._halt.set()

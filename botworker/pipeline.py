@@ -93,7 +93,7 @@ class Pipeline:
         """One message: load, respond, save."""
         ctx = self.store.load_context(msg)
         done = self.respond(msg, ctx)
-        return done if isinstance(done, Outcome) else self._saved(done, self.store.save_exchange_of(done))
+        return done if isinstance(done, Outcome) else self._saved(done, self.store.save_exchanges([done])[0])
 
     def handle_many(self, msgs: list[Message]) -> list[Outcome | Exception]:
         """Several messages with one load and one save round trip: each one's Outcome, or the exception that ends
@@ -125,7 +125,7 @@ class Pipeline:
 
     def _save_one(self, ex: Exchange) -> tuple[dict[str, Any], dict[str, Any]] | Exception:
         try:
-            return self.store.save_exchange_of(ex)
+            return self.store.save_exchanges([ex])[0]
         except Exception as exc:  # (a TransientError retries that message alone)
             return exc
 

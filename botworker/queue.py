@@ -98,7 +98,7 @@ return 1
 """
 
 
-def processing_key(node_id: str, wid: int, pid: int, thread: int = 0) -> str:
+def processing_key(node_id: str, wid: int, pid: int, thread: int) -> str:
     """The processing list of one consumer thread: ``bot_messages:processing:<node>:<wid>:<pid>:<thread>``."""
     return f"{PROCESSING_PREFIX}{node_id}:{wid}:{pid}:{thread}"
 

@@ -269,9 +269,6 @@ class Worker:
         """One message through the first consumer, in the calling thread."""
         return self.consumers[0].run_once()
 
-    def process(self, raw: bytes | str) -> None:
-        self.consumers[0].process(raw)
-
 
 def start_sandbox(cfg: Config, uid: int, who: str) -> tuple[SandboxClient, dict[str, Any]]:
     """A sandbox process for ``who``, and its greeting (which layers hold), logged. A sandbox that cannot start is

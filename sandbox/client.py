@@ -162,10 +162,12 @@ class SandboxClient:
         try:
             proc = self._current()
             rid = next(self._ids)
-            with self._pending_lock:
-                if self._failed is proc:  # its reader gave up on it just now: a fresh one
-                    proc = self._current(restart=True)
-                self._pending[rid] = waiter
+            while True:  # registered only on a process whose reader has not given up on it (it fails no more)
+                with self._pending_lock:
+                    if self._failed is not proc:
+                        self._pending[rid] = waiter
+                        break
+                proc = self._current(restart=True)  # (outside the pending lock: a start takes seconds)
             assert proc.stdin is not None
             try:
                 write_frame(proc.stdin.fileno(), {**request, "id": rid}, deadline)

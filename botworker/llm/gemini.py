@@ -68,33 +68,29 @@ BACKOFF_CAP = 30.0  # seconds: the longest back-off between two attempts (a serv
 MIN_REQUEST_TIME = 0.05  # seconds: with less left of LLM_DEADLINE, no request is started
 
 
-def _http_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    """(timeouts, other transport failures) of the HTTP library the SDK uses (httpx, or its fork httpx2)."""
-    timeouts: list[type[BaseException]] = [TimeoutError]
-    transport: list[type[BaseException]] = [ConnectionError]
-    for name in ("httpx", "httpx2"):
+def _http_libraries() -> list[Any]:
+    """The HTTP libraries the SDK may use that are installed: its fork httpx2 (preferred), httpx."""
+    found = []
+    for name in ("httpx2", "httpx"):
         try:
-            module = importlib.import_module(name)
+            found.append(importlib.import_module(name))
         except ImportError:
             continue
-        timeouts.append(module.TimeoutException)
-        transport.append(module.RequestError)
-    return tuple(timeouts), tuple(transport)
+    return found
 
 
-_TIMEOUTS, _TRANSPORT = _http_errors()
+_HTTP = _http_libraries()
+# (timeouts, other transport failures) of those libraries.
+_TIMEOUTS: tuple[type[BaseException], ...] = (TimeoutError, *(m.TimeoutException for m in _HTTP))
+_TRANSPORT: tuple[type[BaseException], ...] = (ConnectionError, *(m.RequestError for m in _HTTP))
 
 
 def _pool_limits(threads: int) -> Any:
     """Connection-pool limits for the SDK's HTTP client, of the library it will use (it picks the one these come
     from): one kept-alive connection per worker thread, no cap on connections."""
-    for name in ("httpx2", "httpx"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        return module.Limits(max_connections=None, max_keepalive_connections=max(threads, 20))
-    raise ImportError("google-genai needs httpx or httpx2")
+    if not _HTTP:
+        raise ImportError("google-genai needs httpx or httpx2")
+    return _HTTP[0].Limits(max_connections=None, max_keepalive_connections=max(threads, 20))
 
 
 def classify(exc: BaseException) -> Failure:

@@ -302,9 +302,6 @@ class Store:
         still finishing): the second one gets the first one's rows.
         """
         ex = Exchange(msg, instance_id, reply_text, reply_at, tokens_used, response_ms, user_meta, reply_meta)
-        return self.save_exchange_of(ex)
-
-    def save_exchange_of(self, ex: Exchange) -> tuple[dict[str, Any], dict[str, Any]]:
         return self.save_exchanges([ex])[0]
 
     def save_exchanges(self, exchanges: Sequence[Exchange]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
