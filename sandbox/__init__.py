@@ -2,7 +2,7 @@
 
 Self-contained: standard library + RestrictedPython; imports nothing from ``botworker``. Start reading at
 ``policy.py`` (every allowlist, option and limit, as data), then ``jail.py`` and ``jail_child.py`` (how one run is
-confined: watched from outside, and what its own processes do), ``cgroup.py`` (how a run's process tree is held
+confined: watched from outside, and what its process does), ``cgroup.py`` (how everything a run starts is held
 as a whole) and ``lanes.py`` (how one sandbox process holds several runs at once, kept apart). ``python -m sandbox
 check`` (or ``botworker sandbox-check``) tries every layer below from inside real runs on the machine it is run on.
 
@@ -15,8 +15,8 @@ files, reach the network (including cloud metadata), run other programs, keep pr
 exhaust the machine (CPU, memory, processes, disk, output), or take the worker down. The kernel is trusted; so is
 the worker that sends the requests.
 
-Modes. Production runs the sandbox unprivileged (the systemd unit's ``User=botworker``): each run gets a user
-namespace of its own, where it is uid 0 with no capability. Started as root, each lane's runs (lanes.py) get a host
+Modes. Production runs the sandbox unprivileged (the systemd unit's ``User=botworker``): each lane has a user
+namespace of its own, where its runs are uid 0 with no capability. Started as root, each lane's runs (lanes.py) get a host
 uid of their own instead. Both modes build the same jail and pass the same test suite (CI runs it twice).
 
 Layers (each stops the attack on its own; together they are the boundary)
@@ -26,23 +26,26 @@ process boundary            The worker execs ``python -I`` with an environment b
                             inherited descriptors (``client.py``): the sandbox never holds a worker secret.
                             It never runs untrusted code itself: it hands each request to a lane
                             (``lanes.py``: a process forked from it after start-up, confined the same way,
-                            dying with it), which forks one fresh process tree per run. Up to ``--lanes``
+                            dying with it), which clones one fresh process per run. Up to ``--lanes``
                             runs at once; each lane has a run cgroup of its own and, as root, a uid of its own.
                             It is non-dumpable: not even the worker's uid can read its memory or environment.
-cgroup (per run)            Every run's whole process tree is in a cgroup of its own (``cgroup.py``, v2 or
+cgroup (per run)            Every run, and all it forks, is in a cgroup of its own (``cgroup.py``, v2 or
                             v1): memory (no swap; its tmpfs pages count), processes and CPU rate are held for
                             the tree as a whole, the sandbox kills it at its CPU-time budget, and a kill at
                             the deadline reaches every member. The sandbox process lives in the group (runs are
                             born in it) under no limit between runs. Required: no cgroup, no runs.
-namespaces                  Each run gets new mount, PID, network, IPC and UTS namespaces (plus a user
-                            namespace when the sandbox is not root): no network interface but a downed
-                            loopback, no view of host processes, its own hostname.
+namespaces                  Each run is cloned into new mount, PID, IPC and UTS namespaces (the sandbox
+                            never enters them), in its lane's network namespace (no interface but a downed
+                            loopback) and, when the sandbox is not root, the lane's user namespace: no view of
+                            host processes, no network, its own hostname. The run is pid 1 there: when it
+                            exits, the kernel kills all it left behind, so the next run of the lane finds
+                            nothing of it in the shared namespaces (``jail.share_namespaces``).
 private root                A tmpfs root holding ``/usr`` (read-only bind), ``/etc`` with five synthetic
                             files, four device nodes, a ``/work`` and a ``/tmp`` that are tmpfs of capped size
                             and inode count of their own, and the bot's ``/files`` (writable in file
                             operations only; read-only in shell runs; absent in script runs); ``pivot_root``
                             into it and the host's root is detached. Writable mounts are ``nosuid,nodev,noexec``.
-unprivileged identity       As root, the runner switches to a uid/gid of its own (per lane) with no
+unprivileged identity       As root, the run switches to a uid/gid of its own (per lane) with no
                             supplementary groups; when the sandbox is not root, uid 0 of the run's own user
                             namespace. Either way the bounding and ambient sets are emptied and securebits
                             locked first, then every other capability set.
@@ -57,8 +60,9 @@ Landlock                    (where the kernel has it) read ``/usr`` and ``/etc``
 seccomp                     Kills foreign-architecture and x32 calls; EPERM for ptrace, mount, namespaces,
                             bpf, keyctl, userfaultfd, io_uring, perf, module and clock calls...; sockets other
                             than AF_UNIX; clone with namespace flags (``seccomp.py`` draws the filter).
-wall clock                  The sandbox kills the run's PID-namespace init at the deadline: the kernel then
-                            kills every process of the run, including ones that called setsid or forked twice.
+wall clock                  The sandbox kills the run's process, pid 1 of its PID namespace, at the deadline:
+                            the kernel then kills every process of the run, including ones that called setsid
+                            or forked twice.
 output caps                 stdout/stderr/result are read up to their caps; the rest is dropped.
 RestrictedPython            Custom scripts also pass a policy layer (``script.py``, ``script_guards.py``): no
                             underscore names, no real modules (only proxies listing allowed functions), no class

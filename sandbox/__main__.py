@@ -93,11 +93,11 @@ class Server:
                 self.unavailable = (out.stderr.decode(errors="replace").strip() or f"exit {out.exit_code}")[:500]
                 continue
             self.layers = {
-                "namespaces": not weak and seen["pid"] == 2 and seen["hostname"] == policy.HOSTNAME,
+                "namespaces": not weak and seen["pid"] == 1 and seen["hostname"] == policy.HOSTNAME,
                 "pivot_root": not weak and not seen["host_visible"],
                 # As root: a uid of its own. Unprivileged: uid 0 of the run's user namespace (the host sees our
                 # own unprivileged uid) with every capability dropped.
-                "unprivileged_uid": seen["caps"] == 0 and (seen["uid"] != 0 or os.geteuid() != 0),
+                "unprivileged_uid": seen["caps"] == 0 and (seen["uid"] != 0 or not jail.host_root()),
                 "no_new_privs": seen["nnp"] == 1,
                 "rlimits": seen["nproc"] == policy.DEFAULT_LIMITS["processes"],
                 "seccomp": seen["seccomp"] == 2,
@@ -208,7 +208,7 @@ class Server:
         files_writable: bool = False,
         execute: tuple[str, ...] = (),
     ) -> jail.Outcome:
-        as_root = os.geteuid() == 0  # unprivileged: runs keep our uid (inside a user namespace), no chown needed
+        as_root = jail.host_root()  # unprivileged: runs keep our uid (inside a user namespace), no chown needed
         work = None
         if self.weak:  # no private /work tmpfs without namespaces: a host directory, removed after the run
             work = self.root / "runs" / f"{os.getpid()}-{uuid.uuid4().hex}"

@@ -8,7 +8,7 @@ else, in a group of its own, and the group is what the limits hold:
 limit           cgroup v2                                  cgroup v1
 ==============  =========================================  ==================================================
 memory_bytes    ``memory.max``, ``memory.swap.max`` = 0     ``memory.limit_in_bytes`` (+ ``memsw``: no swap)
-processes       ``pids.max`` = processes + 3 (the jail's keeper and init, and the sandbox process: see ``Slot``)
+processes       ``pids.max`` = processes + 1 (the sandbox process: see ``Slot``)
 cpu_seconds     ``cpu.stat`` usage, polled by the sandbox   ``cpuacct.usage``, polled the same way
                 (jail.py kills the run at the budget)
 CPU rate        ``cpu.max`` = ``policy.RUN_CPU_CORES``      ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``
@@ -100,7 +100,7 @@ class Slot:
             for path in [limit, memsw] if memory_bytes < current else [memsw, limit]:
                 self._set(path, str(memory_bytes))
         version, pids = self._dir("pids")
-        self._set(f"{pids}/pids.max", str(processes + 2 + self.home))  # + the jail's keeper and init (+ us)
+        self._set(f"{pids}/pids.max", str(processes + self.home))  # (+ us)
         version, cpu = self._dir("cpu")
         quota = int(RUN_CPU_CORES * PERIOD_US)
         if version == 2:

@@ -12,7 +12,7 @@ Exit status 0 when every required layer holds, 1 when one does not, 2 when no sa
 =================  ===========================================================================================
 probe              what the job tries, and what holding means
 =================  ===========================================================================================
-namespaces         pid 2 of a new PID namespace, the jail's hostname, no host directory visible
+namespaces         pid 1 of a new PID namespace, the jail's hostname, no host directory visible
 identity           its uid and groups (a uid of its own as root; uid 0 of its own user namespace otherwise)
 capabilities       none effective or permitted, an empty bounding set, securebits locked
 no_new_privs       set
@@ -47,7 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import landlock, linux, policy, shell
+from . import jail, landlock, linux, policy, shell
 
 if TYPE_CHECKING:
     from .__main__ import Server
@@ -229,8 +229,9 @@ def run_battery(server: Server) -> dict[str, Any]:
         with contextlib.suppress(OSError):
             shutil.rmtree(server.root / "files" / _CHECK_SCOPE)
     ok = all(r["ok"] for r in results if r["required"])
-    mode = "root (a uid of its own per worker)" if os.geteuid() == 0 else "unprivileged (a user namespace per run)"
-    return {"ok": ok, "weak": server.weak, "mode": mode, "uid": os.geteuid(),
+    uid = jail.host_ids()[0]
+    mode = "root (a uid of its own per lane)" if uid == 0 else "unprivileged (a user namespace per lane)"
+    return {"ok": ok, "weak": server.weak, "mode": mode, "uid": uid,
             "cgroup": server.groups.version if server.groups else server.cgroup_error, "checks": results}  # fmt: skip
 
 
@@ -239,16 +240,16 @@ def _identity_checks(server: Server, seen: dict[str, Any], verdict: Callable[...
         verdict("namespaces", True, False, f"no run could start: {seen['error']}")
         return
     weak = server.weak
-    verdict("namespaces", True, not weak and seen["pid"] == 2 and seen["hostname"] == policy.HOSTNAME,
+    verdict("namespaces", True, not weak and seen["pid"] == 1 and seen["hostname"] == policy.HOSTNAME,
             f"pid {seen['pid']}, hostname {seen['hostname']!r}" + (" (weak mode: none)" if weak else ""))  # fmt: skip
     verdict("private root", True, not seen["host_visible"],
             "no host directory visible" if not seen["host_visible"] else f"visible: {seen['host_visible']}")  # fmt: skip
-    if os.geteuid() == 0:
+    if jail.host_root():
         identity_ok = seen["uid"] == server.uid and seen["gid"] == server.gid and not seen["groups"]
         how = f"uid {seen['uid']} gid {seen['gid']} groups {seen['groups']} (expected {server.uid}/{server.gid}, none)"
     else:
         identity_ok = weak or seen["uid"] == 0
-        how = f"uid {seen['uid']} inside its user namespace, mapped to this process's uid {os.geteuid()} on the host"
+        how = f"uid {seen['uid']} inside its user namespace, mapped to this process's uid {jail.host_ids()[0]} on the host"
     verdict("identity", True, identity_ok, how)
     caps_ok = seen["caps"] == 0 and seen["bounding_empty"] and seen["securebits"] == linux.SECURE_ALL_LOCKED_NOROOT
     verdict("capabilities", True, caps_ok or (weak and seen["caps"] == 0),

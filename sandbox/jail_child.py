@@ -1,6 +1,6 @@
-"""Inside one run: what its keeper, init and runner processes do to confine themselves (``jail.py`` forks the
-keeper, watches the run from outside and says how the tree is laid out). Every function here runs in a forked
-child of the sandbox process and ends it through ``exit_after``: nothing unwinds back into the sandbox's code."""
+"""Inside one run: what its one process does to confine itself before the job (``jail.py`` creates it, watches
+the run from outside and says how the run is laid out). Every function here runs in that child of the sandbox
+process and ends it through ``exit_after``: nothing unwinds back into the sandbox's code."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 from . import landlock, seccomp
 from .cgroup import Slot
 from .linux import (
-    CLONE_NEWUSER,
     LIBC,
     MNT_DETACH,
     MS_BIND,
@@ -26,7 +25,6 @@ from .linux import (
     MS_RDONLY,
     MS_REC,
     MS_REMOUNT,
-    NAMESPACES,
     PR_SET_DUMPABLE,
     PR_SET_NO_NEW_PRIVS,
     PR_SET_PDEATHSIG,
@@ -87,24 +85,27 @@ def _describe(exc: BaseException) -> str:
         return f"{type(exc).__name__} (its message could not be formatted)"
 
 
-def keeper(
+def child(
     job: Job,
     paths: Paths,
     uid: int | None,
     gid: int,
     limits: dict,
     weak: bool,
-    fds: tuple[int, int, int, int],
-    sandbox_pid: int,
+    fds: tuple[int, int, int],
+    alive: int,
+    outer: tuple[int, int] | None,
     group: Slot | None,
 ) -> int:
-    """The keeper."""
-    _, err_w, _, pid_w = fds
-    os.dup2(err_w, 2)  # setup errors go to the run's stderr
+    """The run's process, from its first instruction to the job: pid 1 of its new namespaces (a plain child in
+    weak mode). ``uid`` is the host uid to run as (root sandbox) or None (unprivileged: uid 0 of a user namespace,
+    its lane's or, when ``outer`` is given, a new one of its own, where ``outer``, the sandbox's uid and gid,
+    becomes 0)."""
+    os.dup2(fds[1], 2)  # setup errors go to the run's stderr
     if uid is None:
         # The sandbox process is non-dumpable, which makes our own /proc files root's; undo that here (the runner
-        # sets it again before any untrusted code) so that we can write them: oom_score_adj just below, and, in a
-        # user namespace, the uid and gid maps.
+        # part sets it again before any untrusted code) so that we can write them: oom_score_adj just below, and,
+        # in a user namespace, the uid and gid maps.
         prctl(PR_SET_DUMPABLE, 1)
     if group is not None:
         group.enter()  # (a no-op when born in it) everything the run does from here on counts against its group
@@ -113,62 +114,34 @@ def keeper(
         # never the sandbox process that shares the group (see cgroup.Slot).
         Path("/proc/self/oom_score_adj").write_text("1000")
     os.setsid()
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != sandbox_pid:
-        return EXIT_SETUP_FAILED  # the sandbox process died before the parent-death signal was armed
     # Nothing of the sandbox process's wiring stays open here: not its protocol pipes, not anything else.
     devnull = os.open("/dev/null", os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    close_all_but(*fds)  # kept on purpose: while the keeper lives, the pipes do not end, so the sandbox keeps
-    # watching the deadline even after a run closed its own ends
+    close_all_but(*fds, alive)  # (our copy of the alive pipe's write end goes here)
+    os.set_blocking(alive, False)
+    if not _die_with_parent(alive):
+        return EXIT_SETUP_FAILED
     if weak:
-        return _runner(job, paths, uid, gid, limits, weak, fds)
-    outer_uid, outer_gid = os.geteuid(), os.getegid()
-    check(LIBC.unshare(NAMESPACES | (0 if uid is not None else CLONE_NEWUSER)), "unshare(namespaces)")
-    if uid is None:
+        return _runner(job, paths, uid, gid, limits, weak, fds, alive)
+    if outer is not None:
         # Our own uid and gid become 0 inside: capabilities over the new namespaces only, none on the host.
         Path("/proc/self/setgroups").write_text("deny")
-        Path("/proc/self/uid_map").write_text(f"0 {outer_uid} 1")
-        Path("/proc/self/gid_map").write_text(f"0 {outer_gid} 1")
-    # init must not outlive us: it arms its parent-death signal, then checks this pipe, whose write end only
-    # we hold: end-of-file means we died before the signal was armed.
-    alive_r, alive_w = os.pipe()
-    init = os.fork()
-    if init == 0:
-        os.close(alive_w)
-        exit_after(lambda: _init(job, paths, uid, gid, limits, fds, alive_r))
-    os.close(alive_r)
-    os.write(pid_w, str(init).encode())
-    _, status = os.waitpid(init, 0)
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
-def _init(
-    job: Job, paths: Paths, uid: int | None, gid: int, limits: dict, fds: tuple[int, int, int, int], alive: int
-) -> int:
-    """pid 1 of the run's namespaces: build the root, start the runner, reap until it is gone."""
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.set_blocking(alive, False)
-    try:
-        if os.read(alive, 1) == b"":
-            return EXIT_SETUP_FAILED  # the keeper died before our parent-death signal was armed
-    except BlockingIOError:
-        pass  # the keeper is alive (and from now on its death kills us)
-    os.close(alive)
+        Path("/proc/self/uid_map").write_text(f"0 {outer[0]} 1")
+        Path("/proc/self/gid_map").write_text(f"0 {outer[1]} 1")
     _build_root(paths, uid, gid, limits)
     check(LIBC.sethostname(HOSTNAME.encode(), len(HOSTNAME)), "sethostname")
-    runner = os.fork()
-    if runner == 0:
-        exit_after(lambda: _runner(job, paths, uid, gid, limits, False, fds))
-    for fd in fds:
-        os.close(fd)
-    while True:  # reap orphans until the runner itself is gone
-        pid, status = os.wait()
-        if pid == runner:
-            code = os.waitstatus_to_exitcode(status)
-            return 128 - code if code < 0 else code  # the namespace dies with its init: every leftover is killed
+    return _runner(job, paths, uid, gid, limits, False, fds, alive)
+
+
+def _die_with_parent(alive: int) -> bool:
+    """Arm the parent-death signal, then make sure the parent (the sandbox process) did not die before: only it
+    holds the alive pipe's write end, so end-of-file there means it is gone and the signal will never come."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        return os.read(alive, 1) != b""
+    except BlockingIOError:
+        return True  # alive (and from now on its death kills us)
 
 
 def _build_root(paths: Paths, uid: int | None, gid: int, limits: dict) -> None:
@@ -215,16 +188,23 @@ def _build_root(paths: Paths, uid: int | None, gid: int, limits: dict) -> None:
 
 
 def _runner(
-    job: Job, paths: Paths, uid: int | None, gid: int, limits: dict, weak: bool, fds: tuple[int, int, int, int]
+    job: Job,
+    paths: Paths,
+    uid: int | None,
+    gid: int,
+    limits: dict,
+    weak: bool,
+    fds: tuple[int, int, int],
+    alive: int,
 ) -> int:
-    """The process that runs the job: fds, limits, identity, no-new-privs, Landlock, seccomp."""
-    out_w, err_w, res_w, _ = fds
+    """The last steps before the job: fds, limits, identity, no-new-privs, Landlock, seccomp."""
+    out_w, err_w, res_w = fds
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.set_inheritable(res_w, False)
-    close_all_but(res_w)
+    close_all_but(res_w, alive)
     os.chdir(str(paths.work) if weak else WORK_DIR)
     os.environ.clear()  # the job sees no environment; programs get theirs explicitly from shell.build_env
     _set_limits(limits)
@@ -239,6 +219,10 @@ def _runner(
         os.setresuid(uid, uid, uid)
         if 0 in os.getresuid():
             raise JailError("still root after setresuid")
+        # A change of uid clears the parent-death signal: arm it again (and check the parent once more).
+        if not _die_with_parent(alive):
+            return EXIT_SETUP_FAILED
+    os.close(alive)
     clear_capabilities()
     if effective_capabilities() != 0:
         raise JailError("capabilities remain after dropping privileges")

@@ -2,7 +2,7 @@
 
     worker ══ frames ══▶ sandbox process (``Dispatcher``: one poll loop, no threads; it runs nothing itself)
                            ├── ping: answered here
-                           ├─ pipes ─▶ lane 0: one request at a time, each run forked by jail.py
+                           ├─ pipes ─▶ lane 0: one request at a time, each run cloned by jail.py
                            ├─ pipes ─▶ lane 1
                            └─ ...      up to --lanes (at most policy.MAX_LANES); further requests wait in line here
 
@@ -15,8 +15,10 @@ as before. What keeps concurrent runs apart:
   CPU accounting and the kill at its budget hold that run's tree alone;
 - as root, each lane's runs have a uid of their own (``--uid`` + lane number): RLIMIT_NPROC counts per uid, so a
   run forking up to its limit cannot make a concurrent run's fork fail, and no run can signal another's
-  processes (unprivileged, each run is in a user namespace of its own already);
-- Landlock scopes signals and abstract sockets to the run, the PID and network namespaces are per run.
+  processes (unprivileged, each lane has a user namespace of its own);
+- each lane has a network namespace of its own, which its runs share one after another (``jail.share_namespaces``:
+  a run's processes are all gone before the next run starts); the mount, PID, IPC and UTS namespaces are per run,
+  and Landlock scopes signals and abstract sockets to the run.
 
 Lanes start as requests need them, the first one at start-up. A lane that dies (a bug of ours: runs never execute
 in the lane itself) loses its request, answered ``{"ok": false, "lost": true}`` (the client raises
@@ -36,6 +38,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import jail
+from .linux import JailError
 from .protocol import ProtocolError, decode_payload, read_frame, read_payload, write_frame, write_payload
 
 if TYPE_CHECKING:
@@ -206,6 +210,11 @@ def _lane(server: Server, number: int, parent: int, requests: int, answers: int,
             server.groups.move_home(f"lane-{number}")
         except OSError as exc:
             server.unavailable = f"cannot create the run cgroup of lane {number}: {exc}"
+    if not server.weak:
+        try:
+            jail.share_namespaces()
+        except (OSError, JailError) as exc:  # the runs then create their own, as the probe's did
+            print(f"sandbox: lane {number} keeps a network namespace per run: {exc}", file=sys.stderr)
     serve(server)
     return 0
 

@@ -1,5 +1,6 @@
-"""Thin ctypes wrappers for the Linux calls the jail needs and Python does not expose (3.11): mount, unshare,
-pivot_root, prctl, capabilities. Each failure raises ``JailError`` naming the call and the errno.
+"""Thin ctypes wrappers for the Linux calls the jail needs and Python does not expose (3.11): clone with
+namespace flags, mount, unshare, pivot_root, prctl, capabilities. Each failure raises ``JailError`` naming the call
+and the errno.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ import errno
 import os
 
 LIBC = ctypes.CDLL(None, use_errno=True)
+# The same C library, called with the GIL held (ctypes.CDLL releases it around each call): for clone, which must
+# run exactly as os.fork runs fork().
+_LIBC_GIL = ctypes.PyDLL(None, use_errno=True)
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
@@ -22,6 +26,8 @@ PR_GET_SECUREBITS = 27
 SECURE_ALL_LOCKED_NOROOT = 0x2F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
 _CAP_VERSION_3 = 0x20080522
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+_SIGCHLD = 17
 
 
 class JailError(Exception):
@@ -32,6 +38,38 @@ def check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise JailError(f"{what}: {os.strerror(err)} ({errno.errorcode.get(err, err)})")
+
+
+def fork_into(namespaces: int) -> int:
+    """``os.fork()`` whose child starts in new namespaces (``clone(2)`` with ``CLONE_NEW*`` flags; 0 is a plain
+    fork): returns the child's pid (as the caller sees it) in the parent and 0 in the child. The caller's own
+    namespaces never change, which is why this is used instead of unshare-then-fork: that would leave the caller
+    in the new mount, network, IPC and UTS namespaces, and an unprivileged caller in a user namespace it cannot
+    leave. Python 3.11 has no ``os.clone``, so this does around the raw system call what ``os.fork`` does around
+    ``fork()``: the interpreter's before-fork and after-fork steps (import lock, thread states, at-fork hooks),
+    with the GIL held throughout.
+
+    The raw call skips glibc's own fork handling, which matters only with other threads: glibc locks malloc's
+    arenas across ``fork()`` so that no other thread holds them in the child. This refuses to run in a process
+    with more than one thread (the sandbox's lanes have one). glibc's cached thread id in the child stays the
+    parent's; the child, like any forked child of the jail, never returns into the caller's code
+    (``jail_child.exit_after``), and nothing it runs relies on that cache."""
+    if len(os.listdir("/proc/self/task")) != 1:
+        raise JailError("clone with namespaces needs a single-threaded process; this one has other threads")
+    number = _SYS_CLONE[os.uname().machine]
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    # clone(flags, stack, parent_tid, child_tid or tls, tls or child_tid): no new stack, no tid writes; the child
+    # continues on a copy-on-write copy of ours, exactly as after fork().
+    pid = _LIBC_GIL.syscall(ctypes.c_long(number), ctypes.c_ulong(namespaces | _SIGCHLD), None, None, None, None)
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise JailError(f"clone(namespaces): {os.strerror(err)} ({errno.errorcode.get(err, err)})")
+    return pid
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:

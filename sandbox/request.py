@@ -81,9 +81,8 @@ def meta(out: jail.Outcome) -> dict[str, Any]:
 
 
 def oom_killed(out: jail.Outcome) -> bool:
-    """The kernel killed part of the run for its memory limit, and the run died of SIGKILL: the runner (137 from
-    the keeper) or the keeper itself (-9), whichever the kernel chose."""
-    return bool(out.oom_kills) and out.exit_code in (128 + signal.SIGKILL, -signal.SIGKILL)
+    """The kernel killed part of the run for its memory limit, and the run died of SIGKILL."""
+    return bool(out.oom_kills) and out.exit_code == 128 + signal.SIGKILL
 
 
 def death(out: jail.Outcome, what: str) -> str:
@@ -94,11 +93,11 @@ def death(out: jail.Outcome, what: str) -> str:
         return f"{what} killed: CPU time limit of the run"
     if oom_killed(out):
         return f"{what} killed: memory limit of the run"
-    if out.exit_code in (128 + signal.SIGKILL, -signal.SIGKILL):
+    if out.exit_code == 128 + signal.SIGKILL:
         return f"{what} killed (CPU time or memory limit of a process)"
     if out.exit_code == jail_child.EXIT_SETUP_FAILED:
         tail = out.stderr.decode(errors="replace").strip().splitlines()
         return f"{what} could not start: {tail[-1] if tail else 'sandbox setup failed'}"
-    if out.exit_code and (out.exit_code > 128 or out.exit_code < 0):
-        return f"{what} killed by signal {out.exit_code - 128 if out.exit_code > 0 else -out.exit_code}"
+    if out.exit_code and out.exit_code > 128:
+        return f"{what} killed by signal {out.exit_code - 128}"
     return f"{what} exited with status {out.exit_code}"

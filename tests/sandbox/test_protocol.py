@@ -62,7 +62,7 @@ def _wait_until(predicate: Callable[[], Any], timeout: float) -> bool:
 
 
 def _kill_forked_from(root: Path) -> None:
-    """Kill every process still running our sandbox's command line (keepers, inits): their namespaces go with them."""
+    """Kill every process still running our sandbox's command line (orphaned runs): their namespaces go with them."""
     for proc in psutil.process_iter(["cmdline"]):
         if str(root) in " ".join(proc.info["cmdline"] or []):
             with contextlib.suppress(psutil.Error):
@@ -324,16 +324,16 @@ def test_a_hung_sandbox_fails_the_request_at_its_deadline_and_is_replaced(client
     assert reply["ok"] and reply["result"] == 2 and client.proc is not None and client.proc.pid != pid
 
 
-# ---- a race in the run's process tree, made deterministic with ptrace ------------------------------------------
+# ---- races at a run's start, made deterministic with ptrace ----------------------------------------------------
 #
-# jail.run forks the keeper, the keeper forks the namespace's init, and init's first act is to arm PR_SET_PDEATHSIG.
-# If the keeper dies in between (the sandbox kills the *keeper* at the deadline whenever it has not read init's pid
-# yet; or the keeper's own PDEATHSIG fires because the sandbox died), init never learns about it: it is reparented to
-# the host's init and runs the job with no deadline left. Naturally this happens about once in a few hundred runs
-# of a tool whose timeout is a couple of milliseconds (a tool author picks the timeout). Here ptrace holds the new
-# processes at exactly the unlucky instant.
+# A lane clones the run's process, whose first acts are to arm PR_SET_PDEATHSIG and check that the lane still
+# holds the alive pipe. Two unlucky instants: the lane dies before the run has run a single instruction (the
+# parent-death signal would never come: without the check, the run would go on as an orphan with no deadline), and
+# the deadline falls while the run has not started yet (the lane must kill it by the pid clone returned, not by
+# anything the run reports). Here ptrace holds the new process at exactly that instant. (The later instant, a
+# uid change that clears the parent-death signal, is covered by the sandbox killed mid-request above.)
 
-_PTRACE_CONT, _PTRACE_DETACH, _PTRACE_GETEVENTMSG, _PTRACE_SEIZE, _PTRACE_INTERRUPT = 7, 17, 0x4201, 0x4206, 0x4207
+_PTRACE_CONT, _PTRACE_DETACH, _PTRACE_GETEVENTMSG, _PTRACE_SEIZE = 7, 17, 0x4201, 0x4206
 _O_TRACEFORK, _EVENT_FORK, _WALL = 2, 1, 0x40000000
 _ROOT_ONLY = pytest.mark.skipif(
     not kit.ROOT_MODE, reason="tracing the non-dumpable sandbox process takes CAP_SYS_PTRACE (root's pass runs it)"
@@ -374,117 +374,84 @@ def _waitpid(pid: int, deadline: float) -> tuple[int, int]:
     raise TimeoutError("no ptrace event before the deadline")
 
 
-def _hold_run(sandbox: int, who_dies: str, seen: dict[str, Any], seized: threading.Event) -> None:
-    """Tracer thread of ``sandbox``, the process that forks runs (a lane of the sandbox process). who_dies="keeper":
-    let the keeper fork init, then hold both until the sandbox's deadline kill
-    lands on the keeper. who_dies="sandbox": hold the fresh keeper and kill the sandbox itself. Then release the
-    orphan, which arms its parent-death signal too late."""
+def _hold_run(lane: int, who_dies: str, seen: dict[str, Any], seized: threading.Event) -> None:
+    """Tracer thread of ``lane``, the process that clones runs. Hold the run's fresh process at its first stop;
+    who_dies="lane": kill the lane before the run has run an instruction, then release the run, which arms its
+    parent-death signal too late. who_dies="run": hold it until the lane's deadline kill has landed on it."""
     deadline = time.monotonic() + 15
     try:
-        _ptrace(_PTRACE_SEIZE, sandbox, _O_TRACEFORK)
+        _ptrace(_PTRACE_SEIZE, lane, _O_TRACEFORK)
         seized.set()
-        keeper = init = None
+        run = None
         first_stops: set[int] = set()
-        while not (who_dies == "sandbox" and keeper in first_stops) and not (
-            who_dies == "keeper" and init in first_stops
-        ):
+        while run is None or run not in first_stops:
             pid, status = _waitpid(-1, deadline)
             if not os.WIFSTOPPED(status):
                 seen.setdefault("exits", []).append((pid, status))
                 continue
             sig, event = os.WSTOPSIG(status), status >> 16
-            if pid == sandbox:
+            if pid == lane:
                 if event == _EVENT_FORK:
-                    keeper = _forked_child(sandbox)
-                    if who_dies == "sandbox":
-                        os.kill(sandbox, signal.SIGKILL)  # ...before its new keeper has run a single instruction
+                    run = _forked_child(lane)  # (clone with SIGCHLD as its exit signal reports as a fork)
+                    if who_dies == "lane":
+                        os.kill(lane, signal.SIGKILL)  # ...before the run has run a single instruction
                         continue
-                    if keeper in first_stops:
-                        _ptrace(_PTRACE_CONT, keeper)
-                _ptrace(_PTRACE_CONT, sandbox, 0 if event else sig)
-            elif pid == keeper and event == _EVENT_FORK:
-                init = _forked_child(keeper)  # the keeper stays stopped here: it never reports init's pid
+                _ptrace(_PTRACE_CONT, lane, 0 if event else sig)
             else:
                 first_stops.add(pid)
-                if pid == keeper and who_dies == "keeper":
-                    _ptrace(_PTRACE_CONT, keeper)
-        seen["keeper"], seen["init"] = keeper, init
-        assert keeper is not None
-        if who_dies == "sandbox":
-            _wait_until(lambda: _state(sandbox) in ("Z", "gone"), 5)
+        seen["run"] = run
+        if who_dies == "lane":
+            _wait_until(lambda: _state(lane) in ("Z", "gone"), 5)
             with contextlib.suppress(ProcessLookupError):
-                _ptrace(_PTRACE_DETACH, keeper)  # runs on: its PR_SET_PDEATHSIG comes after the sandbox died
+                _ptrace(_PTRACE_DETACH, run)  # runs on: its PR_SET_PDEATHSIG comes after the lane died
             return
-        assert init is not None
-        seen["keeper_killed"] = _wait_until(lambda: _state(keeper) in ("Z", "gone"), 10)  # the deadline kill
-        with contextlib.suppress(ProcessLookupError):  # (a fix that kills the keeper's process group kills init too)
-            _ptrace(_PTRACE_DETACH, init)  # runs on as an orphan: its PR_SET_PDEATHSIG comes after its parent died
-        # A runner: a process of the run other than the keeper and init (init, killed while held, can linger in
-        # the group until it is reaped)
-        seen["runner_started"] = _wait_until(lambda: [p for p in _leftovers() if p not in (keeper, init)], 3)
-        _waitpid(keeper, deadline)  # only now can the sandbox reap the keeper (and delete the run's directory)
-        _ptrace(_PTRACE_INTERRUPT, sandbox)
-        while True:
-            _, status = _waitpid(sandbox, deadline)
-            if os.WIFSTOPPED(status):
-                _ptrace(_PTRACE_DETACH, sandbox, 0 if status >> 16 else os.WSTOPSIG(status))
-                break
+        # Held at its first instruction; the lane's deadline kill (SIGKILL reaches a stopped tracee) ends it
+        _, status = _waitpid(run, deadline)
+        seen["run_killed"] = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     except Exception as exc:  # reported by the test; ending this thread detaches every tracee anyway
         seen["error"] = repr(exc)
     finally:
         seized.set()
 
 
-# These two once found a hole: init (and the keeper) armed PR_SET_PDEATHSIG without checking that their parent
-# was still alive, and the deadline killed only the keeper when init's pid had not been read yet; an orphaned init
-# ran the job with no deadline. Now the deadline kills the keeper's process group, init checks the keeper is
-# alive after arming, and the keeper checks the sandbox process.
-
-
 @_ROOT_ONLY
-def test_a_run_whose_keeper_dies_at_the_deadline_before_init_is_armed_leaves_nothing(
-    client: SandboxClient, root: Path
-) -> None:
+def test_a_run_held_before_its_first_instruction_is_killed_at_the_deadline(client: SandboxClient, root: Path) -> None:
     seen: dict[str, Any] = {}
     seized = threading.Event()
-    # Runs are forked by a lane of the sandbox process (lanes.py); an idle sandbox hands the next run to lane 0.
-    tracer = threading.Thread(target=_hold_run, args=(client.hello["lanes"][0], "keeper", seen, seized))
+    # Runs are cloned by a lane of the sandbox process (lanes.py); an idle sandbox hands the next run to lane 0.
+    tracer = threading.Thread(target=_hold_run, args=(client.hello["lanes"][0], "run", seen, seized))
     tracer.start()
-    seized.wait(10)  # the request goes only once the sandbox is traced: its next fork is the run's keeper
+    seized.wait(10)  # the request goes only once the lane is traced: its next clone is the run
     try:
-        # The tracer holds the processes longer than the client waits, so the call itself may time out; what
-        # matters is that the deadline kill (the keeper's whole process group) leaves nothing behind.
-        with contextlib.suppress(SandboxError):
-            reply = client.call(
-                {"kind": "shell", "command": "tail -c 1 /dev/zero", "params": {}, "limits": {"wall_seconds": 1}}
-            )
-            assert reply["killed"] == "wall_time", reply
+        reply = client.call(
+            {"kind": "shell", "command": "tail -c 1 /dev/zero", "params": {}, "limits": {"wall_seconds": 1}}
+        )
+        assert reply["killed"] == "wall_time", reply
         tracer.join(20)
-        # (The tracer's own bookkeeping may fail once the client gave up on the held sandbox: irrelevant here.)
-        assert seen.get("keeper_killed") and not seen.get("runner_started"), seen
-        client.close()
-        time.sleep(0.5)
-        assert not _leftovers(), f"...but its job still runs after the sandbox is gone: {seen}"
+        assert "error" not in seen and seen.get("run_killed"), seen
+        assert not _wait_until(_leftovers, 1.0), f"the run outlived its deadline: {seen}"
+        reply = client.call({"kind": "script", "source": "result = 2", "params": {}})  # the lane goes on
+        assert reply["ok"] and reply["result"] == 2, reply
     finally:
         tracer.join(20)
-        _kill_forked_from(root)  # the orphaned init (the job's namespace dies with it)
+        _kill_forked_from(root)
 
 
 @_ROOT_ONLY
-def test_a_run_whose_sandbox_dies_before_the_keeper_is_armed_leaves_nothing(client: SandboxClient, root: Path) -> None:
+def test_a_run_whose_sandbox_dies_before_it_is_armed_leaves_nothing(client: SandboxClient, root: Path) -> None:
     seen: dict[str, Any] = {}
     seized = threading.Event()
-    tracer = threading.Thread(target=_hold_run, args=(client.hello["lanes"][0], "sandbox", seen, seized))
+    tracer = threading.Thread(target=_hold_run, args=(client.hello["lanes"][0], "lane", seen, seized))
     tracer.start()
-    seized.wait(10)  # the request goes only once the sandbox is traced: its next fork is the run's keeper
+    seized.wait(10)  # the request goes only once the lane is traced: its next clone is the run
     try:
         with pytest.raises(SandboxError):
             client.call(
                 {"kind": "shell", "command": "tail -c 1 /dev/zero", "params": {}, "limits": {"wall_seconds": 0.5}}
             )
         tracer.join(20)
-        assert "error" not in seen and seen.get("keeper"), seen
+        assert "error" not in seen and seen.get("run"), seen
         assert not _wait_until(_leftovers, 3.0), f"the job runs on after its sandbox was killed: {seen}"
     finally:
         tracer.join(20)
-        _kill_forked_from(root)  # the orphaned keeper and init
+        _kill_forked_from(root)  # an orphaned run
