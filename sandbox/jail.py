@@ -11,9 +11,10 @@ One process per run (the sandbox process never runs untrusted code itself)::
 
 The child is created with ``clone`` and the namespace flags (``linux.fork_into``), so the sandbox process never
 enters the run's namespaces. A lane (lanes.py) has a network namespace, and unprivileged a user namespace, of its
-own, which its runs share (``share_namespaces``); elsewhere (the start-up probe) a run gets new ones; being pid 1, the run reaps its own orphans (or leaves them as zombies until it ends,
-bounded by RLIMIT_NPROC and the group's ``pids.max``), and signals sent to it from inside its namespace without a
-handler are ignored (it cannot SIGKILL itself, which harms nothing).
+own, which its runs share (``share_namespaces``); elsewhere (the start-up probe) a run gets new ones. Being pid 1,
+the run reaps its own orphans (or leaves them as zombies until it ends, bounded by RLIMIT_NPROC and the group's
+``pids.max``), and signals sent to it from inside its namespace without a handler are ignored (it cannot SIGKILL
+itself, which harms nothing).
 
 Every process of the run, and everything it forks, is in the run's cgroup (cgroup.py): memory, processes and CPU
 are held for the tree as a whole. The sandbox process watches the wall clock and the group's CPU time; at either

@@ -42,10 +42,10 @@ def check(ret: int, what: str) -> None:
 
 def fork_into(namespaces: int) -> int:
     """``os.fork()`` whose child starts in new namespaces (``clone(2)`` with ``CLONE_NEW*`` flags; 0 is a plain
-    fork): returns the child's pid (as the caller sees it) in the parent and 0 in the child. The caller's own
-    namespaces never change, which is why this is used instead of unshare-then-fork: that would leave the caller
-    in the new mount, network, IPC and UTS namespaces, and an unprivileged caller in a user namespace it cannot
-    leave. Python 3.11 has no ``os.clone``, so this does around the raw system call what ``os.fork`` does around
+    fork, done by ``os.fork`` itself): returns the child's pid (as the caller sees it) in the parent and 0 in the
+    child. The caller's own namespaces never change, which is why this is used instead of unshare-then-fork: that
+    would leave the caller in the new mount, PID-for-children, IPC and UTS namespaces, and an unprivileged caller
+    in a user namespace it cannot leave. Python 3.11 has no ``os.clone``, so this does around the raw system call what ``os.fork`` does around
     ``fork()``: the interpreter's before-fork and after-fork steps (import lock, thread states, at-fork hooks),
     with the GIL held throughout.
 
@@ -54,6 +54,8 @@ def fork_into(namespaces: int) -> int:
     with more than one thread (the sandbox's lanes have one). glibc's cached thread id in the child stays the
     parent's; the child, like any forked child of the jail, never returns into the caller's code
     (``jail_child.exit_after``), and nothing it runs relies on that cache."""
+    if not namespaces:
+        return os.fork()
     if len(os.listdir("/proc/self/task")) != 1:
         raise JailError("clone with namespaces needs a single-threaded process; this one has other threads")
     number = _SYS_CLONE[os.uname().machine]
