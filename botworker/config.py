@@ -170,7 +170,10 @@ class Config:
         "POP_TIMEOUT", decimal(0.1, 30), 1.0, "BLMOVE timeout (s): how often an idle worker checks for shutdown"
     )
     graceful_timeout: float = setting(
-        "GRACEFUL_TIMEOUT", decimal(0, 3600), 30.0, "warm shutdown: time (s) in-flight messages get to finish"
+        "GRACEFUL_TIMEOUT",
+        decimal(0, 3600),
+        75.0,
+        "warm shutdown: time (s) in-flight messages get to finish; keep it above LLM_DEADLINE",
     )
     worker_timeout: float = setting(
         "WORKER_TIMEOUT", decimal(2, 3600), 120.0, "a worker silent this long (s) is killed and replaced"
@@ -236,6 +239,16 @@ class Config:
         """PostgreSQL connections per worker process: DB_POOL_SIZE, or sized to the database work of the threads:
         loads and saves run in a CPU slot (one per slot), plus one for platform tools, which run outside them."""
         return self.db_pool_size or min(self.worker_threads, self.cpu_slots + 1)
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but work against each other: logged at start and on reload."""
+        found = []
+        if self.graceful_timeout < self.llm_deadline:
+            found.append(
+                f"GRACEFUL_TIMEOUT={self.graceful_timeout:g} is shorter than LLM_DEADLINE={self.llm_deadline:g}: a "
+                "warm stop may kill replies in progress (their messages are requeued, and their tools run again)"
+            )
+        return found
 
     def redacted(self) -> dict[str, Any]:
         """The settings with passwords and keys hidden, for logs and `status`."""

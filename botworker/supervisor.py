@@ -35,6 +35,7 @@ from . import errors
 from .config import Config
 from .errors import ConfigError
 from .logs import set_role, setup_logging
+from .notify import Notifier
 from .queue import processing_key, publish_node, recover_orphans, requeue_list, withdraw_node
 from .worker import Heartbeat, Worker
 
@@ -98,6 +99,8 @@ class Supervisor:
         self._next_refresh = self._next_recover = 0.0
         self._redis_failing = False
         self.sandbox: dict[str, object] = {}  # the start-up probe's report, shown by `botworker status`
+        self.notify = Notifier.from_environment()  # systemd (Type=notify); does nothing without NOTIFY_SOCKET
+        self._told_ready = False
 
     # ---- main loop -----------------------------------------------------------------------------------------
 
@@ -108,6 +111,8 @@ class Supervisor:
             self.cfg.redis_url, socket_timeout=self.cfg.redis_timeout, socket_connect_timeout=self.cfg.redis_timeout
         )
         log.info("supervisor %s starting %d worker(s); config %s", self.node_id, self.target, self.cfg.redacted())
+        for warning in self.cfg.warnings():
+            log.warning("%s", warning)
         try:
             # Before the fork, once: a broken plugin stops us here, not per message; the sandbox's layers are known.
             self.sandbox = Worker.preload(self.cfg)
@@ -123,6 +128,7 @@ class Supervisor:
             self._reap()
             self._murder_hung()
             self._maintain()
+            self._tell_systemd()
             if self.state != "running" and not self.slots:
                 break
             if self.state == "warm" and time.monotonic() > self.deadline:
@@ -269,9 +275,39 @@ class Supervisor:
                 self._kill(slot.pid, signal.SIGKILL)
                 slot.killed = True
 
+    def _tell_systemd(self) -> None:
+        """READY=1 once every worker has booted (again after a reload), STATUS= as it changes, and the watchdog
+        fed only while the fleet is healthy."""
+        if self.state == "running":
+            active = self._active()
+            booted = len(active) >= self.target and all(s.heartbeat.ready for s in active)
+            if not self._told_ready and booted:
+                self.notify.ready(self._status_line())
+                self._told_ready = True
+            elif self._told_ready:
+                self.notify.status(self._status_line())
+        if self._healthy():
+            self.notify.watchdog()
+
+    def _status_line(self) -> str:
+        slots = self._active()
+        busy = sum(s.heartbeat.busy_threads for s in slots)
+        threads = sum(s.threads for s in slots)
+        handled = sum(s.heartbeat.processed for s in slots)
+        return f"{len(slots)} worker(s), {busy}/{threads} threads busy, {handled} message(s) handled"
+
+    def _healthy(self) -> bool:
+        """Some worker alive and none silent past WORKER_TIMEOUT (a silent one is being replaced). While stopping,
+        systemd's stop timeout governs instead."""
+        if self.state != "running":
+            return True
+        live = [s for s in self.slots.values() if not s.killed]
+        return bool(live) and all(s.heartbeat.age() <= self.cfg.worker_timeout for s in live)
+
     def _stop(self, how: str) -> None:
         if how == "warm" and self.state == "running":
             self.state, self.deadline = "warm", time.monotonic() + self.cfg.graceful_timeout
+            self.notify.stopping(f"warm stop: {len(self.slots)} worker(s) finishing their messages")
             log.info(
                 "warm stop: %d worker(s) finish their current message (up to %gs)",
                 len(self.slots),
@@ -281,11 +317,14 @@ class Supervisor:
                 self._kill(slot.pid, signal.SIGTERM)
         elif how == "cold" and self.state != "cold":
             self.state = "cold"
+            self.notify.stopping(f"cold stop: killing {len(self.slots)} worker(s)")
             log.info("cold stop: killing %d worker(s); their messages are requeued", len(self.slots))
             for slot in self.slots.values():
                 self._kill(slot.pid, signal.SIGKILL)
 
     def _reload(self) -> None:
+        self.notify.reloading()
+        self._told_ready = False  # READY=1 again once the workers of the new configuration are up
         try:
             cfg = self.reload()
             sandbox = Worker.preload(cfg)
@@ -296,6 +335,8 @@ class Supervisor:
         self.target = cfg.procs
         setup_logging(cfg.log_level)
         log.info("SIGHUP: configuration reloaded; replacing %d worker(s)", len(self._active()))
+        for warning in cfg.warnings():
+            log.warning("%s", warning)
         for slot in self._active():
             self._retire(slot)
 

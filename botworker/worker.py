@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from multiprocessing.sharedctypes import RawArray
+from multiprocessing.sharedctypes import RawArray, RawValue
 from typing import Any
 
 import redis
@@ -54,6 +54,7 @@ class Heartbeat:
     def __init__(self, threads: int = 1) -> None:
         self.threads = threads
         self._cells = RawArray("d", _CELLS * threads)
+        self._ready = RawValue("b", 0)  # set once the worker's connections are open
         self._local = threading.local()
         now = time.monotonic()
         for t in range(threads):
@@ -65,6 +66,13 @@ class Heartbeat:
 
     def _base(self) -> int:
         return getattr(self._local, "base", 0)
+
+    def mark_ready(self) -> None:
+        self._ready.value = 1
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._ready.value)
 
     def beat(self) -> None:
         self._cells[self._base() + _BEAT] = time.monotonic()
@@ -139,6 +147,7 @@ class Worker:
         except BootError as exc:
             log.error("worker %s cannot boot: %s", self.wid, exc)
             return errors.EXIT_WORKER_BOOT
+        self.heartbeat.mark_ready()
         log.info("worker %s ready (pid %d, %d thread(s))", self.wid, os.getpid(), len(self.consumers))
         try:
             return self._serve()

@@ -15,9 +15,9 @@ files, reach the network (including cloud metadata), run other programs, keep pr
 exhaust the machine (CPU, memory, processes, disk, output), or take the worker down. The kernel is trusted; so is
 the worker that sends the requests.
 
-Modes. Production runs the sandbox unprivileged (the systemd unit's ``User=botworker``): each lane has a user
-namespace of its own, where its runs are uid 0 with no capability. Started as root, each lane's runs (lanes.py) get a host
-uid of their own instead. Both modes build the same jail and pass the same test suite (CI runs it twice).
+Modes. Production runs the sandbox unprivileged (the systemd unit's ``User=botworker``): each lane (lanes.py)
+has a user namespace of its own, where its runs are uid 0 with no capability. Started as root, each lane's runs get
+a host uid of their own instead. Both modes build the same jail and pass the same test suite (CI runs it twice).
 
 Layers (each stops the attack on its own; together they are the boundary)
 -----------------------------------------------------------------------------
@@ -34,7 +34,7 @@ cgroup (per run)            Every run, and all it forks, is in a cgroup of its o
                             the tree as a whole, the sandbox kills it at its CPU-time budget, and a kill at
                             the deadline reaches every member. The sandbox process lives in the group (runs are
                             born in it) under no limit between runs. Required: no cgroup, no runs.
-namespaces                  Each run is cloned into new mount, PID, IPC and UTS namespaces (the sandbox
+namespaces                  Each run is cloned into new mount, PID and UTS namespaces (the sandbox
                             never enters them), in its lane's network namespace (no interface but a downed
                             loopback) and, when the sandbox is not root, the lane's user namespace: no view of
                             host processes, no network, its own hostname. The run is pid 1 there: when it
@@ -58,8 +58,10 @@ Landlock                    (where the kernel has it) read ``/usr`` and ``/etc``
                             bind/connect; signals and abstract unix sockets scoped to the run. Also applied in
                             weak mode, on host paths.
 seccomp                     Kills foreign-architecture and x32 calls; EPERM for ptrace, mount, namespaces,
-                            bpf, keyctl, userfaultfd, io_uring, perf, module and clock calls...; sockets other
-                            than AF_UNIX; clone with namespace flags (``seccomp.py`` draws the filter).
+                            bpf, keyctl, userfaultfd, io_uring, perf, module and clock calls, System V IPC
+                            and POSIX message queues...; no socket of any family (``socket`` fails,
+                            ``socketpair`` is denied: a unix socket holding descriptors in flight could
+                            outlive its run); clone with namespace flags (``seccomp.py`` draws the filter).
 wall clock                  The sandbox kills the run's process, pid 1 of its PID namespace, at the deadline:
                             the kernel then kills every process of the run, including ones that called setsid
                             or forked twice.

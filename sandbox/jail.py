@@ -3,7 +3,7 @@ everything, run.
 
 One process per run (the sandbox process never runs untrusted code itself)::
 
-    sandbox process ── clone(NEWNS|NEWPID|NEWIPC|NEWUTS [|NEWNET|NEWUSER]) ──▶ the run: pid 1 of its new PID
+    sandbox process ── clone(NEWNS|NEWPID|NEWUTS [|NEWNET|NEWUSER]) ──▶ the run: pid 1 of its new PID
         namespace, born in the run's cgroup. setsid, parent-death signal, stdio and descriptors; (unprivileged: its
         uid and gid maps); builds the jail's root and pivot_root; then rlimits, capabilities and identity,
         no-new-privs, Landlock, seccomp, and the job, which runs in it or execs the program in its place. When
@@ -141,11 +141,13 @@ def share_namespaces() -> None:
     """For a lane (lanes.py), once at its start, before any run: move this process into a new network namespace
     (holding only a downed loopback) and, when it is not root, a new user namespace whose uid and gid 0 are our
     own; every run it starts then shares those two instead of creating its own (a network namespace costs ≈ 0.8 ms
-    of CPU per run to create and tear down). The runs still get their own mount, PID, IPC and UTS namespaces and
-    drop every capability as before. What the sharing gives a run: the namespaces of the lane's earlier runs, whose
-    processes are all gone (a run's pid 1 is reaped only after the kernel killed everything in its PID namespace),
+    of CPU per run to create and tear down). The runs still get their own mount, PID and UTS namespaces and drop
+    every capability as before. What the sharing gives a run: the namespaces of the lane's earlier runs, whose
+    processes are all gone (a run's pid 1 is reaped only after the kernel killed everything in its PID namespace)
+    and which could make no socket (seccomp: a unix socket holding descriptors in flight would outlive its run),
     and of the lane itself, which holds no socket (it talks over pipes). Runs of other lanes, which may run
-    concurrently, are in other namespaces. Landlock and seccomp are unchanged."""
+    concurrently, are in other namespaces. Landlock and seccomp are unchanged. In the lane's user namespace
+    RLIMIT_NPROC counts the lane too, so its runs get one process more (jail_child._runner)."""
     global _shared_by
     outer = (os.geteuid(), os.getegid())
     if outer[0] == 0:

@@ -131,7 +131,9 @@ def child(
         Path("/proc/self/gid_map").write_text(f"0 {outer[1]} 1")
     _build_root(paths, uid, gid, limits)
     check(LIBC.sethostname(HOSTNAME.encode(), len(HOSTNAME)), "sethostname")
-    return _runner(job, paths, uid, gid, limits, False, fds, alive)
+    # In the lane's user namespace (unprivileged, outer unset), RLIMIT_NPROC counts the lane too: it is uid 0 there.
+    lane_counts = uid is None and outer is None
+    return _runner(job, paths, uid, gid, limits, False, fds, alive, lane_counts)
 
 
 def _die_with_parent(alive: int) -> bool:
@@ -196,8 +198,10 @@ def _runner(
     weak: bool,
     fds: tuple[int, int, int],
     alive: int,
+    lane_counts: bool = False,
 ) -> int:
-    """The last steps before the job: fds, limits, identity, no-new-privs, Landlock, seccomp."""
+    """The last steps before the job: fds, limits, identity, no-new-privs, Landlock, seccomp. ``lane_counts``: one
+    more process of our uid (the lane) counts against RLIMIT_NPROC, so the run gets one more."""
     out_w, err_w, res_w = fds
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -207,7 +211,7 @@ def _runner(
     close_all_but(res_w, alive)
     os.chdir(str(paths.work) if weak else WORK_DIR)
     os.environ.clear()  # the job sees no environment; programs get theirs explicitly from shell.build_env
-    _set_limits(limits)
+    _set_limits(limits, 1 if lane_counts else 0)
     rules = landlock.ruleset(_landlock_rules(paths, weak))  # enforced below, once no-new-privs is set
     # No capability, ever again: bounding and ambient sets emptied and securebits locked while we may still (as
     # root, or as uid 0 of our own user namespace), then the uid (as root) and the remaining sets.
@@ -253,7 +257,7 @@ def _landlock_rules(paths: Paths, weak: bool) -> list[tuple[str, int]]:
     return rules + [(path, landlock.RUN) for path in paths.execute]
 
 
-def _set_limits(limits: dict) -> None:
+def _set_limits(limits: dict, others_of_our_uid: int = 0) -> None:
     for which, key in (
         (resource.RLIMIT_CPU, "cpu_seconds"),
         (resource.RLIMIT_AS, "memory_bytes"),
@@ -261,7 +265,7 @@ def _set_limits(limits: dict) -> None:
         (resource.RLIMIT_FSIZE, "file_bytes"),
         (resource.RLIMIT_NOFILE, "open_files"),
     ):
-        value = int(limits[key])
+        value = int(limits[key]) + (others_of_our_uid if which == resource.RLIMIT_NPROC else 0)
         resource.setrlimit(which, (value, value))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 

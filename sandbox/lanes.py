@@ -17,7 +17,7 @@ as before. What keeps concurrent runs apart:
   run forking up to its limit cannot make a concurrent run's fork fail, and no run can signal another's
   processes (unprivileged, each lane has a user namespace of its own);
 - each lane has a network namespace of its own, which its runs share one after another (``jail.share_namespaces``:
-  a run's processes are all gone before the next run starts); the mount, PID, IPC and UTS namespaces are per run,
+  a run's processes are all gone before the next run starts); the mount, PID and UTS namespaces are per run,
   and Landlock scopes signals and abstract sockets to the run.
 
 Lanes start as requests need them, the first one at start-up. A lane that dies (a bug of ours: runs never execute

@@ -16,7 +16,9 @@ _LIBC_GIL = ctypes.PyDLL(None, use_errno=True)
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
-NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET
+# No IPC namespace: a run may make no System V or POSIX message-queue IPC call at all (policy.DENIED_SYSCALLS),
+# so the systemd unit need not allow IPC namespaces (RestrictNamespaces=).
+NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWPID | CLONE_NEWNET
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
@@ -44,10 +46,10 @@ def fork_into(namespaces: int) -> int:
     """``os.fork()`` whose child starts in new namespaces (``clone(2)`` with ``CLONE_NEW*`` flags; 0 is a plain
     fork, done by ``os.fork`` itself): returns the child's pid (as the caller sees it) in the parent and 0 in the
     child. The caller's own namespaces never change, which is why this is used instead of unshare-then-fork: that
-    would leave the caller in the new mount, PID-for-children, IPC and UTS namespaces, and an unprivileged caller
-    in a user namespace it cannot leave. Python 3.11 has no ``os.clone``, so this does around the raw system call what ``os.fork`` does around
-    ``fork()``: the interpreter's before-fork and after-fork steps (import lock, thread states, at-fork hooks),
-    with the GIL held throughout.
+    would leave the caller in the new mount, PID-for-children and UTS namespaces, and an unprivileged caller in a
+    user namespace it cannot leave. Python 3.11 has no ``os.clone``, so this does around the raw system call what
+    ``os.fork`` does around ``fork()``: the interpreter's before-fork and after-fork steps (import lock, thread
+    states, at-fork hooks), with the GIL held throughout.
 
     The raw call skips glibc's own fork handling, which matters only with other threads: glibc locks malloc's
     arenas across ``fork()`` so that no other thread holds them in the child. This refuses to run in a process

@@ -261,8 +261,11 @@ HOSTNAME = "sandbox"
 
 # ---- system calls --------------------------------------------------------------------------------------------
 # Denied with EPERM by the seccomp filter of every run (x86_64 and aarch64 numbers are in seccomp.py).
-# Network sockets: socket() is allowed only for AF_UNIX; the network namespace has no interface but loopback
-# (down) anyway. clone() with any namespace flag and clone3() (whose flags a filter cannot read) are denied.
+# Sockets: none at all. socket() fails with EAFNOSUPPORT whatever the family and socketpair() is denied: nothing a
+# run does needs one, and a unix socket can outlive its run (one holding its own descriptors in flight is freed
+# only when the kernel's unix garbage collector next runs), keeping memory charged to the lane's group or names
+# bound in the lane's network namespace for a later run to find. The network namespace has no interface but
+# loopback (down) anyway. clone() with any namespace flag and clone3() (whose flags a filter cannot read) are denied.
 DENIED_SYSCALLS: tuple[str, ...] = (
     "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
     "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount",
@@ -276,8 +279,14 @@ DENIED_SYSCALLS: tuple[str, ...] = (
     "open_by_handle_at", "name_to_handle_at", "lookup_dcookie", "fanotify_init",
     "personality", "mbind", "set_mempolicy", "migrate_pages", "move_pages",
     "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self",
+    # System V IPC and POSIX message queues: nothing a run does needs them, and refusing them replaces an IPC
+    # namespace per run (nothing for a run to share with a concurrent or a later one)
+    "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop",
+    "msgget", "msgsnd", "msgrcv", "msgctl",
+    "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr",
+    "socketpair",
 )  # fmt: skip
-ALLOWED_SOCKET_FAMILIES: tuple[int, ...] = (1,)  # AF_UNIX
+ALLOWED_SOCKET_FAMILIES: tuple[int, ...] = ()  # socket() of any family: EAFNOSUPPORT
 
 # ---- confinement ---------------------------------------------------------------------------------------------
 # cgroup controllers every run is placed under (v2 where the host has them there, else the v1 hierarchies; the

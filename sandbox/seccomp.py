@@ -5,7 +5,7 @@ What the filter does, in order::
     arch != this machine's arch             -> kill the process (no 32-bit or x32 side door)
     x86_64 syscall number >= 0x40000000     -> kill the process (the x32 ABI)
     nr in policy.DENIED_SYSCALLS            -> EPERM
-    socket(family != AF_UNIX, ...)          -> EAFNOSUPPORT
+    socket(family not in policy.ALLOWED_SOCKET_FAMILIES, ...) -> EAFNOSUPPORT    (the list is empty: every family)
     clone(flags & any CLONE_NEW*)           -> EPERM          (clone3 is denied outright: its flags are in memory)
     anything else                           -> allow
 
@@ -35,6 +35,9 @@ _X86_64 = {
     "name_to_handle_at": 303, "lookup_dcookie": 212, "fanotify_init": 300, "personality": 135, "mbind": 237,
     "set_mempolicy": 238, "migrate_pages": 256, "move_pages": 279, "landlock_create_ruleset": 444,
     "landlock_add_rule": 445, "landlock_restrict_self": 446, "socket": 41, "clone": 56,
+    "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65, "semctl": 66, "semtimedop": 220,
+    "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "mq_open": 240, "mq_unlink": 241, "mq_timedsend": 242,
+    "mq_timedreceive": 243, "mq_notify": 244, "mq_getsetattr": 245, "socketpair": 53,
 }  # fmt: skip
 _AARCH64 = {
     "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272, "pidfd_getfd": 438,
@@ -49,6 +52,9 @@ _AARCH64 = {
     "name_to_handle_at": 264, "lookup_dcookie": 18, "fanotify_init": 262, "personality": 92, "mbind": 235,
     "set_mempolicy": 237, "migrate_pages": 238, "move_pages": 239, "landlock_create_ruleset": 444,
     "landlock_add_rule": 445, "landlock_restrict_self": 446, "socket": 198, "clone": 220,
+    "shmget": 194, "shmat": 196, "shmctl": 195, "shmdt": 197, "semget": 190, "semop": 193, "semctl": 191,
+    "semtimedop": 192, "msgget": 186, "msgsnd": 189, "msgrcv": 188, "msgctl": 187, "mq_open": 180, "mq_unlink": 181,
+    "mq_timedsend": 182, "mq_timedreceive": 183, "mq_notify": 184, "mq_getsetattr": 185, "socketpair": 199,
 }  # fmt: skip
 # machine -> (AUDIT_ARCH_* value, syscall table)
 _ARCHES = {"x86_64": (0xC000003E, _X86_64), "aarch64": (0xC00000B7, _AARCH64)}

@@ -106,8 +106,10 @@ def test_the_sandbox_imports_nothing_of_the_worker() -> None:
 
 
 def test_the_supervisor_knows_workers_not_tools() -> None:
-    """It forks and watches workers: the application (tools, the LLM, the sandbox) is the worker's business."""
+    """It forks and watches workers and tells systemd how they are: the application (tools, the LLM, the sandbox)
+    is the worker's business."""
     allowed = {"botworker.worker", "botworker.config", "botworker.queue", "botworker.errors", "botworker.logs"}
+    allowed.add("botworker.notify")
     assert graph()["botworker.supervisor"] <= allowed
 
 
