@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import redis
+from unit_confinement import service_directives
 
 from botworker.config import Config, load_config
 from botworker.notify import Notifier
@@ -47,19 +48,6 @@ needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is m
 CONFINE = ROOT / "tests" / "unit_confinement.py"
 SERVICE_UID = SERVICE_GID = 64_999  # tests/sandbox/service_user.py's
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the emulation of the unit starts as root (CI does)")
-
-
-def _directives() -> dict[str, list[str]]:
-    """The [Service] section, every value of each directive in order."""
-    found: dict[str, list[str]] = {}
-    section = None
-    for line in UNIT.read_text().splitlines():
-        if line.startswith("["):
-            section = line.strip("[]")
-        elif section == "Service" and "=" in line and not line.startswith("#"):
-            key, value = line.split("=", 1)
-            found.setdefault(key, []).append(value)
-    return found
 
 
 def _seconds(value: str) -> float:
@@ -94,7 +82,7 @@ def test_the_unit_rates_at_most_2_0_in_systemd_analyze_security() -> None:
 def test_a_warm_stop_under_the_unit_lets_a_reply_in_progress_finish() -> None:
     """GRACEFUL_TIMEOUT (default and the example file's) is at least LLM_DEADLINE, and the unit's stop timeout
     leaves the supervisor time beyond it to requeue what is left."""
-    unit = _directives()
+    unit = service_directives()
     stop = _seconds(unit["TimeoutStopSec"][-1])
     defaults = load_config(environ={}, env_file=None)
     example = load_config(environ={}, env_file=ENV_EXAMPLE)
@@ -105,7 +93,7 @@ def test_a_warm_stop_under_the_unit_lets_a_reply_in_progress_finish() -> None:
 
 
 def test_the_unit_has_the_worker_read_its_settings_file_so_that_a_reload_rereads_it() -> None:
-    unit = _directives()
+    unit = service_directives()
     assert "EnvironmentFile" not in unit
     assert unit["ExecStart"][-1].split()[1:] == ["run", "--env-file", "/etc/botworker/botworker.env"]
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
@@ -122,7 +110,7 @@ def test_the_units_user_is_made_by_sysusers(tmp_path: Path) -> None:
     user = next(line for line in (tmp_path / "etc/passwd").read_text().splitlines() if line.startswith("botworker:"))
     _, _, uid, gid, _, home, shell = user.split(":")
     assert int(uid) < 1000 and int(gid) < 1000 and home == "/var/lib/botworker" and shell == "/usr/sbin/nologin"
-    assert _directives()["User"] == ["botworker"] and _directives()["StateDirectory"] == ["botworker"]
+    assert service_directives()["User"] == ["botworker"] and service_directives()["StateDirectory"] == ["botworker"]
 
 
 def test_graceful_timeout_below_the_llm_deadline_is_warned_about() -> None:

@@ -37,9 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "sandbox")]
 
-from sandbox import cgroup, cgroupfs  # noqa: E402
 
-from service_user import SERVICE_GID, SERVICE_UID, reachable_paths  # noqa: E402
+from service_user import SERVICE_GID, SERVICE_UID, become_service_user, in_delegated_child  # noqa: E402
 
 UNIT = REPO / "systemd" / "botworker.service"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -189,40 +188,29 @@ def main(argv: list[str]) -> int:
     assert directives["PrivateUsers"] == ["yes"] and directives["CapabilityBoundingSet"] == [""]
     assert directives["NoNewPrivileges"] == ["yes"] and directives["Delegate"] == ["yes"]
     filters = build_filters(directives, analyze)  # (before the fork: systemd-analyze runs as root, unconfined)
-    groups = cgroup.delegate(f"botworker-unit-{os.getpid()}", SERVICE_UID, SERVICE_GID)
     mapped_r, mapped_w = os.pipe()
     unshared_r, unshared_w = os.pipe()
-    try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the service process
-            try:
-                os.close(mapped_w)
-                os.close(unshared_r)
-                cgroup.join(groups)
-                reachable_paths([Path(sys.base_prefix), Path(sys.prefix), REPO])
-                options = f"hidepid={directives['ProtectProc'][-1]},subset={directives['ProcSubset'][-1]}"
-                _check(_libc.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(_MS_NOSUID | _MS_NODEV | _MS_NOEXEC),
-                                   options.encode()), "mount /proc")  # fmt: skip
-                _check(_libc.unshare(_CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")  # PrivateUsers=yes
-                os.write(unshared_w, b"u")
-                if os.read(mapped_r, 1) != b"m":
-                    raise OSError("the launcher did not map our user namespace")
-                for cap in range(64):  # CapabilityBoundingSet= (while uid 0 of our namespace may still)
-                    _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
-                _check(_libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "ambient")
-                os.setgroups([])
-                os.setresgid(SERVICE_GID, SERVICE_GID, SERVICE_GID)
-                os.setresuid(SERVICE_UID, SERVICE_UID, SERVICE_UID)
-                _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no-new-privs")
-                os.chdir(REPO)
-                env = {k: v for k, v in os.environ.items() if k not in ("SUDO_USER", "MAIL")}
-                for seccomp_filter in filters:
-                    seccomp_filter.load()
-                os.execve(argv[0], argv, env)
-            except BaseException as exc:
-                print(f"unit_confinement.py: cannot confine the command: {exc!r}", file=sys.stderr)
-            finally:
-                os._exit(3)
+
+    def service() -> None:  # the service's process, from the fork to the exec
+        os.close(mapped_w)
+        os.close(unshared_r)
+        options = f"hidepid={directives['ProtectProc'][-1]},subset={directives['ProcSubset'][-1]}"
+        _check(_libc.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(_MS_NOSUID | _MS_NODEV | _MS_NOEXEC),
+                           options.encode()), "mount /proc")  # fmt: skip
+        _check(_libc.unshare(_CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")  # PrivateUsers=yes
+        os.write(unshared_w, b"u")
+        if os.read(mapped_r, 1) != b"m":
+            raise OSError("the launcher did not map our user namespace")
+        for cap in range(64):  # CapabilityBoundingSet= (while uid 0 of our namespace may still)
+            _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+        _check(_libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "ambient")
+        become_service_user()
+        os.chdir(REPO)
+        for seccomp_filter in filters:
+            seccomp_filter.load()
+        os.execve(argv[0], argv, dict(os.environ))
+
+    def launcher(pid: int) -> None:
         os.close(mapped_r)
         os.close(unshared_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU):
@@ -233,11 +221,8 @@ def main(argv: list[str]) -> int:
             Path(f"/proc/{pid}/uid_map").write_text(lines.format(SERVICE_UID))
             Path(f"/proc/{pid}/gid_map").write_text(lines.format(SERVICE_GID))
             os.write(mapped_w, b"m")
-        _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status)
-    finally:
-        for group in reversed(groups):
-            cgroupfs.remove_tree(group)
+
+    return in_delegated_child("unit", service, launcher)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import os
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,40 +75,56 @@ def reachable_paths(paths: list[Path]) -> None:
             _mount(str(keep / parts[depth]), str(child), None, _MS_BIND | _MS_REC)
 
 
-def main(args: list[str]) -> int:
-    if os.geteuid() != 0:
-        print("service_user.py: run it as root (it creates the unprivileged pass's user and cgroup)", file=sys.stderr)
-        return 2
-    groups = cgroup.delegate(f"botworker-test-{os.getpid()}", SERVICE_UID, SERVICE_GID)
+def become_service_user() -> None:
+    """Drop to the service's uid and gid, with no supplementary group, and set no-new-privs (NoNewPrivileges=)."""
+    os.setgroups([])
+    os.setresgid(SERVICE_GID, SERVICE_GID, SERVICE_GID)
+    os.setresuid(SERVICE_UID, SERVICE_UID, SERVICE_UID)
+    _check(_libc.prctl(38, 1, 0, 0, 0), "no-new-privs")
+
+
+def in_delegated_child(who: str, child: Callable[[], None], parent: Callable[[int], None] = lambda pid: None) -> int:
+    """Fork a child into cgroups delegated to the service user (made here, removed after it ends), in a private
+    mount namespace where the Python installation and the checkout are reachable; it runs ``child()``, which
+    should exec (exit 3 if it returns or fails). We run ``parent(child's pid)``, then return its exit status."""
+    groups = cgroup.delegate(f"botworker-{who}-{os.getpid()}", SERVICE_UID, SERVICE_GID)
     try:
         pid = os.fork()
-        if pid == 0:  # pragma: no cover - the test process
+        if pid == 0:  # pragma: no cover - the child
             try:
                 cgroup.join(groups)
                 reachable_paths([Path(sys.base_prefix), Path(sys.prefix), REPO])
-                os.setgroups([])
-                os.setresgid(SERVICE_GID, SERVICE_GID, SERVICE_GID)
-                os.setresuid(SERVICE_UID, SERVICE_UID, SERVICE_UID)
-                _check(_libc.prctl(38, 1, 0, 0, 0), "no-new-privs")  # NoNewPrivileges=yes
-                os.chdir(REPO)
-                env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tempfile.gettempdir(),
-                       "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": tempfile.gettempdir()}  # fmt: skip
-                if args[:1] == ["--run"]:
-                    os.execve(args[1], args[1:], env)
-                # Only the sandbox's tests: other test paths among the arguments are left to root's pass.
-                args = [a for a in args if a.startswith("tests/sandbox") or not a.startswith("tests")]
-                paths = [] if any(a.startswith("tests/sandbox") for a in args) else ["tests/sandbox"]
-                argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args, *paths]
-                os.execve(sys.executable, argv, env)
+                child()
             except BaseException as exc:
-                print(f"service_user.py: cannot start the unprivileged pass: {exc}", file=sys.stderr)
+                print(f"{who}: cannot start the command: {exc!r}", file=sys.stderr)
             finally:
                 os._exit(3)
+        parent(pid)
         _, status = os.waitpid(pid, 0)
         return os.waitstatus_to_exitcode(status)
     finally:
         for group in reversed(groups):
             cgroupfs.remove_tree(group)
+
+
+def main(args: list[str]) -> int:
+    if os.geteuid() != 0:
+        print("service_user.py: run it as root (it creates the unprivileged pass's user and cgroup)", file=sys.stderr)
+        return 2
+
+    def child() -> None:
+        become_service_user()
+        os.chdir(REPO)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tempfile.gettempdir(),
+               "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": tempfile.gettempdir()}  # fmt: skip
+        if args[:1] == ["--run"]:
+            os.execve(args[1], args[1:], env)
+        # Only the sandbox's tests: other test paths among the arguments are left to root's pass.
+        rest = [a for a in args if a.startswith("tests/sandbox") or not a.startswith("tests")]
+        paths = [] if any(a.startswith("tests/sandbox") for a in rest) else ["tests/sandbox"]
+        os.execve(sys.executable, [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *rest, *paths], env)
+
+    return in_delegated_child("test", child)
 
 
 if __name__ == "__main__":
