@@ -179,7 +179,10 @@ class Config:
         "WORKER_TIMEOUT", decimal(2, 3600), 120.0, "a worker silent this long (s) is killed and replaced"
     )
     boot_timeout: float = setting(
-        "BOOT_TIMEOUT", decimal(0, 3600), 30.0, "how long (s) a worker retries Redis/PostgreSQL at boot"
+        "BOOT_TIMEOUT",
+        decimal(0, 3600),
+        30.0,
+        "how long (s) the node's first workers retry Redis/PostgreSQL at start (respawned ones wait as needed)",
     )
     node_ttl: float = setting(
         "NODE_TTL", decimal(3, 3600), 20.0, "heartbeat key expiry (s): after it, another host recovers our messages"

@@ -36,7 +36,9 @@ if TYPE_CHECKING:  # (the worker imports this module; only its type is needed he
 
 log = logging.getLogger(__name__)
 
-DATABASE_POLL = 1.0  # seconds between two probes of a database that is down
+# Seconds between two tries of a server that is down (Redis or PostgreSQL): work resumes within about this much of
+# its return, however long the outage was.
+SERVER_POLL = 1.0
 T = TypeVar("T")
 
 
@@ -77,7 +79,7 @@ class Consumer:
             raw = self.queue.pop(self.cfg.pop_timeout)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Nothing is in flight yet: back off and let the loop notice a stop request meanwhile.
-            self._redis_down = min(self._redis_down * 2 or 0.1, 5.0)
+            self._redis_down = min(self._redis_down * 2 or 0.1, SERVER_POLL)
             log.warning("worker %s: Redis unavailable (%s); retrying in %.1fs", self.worker_id, exc, self._redis_down)
             self._sleep(self._redis_down)
             return False
@@ -253,7 +255,7 @@ class Consumer:
                 return
             except TransientError as exc:
                 log.warning("worker %s: database still unavailable: %s", self.worker_id, exc.error)
-                self._sleep(DATABASE_POLL)
+                self._sleep(SERVER_POLL)
 
     def _redis(self, call: Callable[[], T]) -> T:
         """Run one Redis step, retrying connection failures with back-off (the message waits in our list)."""
@@ -264,7 +266,7 @@ class Consumer:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("worker %s: Redis unavailable (%s); retrying in %.1fs", self.worker_id, exc, delay)
                 self._sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, SERVER_POLL)
 
     def _sleep(self, seconds: float) -> None:
         """Sleep in short steps, beating, so the supervisor does not take a waiting thread for a stuck one."""

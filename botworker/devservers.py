@@ -57,11 +57,30 @@ POSTGRES_SETTINGS = {
 
 @dataclass
 class Server:
-    """One running server process."""
+    """One running server process. ``start_again()`` starts a stopped one on the same port (an outage ended)."""
 
     name: str
     url: str
     proc: subprocess.Popen[bytes]
+    relaunch: Callable[[], subprocess.Popen[bytes]] | None = None
+    ready: Callable[[int], bool] | None = None  # the probe, given the process id
+
+    def start_again(self, timeout: float = 30.0) -> None:
+        """After ``stop()``: the same server, same port and data, ready when this returns."""
+        if self.proc.poll() is None or self.relaunch is None or self.ready is None:
+            raise RuntimeError(f"{self.name} is running, or was not started here")
+        self.proc = self.relaunch()
+        deadline = time.monotonic() + timeout
+        while not self._answers():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not come back on {self.url}")
+            time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.ready and self.ready(self.proc.pid))
+        except Exception:  # not listening yet (each server's client raises its own errors)
+            return False
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the process; safe to call repeatedly or after it died."""
@@ -142,6 +161,8 @@ def _start_on_free_port(
     for attempt in range(1, PORT_ATTEMPTS + 1):
         port = _free_port()
         server = Server(name, url.format(port=port), _popen(argv(port), logfile, logfile.parent, user))
+        server.relaunch = lambda port=port: _popen(argv(port), logfile, logfile.parent, user)
+        server.ready = lambda pid, port=port: probe(port, pid)
         deadline = time.monotonic() + timeout
         while server.proc.poll() is None:
             try:
@@ -182,14 +203,17 @@ def _redis_is_ours(port: int, pid: int) -> bool:
         return int(client.info("server")["process_id"]) == pid
 
 
-def start_redis(workdir: Path) -> Server:
-    """Start a persistence-free Redis (or Valkey) on a free 127.0.0.1 port."""
+def start_redis(workdir: Path, appendonly: bool = False) -> Server:
+    """Start a Redis (or Valkey) on a free 127.0.0.1 port: persistence-free, or with an append-only file fsynced
+    every second (``appendonly``: what production runs, and what a restart must not lose)."""
     binary = _redis_binary()
     rdir = workdir / "redis"
     rdir.mkdir(parents=True, exist_ok=True)
+    persistence = {"appendonly": "yes", "appendfsync": "everysec"} if appendonly else {}
 
     def argv(port: int) -> list[str]:
-        opts = {"port": str(port), "dir": str(rdir), "logfile": str(rdir / "redis.log"), **REDIS_SETTINGS}
+        opts = {"port": str(port), "dir": str(rdir), "logfile": str(rdir / "redis.log"), **REDIS_SETTINGS,
+                **persistence}  # fmt: skip
         return [binary, *(arg for k, v in opts.items() for arg in (f"--{k}", v))]
 
     log.debug("redis binary: %s", binary)

@@ -6,9 +6,12 @@ Main loop (one iteration a second, or sooner when a signal arrives)::
       ─▶ kill workers whose heartbeat is older than WORKER_TIMEOUT ─▶ refresh status keys, recover orphans
 
 - A dead worker's processing list is requeued at once (head of the line), then the worker is respawned, with
-  back-off if it keeps dying. A worker that exits with the boot-failure code (Redis/PostgreSQL unreachable for
-  BOOT_TIMEOUT) stops the whole supervisor with EXIT_BOOT instead of a respawn loop.
-- SIGTERM/SIGINT: warm stop (workers finish their message, bounded by GRACEFUL_TIMEOUT, then exit 0); a second
+  back-off if it keeps dying. At the node's first boot, a worker that exits with the boot-failure code
+  (Redis/PostgreSQL unreachable for BOOT_TIMEOUT) stops the whole supervisor with EXIT_BOOT instead of a respawn
+  loop; once a worker has booted, a respawned one waits for the servers as long as it takes (an outage must not
+  turn one restart into a stopped fleet).
+- SIGTERM/SIGINT: warm stop (workers finish their message, bounded by GRACEFUL_TIMEOUT, then exit 0; the messages
+  of workers that could not finish are requeued as soon as Redis answers, within the same period); a second
   one, or SIGQUIT: cold stop (kill now; the in-flight messages are requeued). SIGHUP: reload the configuration and
   replace the workers gracefully. SIGTTIN/SIGTTOU: one worker more/fewer.
 - Signal handlers only record the signal; ``set_wakeup_fd`` wakes the loop. Signals are blocked around ``fork`` so
@@ -101,6 +104,8 @@ class Supervisor:
         self.sandbox: dict[str, object] = {}  # the start-up probe's report, shown by `botworker status`
         self.notify = Notifier.from_environment()  # systemd (Type=notify); does nothing without NOTIFY_SOCKET
         self._told_ready = False
+        self._booted_once = False  # some worker has opened its connections: BOOT_TIMEOUT no longer applies
+        self.unclean: set[str] = set()  # pending lists of workers that did not finish their messages
 
     # ---- main loop -----------------------------------------------------------------------------------------
 
@@ -130,6 +135,7 @@ class Supervisor:
             self._maintain()
             self._tell_systemd()
             if self.state != "running" and not self.slots:
+                self._requeue_before(self.deadline)
                 break
             if self.state == "warm" and time.monotonic() > self.deadline:
                 log.warning("graceful timeout: killing %d worker(s) still busy", len(self.slots))
@@ -201,7 +207,7 @@ class Supervisor:
             code = errors.EXIT_ERROR
             try:
                 self._become_worker(wid)
-                code = Worker(self.cfg, wid, self.node_id, heartbeat).run()
+                code = Worker(self.cfg, wid, self.node_id, heartbeat, first_boot=not self._booted_once).run()
             except BaseException:
                 log.exception("worker %s crashed", wid)
             finally:
@@ -244,9 +250,12 @@ class Supervisor:
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
             clean = code == 0 and (slot.retiring or self.state != "running" or self.cfg.max_requests)
             (log.info if clean else log.warning)("worker %d (pid %d) %s after %.1fs", slot.wid, pid, how, lived)
-            self.pending.update(processing_key(self.node_id, slot.wid, pid, t) for t in range(slot.threads))
+            lists = {processing_key(self.node_id, slot.wid, pid, t) for t in range(slot.threads)}
+            self.pending |= lists
+            if code != 0:  # (a worker that exits 0 has finished every message it took: its lists are empty)
+                self.unclean |= lists
             self._drain_pending()
-            if code == errors.EXIT_WORKER_BOOT and self.state == "running":
+            if code == errors.EXIT_WORKER_BOOT and self.state == "running" and not self._booted_once:
                 log.error("a worker could not boot (Redis or PostgreSQL unreachable): stopping")
                 self.exit_code = errors.EXIT_BOOT
                 self._stop("warm")
@@ -275,11 +284,20 @@ class Supervisor:
                 self._kill(slot.pid, signal.SIGKILL)
                 slot.killed = True
 
+    def _requeue_before(self, deadline: float) -> None:
+        """At the end of a warm stop during a Redis outage: keep trying to requeue the messages of workers that did
+        not finish them, until Redis answers or the grace period ends (a second signal ends it at once)."""
+        while self.pending & self.unclean and self.state == "warm" and time.monotonic() < deadline:
+            self._wait(0.5)
+            self._handle_signals()
+            self._drain_pending()
+
     def _tell_systemd(self) -> None:
         """READY=1 once every worker has booted (again after a reload), STATUS= as it changes, and the watchdog
         fed only while the fleet is healthy."""
         if self.state == "running":
             active = self._active()
+            self._booted_once = self._booted_once or any(s.heartbeat.ready for s in active)
             booted = len(active) >= self.target and all(s.heartbeat.ready for s in active)
             if not self._told_ready and booted:
                 self.notify.ready(self._status_line())
@@ -354,6 +372,7 @@ class Supervisor:
         for name in sorted(self.pending):
             if self._guard(lambda name=name: requeue_list(self.redis, name)) is not None:
                 self.pending.discard(name)
+                self.unclean.discard(name)
 
     def _maintain(self, force: bool = False) -> None:
         now = time.monotonic()

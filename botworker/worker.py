@@ -27,7 +27,7 @@ from sandbox.client import SandboxClient, SandboxError
 
 from . import errors
 from .config import Config
-from .consumer import Consumer
+from .consumer import SERVER_POLL, Consumer
 from .errors import BootError, TransientError
 from .llm import make_responder
 from .pipeline import Pipeline
@@ -121,11 +121,14 @@ class Heartbeat:
 class Worker:
     """One worker process. ``run()`` returns the process's exit code."""
 
-    def __init__(self, cfg: Config, wid: int, node_id: str, heartbeat: Heartbeat) -> None:
+    def __init__(self, cfg: Config, wid: int, node_id: str, heartbeat: Heartbeat, first_boot: bool = True) -> None:
         self.cfg = cfg
         self.wid = wid
         self.node_id = node_id
         self.heartbeat = heartbeat
+        # BOOT_TIMEOUT bounds the node's first boot only: a worker respawned later (one died during an outage,
+        # say) waits for the servers as long as it takes, so that one respawn never stops the fleet.
+        self.first_boot = first_boot
         self.ppid = os.getppid()
         self.stopping = False
         self.redis: redis.Redis
@@ -145,6 +148,9 @@ class Worker:
         try:
             self.init_process()
         except BootError as exc:
+            if self.stopping:
+                log.info("worker %s stopped before Redis and PostgreSQL answered", self.wid)
+                return errors.EXIT_OK
             log.error("worker %s cannot boot: %s", self.wid, exc)
             return errors.EXIT_WORKER_BOOT
         self.heartbeat.mark_ready()
@@ -214,7 +220,8 @@ class Worker:
         self.stopping = True
 
     def init_process(self) -> None:
-        """Open this process's own connections (never inherited across the fork), retrying up to boot_timeout."""
+        """Open this process's own connections (never inherited across the fork), retrying about once a second,
+        beating: up to BOOT_TIMEOUT at the node's first boot, as long as it takes later (until told to stop)."""
         self.redis = redis.Redis.from_url(
             self.cfg.redis_url,
             socket_timeout=self.cfg.pop_timeout + self.cfg.redis_timeout,
@@ -222,7 +229,8 @@ class Worker:
             health_check_interval=30,
         )
         self.store = Store(self.cfg)
-        deadline = time.monotonic() + self.cfg.boot_timeout
+        started = time.monotonic()
+        deadline = started + self.cfg.boot_timeout if self.first_boot else float("inf")
         delay = 0.2
         while True:
             try:
@@ -231,11 +239,12 @@ class Worker:
                 break
             except (redis.RedisError, TransientError) as exc:
                 if time.monotonic() + delay > deadline or self.stopping:
-                    raise BootError(f"Redis or PostgreSQL unreachable for {self.cfg.boot_timeout:g}s: {exc}") from exc
+                    waited = time.monotonic() - started
+                    raise BootError(f"Redis or PostgreSQL unreachable for {waited:.0f}s: {exc}") from exc
                 log.warning("worker %s waiting for Redis/PostgreSQL: %s", self.wid, exc)
                 time.sleep(delay)
                 self.heartbeat.beat()
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, SERVER_POLL)
         # Each worker has its own sandbox process, and its runs uids of their own (so that one worker's runs
         # cannot reach another's processes): SANDBOX_CONCURRENCY of them from SANDBOX_UID + wid * that.
         uid = self.cfg.sandbox_uid + self.wid * self.cfg.sandbox_concurrency

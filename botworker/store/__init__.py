@@ -13,6 +13,8 @@ the rows the first run wrote instead of writing new ones.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -30,6 +32,8 @@ from ..errors import MessageError, TransientError, one_line
 from ..message import Message, jsonable
 from .connections import PooledConnection, ToolConnection, dict_rows, has_news
 from .statements import EXECUTE, NAMED, PREPARE_ALL
+
+PROBE_SHARED = 0.5  # seconds a probe's answer (the database is up, or down and why) serves every thread
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,9 @@ class Store:
             "keepalives_count": 3,
         }
         self.tools = ToolConnection(cfg, self._connect_args)
+        self._probing = threading.Lock()
+        self._probed_at = -PROBE_SHARED
+        self._probe_error: TransientError | None = None
         self._connection_class = PooledConnection.for_store()
         options = f"-c statement_timeout={timeout} -c TimeZone=UTC"
         self.pool: ConnectionPool[PooledConnection] = ConnectionPool(
@@ -121,9 +128,13 @@ class Store:
             min_size=cfg.pool_size,
             max_size=cfg.pool_size,
             timeout=cfg.db_connect_timeout,  # how long a caller waits for a connection
-            # A failed connection attempt is retried with back-off for this long, then given up: the next caller
-            # starts a fresh attempt at once, so a server that is back is used within seconds.
-            reconnect_timeout=cfg.db_connect_timeout,
+            # A failed connection attempt is retried with back-off (1 s, 2 s, ...) for this long, then given up: the
+            # next caller starts a fresh attempt at once. One second, so that the consumers' probe (about once a
+            # second during an outage) meets no back-off and a server that is back is used within about a second.
+            reconnect_timeout=1.0,
+            # ...and when an attempt is given up, the next one starts at once: a caller waiting for a connection
+            # (up to DB_CONNECT_TIMEOUT) gets one within about a second of the server's return.
+            reconnect_failed=lambda pool: pool.check(),
             num_workers=1,
             name="botworker",
             open=True,
@@ -141,8 +152,26 @@ class Store:
         return self._run([(sql, params)])
 
     def ping(self) -> None:
-        """Raise TransientError unless the database answers."""
-        self._run([("SELECT 1", None)])
+        """Raise TransientError unless the database answers. Asked on a fresh connection, not a pooled one: during
+        an outage the pool retries with back-off, and a server that is back should be seen at once. One probe at a
+        time per process, its answer shared for PROBE_SHARED seconds (a process's waiting threads then cost the
+        server one connection, not one each); when the server answers, the pool checks its connections and grows
+        back at once."""
+        with self._probing:
+            if time.monotonic() - self._probed_at >= PROBE_SHARED:
+                try:
+                    with psycopg.connect(self.cfg.database_url, **self._connect_args) as conn:
+                        conn.execute("SELECT 1")
+                    self._probe_error = None
+                except psycopg.Error as exc:
+                    self._probe_error = TransientError(
+                        errors.DATABASE_UNAVAILABLE, f"cannot connect to PostgreSQL: {one_line(str(exc))}"
+                    )
+                self._probed_at = time.monotonic()
+            failed = self._probe_error
+        if failed is not None:
+            raise failed
+        self.pool.check()
 
     def _run(self, steps: Sequence[tuple[str, Params]]) -> list[dict[str, Any]]:
         """Run ``steps`` in one transaction and one round trip; the rows of the last one."""
