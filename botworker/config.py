@@ -190,6 +190,18 @@ class Config:
     max_requests: int = setting(
         "MAX_REQUESTS", integer(0, 10**9), 0, "recycle a worker after this many messages (0: never)"
     )
+    max_requests_jitter: int = setting(
+        "MAX_REQUESTS_JITTER",
+        integer(0, 10**9),
+        0,
+        "each worker recycles after MAX_REQUESTS plus a random 0..this many messages, so they do not restart together",
+    )
+    max_worker_memory: int = setting(
+        "MAX_WORKER_MEMORY",
+        integer(0, 1 << 20),
+        0,
+        "MiB of resident memory (the worker process's own) past which it recycles after its messages in hand; 0: never",
+    )
     db_pool_size: int = setting(
         "DB_POOL_SIZE",
         integer(0, 64),

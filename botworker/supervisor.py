@@ -248,7 +248,8 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             lived = time.monotonic() - slot.started
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-            clean = code == 0 and (slot.retiring or self.state != "running" or self.cfg.max_requests)
+            recycles = self.cfg.max_requests or self.cfg.max_worker_memory
+            clean = code == 0 and (slot.retiring or self.state != "running" or bool(recycles))
             (log.info if clean else log.warning)("worker %d (pid %d) %s after %.1fs", slot.wid, pid, how, lived)
             lists = {processing_key(self.node_id, slot.wid, pid, t) for t in range(slot.threads)}
             self.pending |= lists

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -40,6 +41,13 @@ log = logging.getLogger(__name__)
 
 _BEAT, _PROCESSED, _BUSY_SINCE = 0, 1, 2
 _CELLS = 3
+
+
+def resident_mib() -> float:
+    """This process's resident memory (its own: not its sandbox process's), from /proc/self/statm."""
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
 class Heartbeat:
@@ -126,6 +134,9 @@ class Worker:
         self.wid = wid
         self.node_id = node_id
         self.heartbeat = heartbeat
+        # This worker's own MAX_REQUESTS (0: none), with its jitter: workers started together recycle apart.
+        self.request_limit = cfg.max_requests + random.randint(0, cfg.max_requests_jitter) if cfg.max_requests else 0
+        self._memory_checked = 0.0
         # BOOT_TIMEOUT bounds the node's first boot only: a worker respawned later (one died during an outage,
         # say) waits for the servers as long as it takes, so that one respawn never stops the fleet.
         self.first_boot = first_boot
@@ -154,6 +165,9 @@ class Worker:
             log.error("worker %s cannot boot: %s", self.wid, exc)
             return errors.EXIT_WORKER_BOOT
         self.heartbeat.mark_ready()
+        if self.cfg.max_worker_memory and (rss := resident_mib()) > self.cfg.max_worker_memory:
+            log.warning("worker %s starts at %.0f MiB, over MAX_WORKER_MEMORY=%d: it recycles after every message",
+                        self.wid, rss, self.cfg.max_worker_memory)  # fmt: skip
         log.info("worker %s ready (pid %d, %d thread(s))", self.wid, os.getpid(), len(self.consumers))
         try:
             return self._serve()
@@ -182,12 +196,23 @@ class Worker:
         return code
 
     def _should_stop(self) -> bool:
-        """Asked by each consumer before it takes a message: a warm stop, or MAX_REQUESTS reached (with T threads,
-        up to T-1 messages more may be taken meanwhile: each finishes)."""
+        """Asked by each consumer before it takes a message: a warm stop, or time to recycle: its MAX_REQUESTS
+        (with jitter) reached, or its resident memory past MAX_WORKER_MEMORY (checked at most once a second, once it
+        has handled a message). With
+        T threads, up to T-1 messages more may be taken meanwhile: each finishes."""
         with self._recycling:
-            if not self.stopping and self.cfg.max_requests and self.handled >= self.cfg.max_requests:
+            if not self.stopping and self.request_limit and self.handled >= self.request_limit:
                 log.info("worker %s recycling after %d messages", self.wid, self.handled)
                 self.stopping = True
+            # (Only after some work: a worker born over the limit would otherwise be replaced in a loop.)
+            memory_due = time.monotonic() - self._memory_checked >= 1.0 and self.handled > 0
+            if not self.stopping and self.cfg.max_worker_memory and memory_due:
+                self._memory_checked = time.monotonic()
+                rss = resident_mib()
+                if rss > self.cfg.max_worker_memory:
+                    log.info("worker %s recycling: %.0f MiB resident, over MAX_WORKER_MEMORY=%d", self.wid, rss,
+                             self.cfg.max_worker_memory)  # fmt: skip
+                    self.stopping = True
         return self.stopping
 
     def _consume(self, n: int, consumer: Consumer) -> None:

@@ -26,7 +26,9 @@ import pytest
 import redis
 
 from botworker import errors
+from botworker.config import Config
 from botworker.queue import ERRORS, MESSAGES, NODE_PREFIX, PROCESSING_PREFIX, PROCESSING_SET, RESPONSES, STATUS
+from botworker.worker import Heartbeat, Worker
 
 from conftest import ROOT, Bot, Fleet, Servers, advisory_lock, events, process_env, push, query, wait_for
 
@@ -458,6 +460,33 @@ def test_max_requests_recycles_workers_without_losing_messages(
     assert log.count("recycling after 2 messages") == 3
     assert "respawning worker" not in log  # a recycled worker is not a crashed one
     assert fleet.wait_workers(1) != first
+
+
+def test_max_worker_memory_recycles_a_worker_after_its_message(
+    r: redis.Redis, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    """MAX_WORKER_MEMORY=1 (MiB: every worker is over it): each worker finishes the message it took, then exits
+    cleanly and is replaced at once; every message is answered exactly once."""
+    fleet = start_fleet(1, args=("--threads", "1"), WORKER_BATCH="1", MAX_WORKER_MEMORY="1")
+    first = fleet.worker_pids()
+    msgs = [bot.message(f"hello {i}") for i in range(3)]
+    for msg in msgs:
+        push(r, msg)
+    wait_for(lambda: all(answered(r, m["messageId"]) for m in msgs), 30, "all answers")
+    assert sorted(e["messageId"] for e in events(r, RESPONSES)) == sorted(m["messageId"] for m in msgs)
+    assert events(r, ERRORS) == []
+    log = fleet.log()
+    assert log.count("over MAX_WORKER_MEMORY=1") >= 3 and "respawning worker" not in log
+    assert fleet.wait_workers(1) != first
+
+
+def test_max_requests_jitter_spreads_the_workers_recycling(make_cfg: Callable[..., Config]) -> None:
+    """Each worker draws its own limit in MAX_REQUESTS .. MAX_REQUESTS + MAX_REQUESTS_JITTER: workers started
+    together do not all restart together."""
+    cfg = make_cfg(MAX_REQUESTS="1000", MAX_REQUESTS_JITTER="500")
+    limits = [Worker(cfg, wid, "jitter-node", Heartbeat()).request_limit for wid in range(8)]
+    assert all(1000 <= limit <= 1500 for limit in limits) and len(set(limits)) > 1, limits
+    assert Worker(make_cfg(MAX_REQUESTS_JITTER="500"), 0, "jitter-node", Heartbeat()).request_limit == 0
 
 
 def test_idle_workers_are_not_taken_for_hung_ones(start_fleet: Callable[..., Fleet]) -> None:
