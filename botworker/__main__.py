@@ -52,6 +52,22 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--instance")
     send.add_argument("--timeout", type=float, default=30.0)
     send.add_argument("text")
+    dead = sub.add_parser("dead", help="dead letters: list, show, requeue, purge (settings options after the verb)")
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True)
+    listing = dead_sub.add_parser("list", parents=[common], help="newest first: id, failedAt, code, error")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0: all)")
+    listing.add_argument("--json", action="store_true", help="print the entries as JSON lines")
+    show = dead_sub.add_parser("show", parents=[common], help="one dead letter, whole, as JSON")
+    show.add_argument("message_id")
+    requeue = dead_sub.add_parser(
+        "requeue", parents=[common], help="back in line with a fresh attempt count: by message id, or --all"
+    )
+    requeue.add_argument("message_ids", nargs="*", metavar="MESSAGE_ID")
+    requeue.add_argument("--all", action="store_true")
+    purge = dead_sub.add_parser("purge", parents=[common], help="delete: by message id, --older-than AGE, or --all")
+    purge.add_argument("message_ids", nargs="*", metavar="MESSAGE_ID")
+    purge.add_argument("--older-than", dest="older_than", help="an age: 90s, 30m, 12h, 7d")
+    purge.add_argument("--all", action="store_true")
     demo = sub.add_parser("demo", parents=[common], help="private servers + demo bot + fleet + a short conversation")
     demo.add_argument("--procs", type=int, default=2)
     check = sub.add_parser(
@@ -95,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(cfg, args.json)
         if command == "send":
             return _send(cfg, args)
+        if command == "dead":
+            return _dead(cfg, args)
         if command == "sandbox-check":
             from sandbox import check
 
@@ -112,6 +130,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"botworker {command}: {exc}", file=sys.stderr)
         return errors.EXIT_ERROR
     return errors.EXIT_USAGE
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age_seconds(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``7d`` (a bare number is seconds)."""
+    unit = text[-1:] if text[-1:] in _AGE_UNITS else "s"
+    number = text[:-1] if text[-1:] in _AGE_UNITS else text
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not an age: {text!r} (try 90s, 30m, 12h or 7d)") from None
+    if value < 0:
+        raise ValueError(f"not an age: {text!r}")
+    return value * _AGE_UNITS[unit]
+
+
+def _dead(cfg: Config, args: argparse.Namespace) -> int:
+    """`botworker dead list|show|requeue|purge`: exit 0, or 6 when a named message is not a dead letter."""
+    from datetime import UTC, datetime, timedelta
+
+    from .queue import dead_letters, purge_dead, requeue_dead
+
+    client = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=cfg.redis_timeout)
+    entries = dead_letters(client)
+    if args.dead_command == "list":
+        shown = entries if args.limit == 0 else entries[: args.limit]
+        for stored, entry in shown:
+            if args.json:
+                print(stored)
+            else:
+                error = str(entry.get("error", "?")).replace("\n", " ")
+                print(f"{entry.get('messageId', '?')}  {entry.get('failedAt', '?')}  {entry.get('code', '?')}  "
+                      f"{error[:100]}")  # fmt: skip
+        if not args.json:
+            print(f"({len(shown)} of {len(entries)} dead letter(s), newest first)")
+        return errors.EXIT_OK
+    if args.dead_command == "show":
+        found = [entry for _, entry in entries if entry.get("messageId") == args.message_id]
+        for entry in found:
+            print(json.dumps(entry, indent=2))
+        if not found:
+            print(f"botworker dead: no dead letter {args.message_id}", file=sys.stderr)
+        return errors.EXIT_OK if found else errors.EXIT_SEND_FAILED
+    if bool(args.message_ids) == bool(args.all or getattr(args, "older_than", None)):
+        print("botworker dead: name message ids, or --all" + (" or --older-than" if args.dead_command == "purge"
+              else ""), file=sys.stderr)  # fmt: skip
+        return errors.EXIT_USAGE
+    chosen = [(s, e) for s, e in entries if args.all or e.get("messageId") in args.message_ids]
+    if getattr(args, "older_than", None):
+        try:
+            cutoff = (datetime.now(UTC) - timedelta(seconds=_age_seconds(args.older_than))).isoformat()
+        except ValueError as exc:
+            print(f"botworker dead: {exc}", file=sys.stderr)
+            return errors.EXIT_USAGE
+        chosen = [(s, e) for s, e in entries if str(e.get("failedAt", "")) < cutoff]
+    act = requeue_dead if args.dead_command == "requeue" else lambda c, s, e: purge_dead(c, s)
+    done = sum(1 for stored, entry in chosen if (entry.get("message") is not None or act is not requeue_dead)
+               and act(client, stored, entry))  # fmt: skip
+    verb = "requeued" if args.dead_command == "requeue" else "purged"
+    print(f"{verb} {done} dead letter(s)")
+    missing = set(args.message_ids) - {e.get("messageId") for _, e in chosen}
+    if missing:
+        print(f"botworker dead: no dead letter {', '.join(sorted(missing))}", file=sys.stderr)
+    return errors.EXIT_SEND_FAILED if missing else errors.EXIT_OK
 
 
 def _status(cfg: Config, as_json: bool) -> int:

@@ -162,6 +162,15 @@ class Config:
         "MAX_MESSAGE_BYTES", integer(1, 1 << 20), 16384, "longest accepted `message` (UTF-8 bytes)"
     )
     max_attempts: int = setting("MAX_ATTEMPTS", integer(1, 100), 3, "attempts before a message is dead-lettered")
+    dead_letter_max: int = setting(
+        "DEAD_LETTER_MAX", integer(0, 10**8), 10_000, "dead letters kept in bot_messages:dead, newest first (0: all)"
+    )
+    dead_letter_days: float = setting(
+        "DEAD_LETTER_DAYS",
+        decimal(0, 3650),
+        30.0,
+        "dead letters older than this are dropped by the supervisors (0: never)",
+    )
     retry_delay: float = setting(
         "RETRY_DELAY", decimal(0, 300), 1.0, "first back-off (s) before retrying a transient failure; doubles"
     )

@@ -24,7 +24,7 @@ EXIT_USAGE = 2  # bad command line (argparse's own code)
 EXIT_CONFIG = 3  # invalid configuration value: the message names the variable
 EXIT_BOOT = 4  # workers could not boot: Redis or PostgreSQL unreachable past BOOT_TIMEOUT
 EXIT_NO_WORKERS = 5  # `status`: no live worker fleet
-EXIT_SEND_FAILED = 6  # `send`: the message ended in a bot_errors event, or no answer before the timeout
+EXIT_SEND_FAILED = 6  # `send`: a bot_errors event or no answer in time; `dead`: a named message is not a dead letter
 EXIT_SANDBOX_MISSING = 7  # `sandbox-check`: a required sandbox layer does not hold here, or no sandbox could start
 # A worker process's own exit code when it cannot boot (seen only by its supervisor, which then exits EXIT_BOOT):
 # sysexits' EX_TEMPFAIL, apart from every code the command itself uses.

@@ -67,10 +67,12 @@ redis.call('RPUSH', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: processing list, dead list, attempts hash, errors list, stats hash. ARGV: raw, id, dead entry, event.
+# KEYS: processing list, dead list, attempts hash, errors list, stats hash. ARGV: raw, id, dead entry, event,
+# most dead letters kept (0: all; the oldest go).
 _DEAD_LETTER = """
 if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[3])
+if tonumber(ARGV[5]) > 0 then redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[5]) - 1) end
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('LPUSH', KEYS[4], ARGV[4])
 redis.call('PUBLISH', KEYS[4], ARGV[4])
@@ -125,9 +127,10 @@ class Settled:
 class ReliableQueue:
     """One worker's view of the queue: pops into its own processing list and acks out of it."""
 
-    def __init__(self, client: redis.Redis, processing: str) -> None:
+    def __init__(self, client: redis.Redis, processing: str, dead_max: int = 10_000) -> None:
         self.client = client
         self.processing = processing
+        self.dead_max = dead_max  # DEAD_LETTER_MAX
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
         self._dead = client.register_script(_DEAD_LETTER)
@@ -202,7 +205,7 @@ class ReliableQueue:
     def dead_letter(self, raw: bytes | str, message_id: str, entry: dict[str, Any], event: dict[str, Any]) -> bool:
         """Move the message to ``bot_messages:dead`` and push its bot_errors event, atomically."""
         keys = [self.processing, DEAD, ATTEMPTS, ERRORS, STATS]
-        return bool(self._dead(keys=keys, args=[raw, message_id, encode(entry), encode(event)]))
+        return bool(self._dead(keys=keys, args=[raw, message_id, encode(entry), encode(event), self.dead_max]))
 
 
 def requeue_list(client: redis.Redis, processing: str) -> int:
@@ -227,6 +230,60 @@ def recover_orphans(client: redis.Redis) -> int:
     nodes = sorted({node_of(n) for n in names})
     alive = dict(zip(nodes, client.mget([NODE_PREFIX + node for node in nodes]), strict=True))
     return sum(requeue_list(client, name) for name in names if alive[node_of(name)] is None)
+
+
+# ---- dead letters: what `botworker dead` reads and changes ---------------------------------------------------
+
+# KEYS: dead list, queue, attempts hash. ARGV: the dead entry as stored, its message, its id. Back in line (at the
+# end, as a new message), with a fresh attempt count; nothing if someone else took the entry meanwhile.
+_REQUEUE_DEAD = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[3])
+return 1
+"""
+
+# KEYS: dead list. ARGV: a failedAt (ISO 8601, UTC). Drops the oldest entries (the list's end) failed before it.
+_TRIM_DEAD = """
+local dropped = 0
+while true do
+  local last = redis.call('LINDEX', KEYS[1], -1)
+  if not last then break end
+  local ok, entry = pcall(cjson.decode, last)
+  if ok and type(entry) == 'table' and type(entry.failedAt) == 'string' and entry.failedAt >= ARGV[1] then break end
+  redis.call('RPOP', KEYS[1])
+  dropped = dropped + 1
+end
+return dropped
+"""
+
+
+def dead_letters(client: redis.Redis) -> list[tuple[str, dict[str, Any]]]:
+    """Every dead letter, newest first: the entry as stored, and decoded (an undecodable one as ``{}``)."""
+    found = []
+    for raw in client.lrange(DEAD, 0, -1):
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            entry = {}
+        found.append((text, entry if isinstance(entry, dict) else {}))
+    return found
+
+
+def requeue_dead(client: redis.Redis, stored: str, entry: dict[str, Any]) -> bool:
+    """Put one dead letter's message back in line with a fresh attempt count, atomically."""
+    script = client.register_script(_REQUEUE_DEAD)
+    return bool(script(keys=[DEAD, MESSAGES, ATTEMPTS], args=[stored, entry["message"], entry.get("messageId", "")]))
+
+
+def purge_dead(client: redis.Redis, stored: str) -> bool:
+    return bool(client.lrem(DEAD, 1, stored))
+
+
+def trim_dead_letters(client: redis.Redis, failed_before: str) -> int:
+    """Drop dead letters that failed before ``failed_before`` (ISO 8601, UTC), oldest first: DEAD_LETTER_DAYS."""
+    return int(client.register_script(_TRIM_DEAD)(keys=[DEAD], args=[failed_before]))
 
 
 # ---- fleet keys: one host's heartbeat, the fleet's status, what `botworker status` reads ---------------------

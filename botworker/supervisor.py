@@ -31,6 +31,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import redis
 
@@ -39,7 +40,7 @@ from .config import Config
 from .errors import ConfigError
 from .logs import set_role, setup_logging
 from .notify import Notifier
-from .queue import processing_key, publish_node, recover_orphans, requeue_list, withdraw_node
+from .queue import processing_key, publish_node, recover_orphans, requeue_list, trim_dead_letters, withdraw_node
 from .worker import Heartbeat, Worker
 
 log = logging.getLogger(__name__)
@@ -384,6 +385,9 @@ class Supervisor:
         if force or now >= self._next_recover:
             self._next_recover = now + RECOVER_EVERY
             self._guard(lambda: recover_orphans(self.redis))
+            if self.cfg.dead_letter_days:
+                cutoff = datetime.now(UTC) - timedelta(days=self.cfg.dead_letter_days)
+                self._guard(lambda: trim_dead_letters(self.redis, cutoff.isoformat()))
 
     def _refresh(self) -> None:
         node = {

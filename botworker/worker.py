@@ -285,7 +285,7 @@ class Worker:
         pid = os.getpid()
         slots = self.pipeline.slots
         for n in range(self.heartbeat.threads):
-            queue = ReliableQueue(self.redis, processing_key(self.node_id, self.wid, pid, n))
+            queue = ReliableQueue(self.redis, processing_key(self.node_id, self.wid, pid, n), self.cfg.dead_letter_max)
             queue.register()
             name = f"{self.wid}" if self.heartbeat.threads == 1 else f"{self.wid}.{n}"
             self.consumers.append(Consumer(name, queue, self.pipeline, self.heartbeat, lambda: self.stopping, slots))
