@@ -254,7 +254,9 @@ class Supervisor:
             (log.info if clean else log.warning)("worker %d (pid %d) %s after %.1fs", slot.wid, pid, how, lived)
             lists = {processing_key(self.node_id, slot.wid, pid, t) for t in range(slot.threads)}
             self.pending |= lists
-            if code != 0:  # (a worker that exits 0 has finished every message it took: its lists are empty)
+            # A worker that exits 0 finished every message it took, and one that could not boot took none: their
+            # lists are empty, and a stop need not wait for Redis to say so.
+            if code not in (errors.EXIT_OK, errors.EXIT_WORKER_BOOT):
                 self.unclean |= lists
             self._drain_pending()
             if code == errors.EXIT_WORKER_BOOT and self.state == "running" and not self._booted_once:

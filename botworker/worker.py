@@ -198,8 +198,7 @@ class Worker:
     def _should_stop(self) -> bool:
         """Asked by each consumer before it takes a message: a warm stop, or time to recycle: its MAX_REQUESTS
         (with jitter) reached, or its resident memory past MAX_WORKER_MEMORY (checked at most once a second, once it
-        has handled a message). With
-        T threads, up to T-1 messages more may be taken meanwhile: each finishes."""
+        has handled a message). With T threads, up to T-1 messages more may be taken meanwhile: each finishes."""
         with self._recycling:
             if not self.stopping and self.request_limit and self.handled >= self.request_limit:
                 log.info("worker %s recycling after %d messages", self.wid, self.handled)

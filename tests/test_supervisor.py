@@ -522,6 +522,18 @@ def test_unreachable_database_at_boot_exits_4(start_fleet: Callable[..., Fleet])
     assert log.count("spawned worker") <= 2
 
 
+def test_unreachable_redis_at_boot_exits_4_without_waiting_out_the_grace_period(
+    start_fleet: Callable[..., Fleet],
+) -> None:
+    """With Redis down too, the supervisor cannot confirm its workers' lists are empty; workers that never booted
+    took nothing, so the stop does not wait for Redis through GRACEFUL_TIMEOUT (600 s here) before exiting 4."""
+    fleet = start_fleet(
+        1, wait=False, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", BOOT_TIMEOUT="1", GRACEFUL_TIMEOUT="600"
+    )
+    assert fleet.wait(timeout=60) == errors.EXIT_BOOT, fleet.log()
+    assert "could not boot" in fleet.log()
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [

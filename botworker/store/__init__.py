@@ -108,7 +108,7 @@ class Store:
         self.tools = ToolConnection(cfg, self._connect_args)
         self._probing = threading.Lock()
         self._probed_at = -PROBE_SHARED
-        self._probe_error: TransientError | None = None
+        self._probe_error: str | None = None  # why the last probe failed
         self._connection_class = PooledConnection.for_store()
         options = f"-c statement_timeout={timeout} -c TimeZone=UTC"
         self.pool: ConnectionPool[PooledConnection] = ConnectionPool(
@@ -157,21 +157,22 @@ class Store:
         time per process, its answer shared for PROBE_SHARED seconds (a process's waiting threads then cost the
         server one connection, not one each); when the server answers, the pool checks its connections and grows
         back at once."""
+        probed = False
         with self._probing:
             if time.monotonic() - self._probed_at >= PROBE_SHARED:
+                probed = True
                 try:
                     with psycopg.connect(self.cfg.database_url, **self._connect_args) as conn:
                         conn.execute("SELECT 1")
                     self._probe_error = None
                 except psycopg.Error as exc:
-                    self._probe_error = TransientError(
-                        errors.DATABASE_UNAVAILABLE, f"cannot connect to PostgreSQL: {one_line(str(exc))}"
-                    )
+                    self._probe_error = f"cannot connect to PostgreSQL: {one_line(str(exc))}"
                 self._probed_at = time.monotonic()
             failed = self._probe_error
         if failed is not None:
-            raise failed
-        self.pool.check()
+            raise TransientError(errors.DATABASE_UNAVAILABLE, failed)
+        if probed:  # (once per answer, not once per thread that shared it)
+            self.pool.check()
 
     def _run(self, steps: Sequence[tuple[str, Params]]) -> list[dict[str, Any]]:
         """Run ``steps`` in one transaction and one round trip; the rows of the last one."""

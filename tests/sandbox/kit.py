@@ -24,12 +24,17 @@ _RUN_GROUP = re.compile(r":/(?:.*/)?sandbox-(\d+)(?:\.\d+)?/(run|lane)-\d+$", re
 
 def run_processes() -> list[int]:
     """Processes that are in some sandbox's run group right now: not the sandbox process itself, which lives in
-    its run group, nor its lanes (children of it, each living in a ``lane-<n>`` group of its own)."""
+    its run group, nor its lanes (children of it, each living in a ``lane-<n>`` group of its own), nor zombies:
+    one runs nothing, and a run orphaned when a test killed its sandbox is reaped by the host's init, which on
+    some machines (a container's) reaps nobody."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
             with open(f"/proc/{entry}/cgroup") as f:
                 group = _RUN_GROUP.search(f.read())
             if not group or group.group(1) == entry:
