@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"botworker: configuration error: {exc}", file=sys.stderr)
         return errors.EXIT_CONFIG
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     try:
         if command == "run":
             from .supervisor import Supervisor

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 from dotenv import dotenv_values
 
 from .errors import ConfigError
-from .parsers import boolean, decimal, hosts, integer, level, text, url
+from .parsers import boolean, choice, decimal, hosts, integer, level, text, url
 
 
 @dataclass(frozen=True)
@@ -256,6 +256,9 @@ class Config:
     )
     node_name: str = setting("NODE_NAME", text, "", "this host's name in heartbeats and status (default: hostname)")
     log_level: str = setting("LOG_LEVEL", level, "INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting(
+        "LOG_FORMAT", choice("text", "json"), "text", "text, or json: one object per line with messageId and botId"
+    )
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # name -> where it came from
 
     @property

@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
 from . import errors
 from .errors import MessageError, TransientError
+from .logs import about
 from .message import Envelope, Ids, error_event, read, reply_events
 from .pipeline import Outcome, Pipeline, utcnow
 from .queue import ERRORS, RESPONSES, ReliableQueue, Settled, node_of
@@ -104,8 +105,13 @@ class Consumer:
         return True
 
     def process(self, raw: bytes | str) -> None:
-        """The message boundary: one popped payload in, one settled message out (begin -> handle -> settle)."""
+        """The message boundary: one popped payload in, one settled message out (begin -> handle -> settle). Every
+        line logged meanwhile carries the message's id."""
         env = read(raw, self.cfg.max_message_bytes, utcnow())
+        with about(env.ids.message_id, env.ids.bot_id):
+            self._process(raw, env)
+
+    def _process(self, raw: bytes | str, env: Envelope) -> None:
         mid = env.ids.message_id
         if not env.readable:  # not a JSON object: nothing to attempt again
             self._finish_all([self._failed(raw, env.ids, env.error)])
@@ -149,14 +155,8 @@ class Consumer:
         begun = self._redis(lambda: self.queue.begin_many([env.ids.message_id for _, env in plain]))
         todo, finished = [], []
         for (raw, env), (attempts, done) in zip(plain, begun, strict=True):
-            if done:
-                log.info("message %s was already answered: duplicate dropped", env.ids.message_id)
-                finished.append(Settled(raw, env.ids.message_id, [], "duplicates"))
-            elif attempts > self.cfg.max_attempts:
-                self._dead_letter(raw, env.ids, attempts, errors.INTERNAL_ERROR, "the worker died while processing it")
-            else:
-                log.info('🤖 Processing message for bot %s: "%s"', env.ids.bot_id, env.preview)
-                todo.append((raw, env, attempts))
+            with about(env.ids.message_id, env.ids.bot_id):
+                self._begun(raw, env, attempts, done, todo, finished)
         try:
             results = self.pipeline.handle_many([env.message for _, env, _ in todo])
         except Exception as exc:  # the catch-all, for the batch's own steps (its load: the database is down?)
@@ -165,12 +165,27 @@ class Consumer:
         for (raw, env, attempts), result in zip(todo, results, strict=True):
             if isinstance(result, TransientError):
                 retries.append((raw, env.ids, attempts, result))
-            elif (settled := self._settle(result, raw, env, attempts)) is not None:
-                finished.append(settled)
+                continue
+            with about(env.ids.message_id, env.ids.bot_id):
+                if (settled := self._settle(result, raw, env, attempts)) is not None:
+                    finished.append(settled)
         self._finish_all(finished)
         self._retry_all(retries)
         for raw in later:
             self.process(raw)
+
+    def _begun(
+        self, raw: bytes, env: Envelope, attempts: int, done: bool, todo: list[Any], finished: list[Settled]
+    ) -> None:
+        """One message of a batch after its begin: a duplicate, out of attempts, or to handle."""
+        if done:
+            log.info("message %s was already answered: duplicate dropped", env.ids.message_id)
+            finished.append(Settled(raw, env.ids.message_id, [], "duplicates"))
+        elif attempts > self.cfg.max_attempts:
+            self._dead_letter(raw, env.ids, attempts, errors.INTERNAL_ERROR, "the worker died while processing it")
+        else:
+            log.info('🤖 Processing message for bot %s: "%s"', env.ids.bot_id, env.preview)
+            todo.append((raw, env, attempts))
 
     def _settle(self, result: Outcome | Exception, raw: bytes | str, env: Envelope, attempts: int) -> Settled | None:
         """What ends one handled message: its events to push, or (a transient failure) a retry, done here."""
@@ -190,7 +205,9 @@ class Consumer:
         )
         if error_ev is not None:
             log.error("❌ Error processing message %s: %s", mid, result.error)
-        log.info("✅ Bot message processed successfully (%s%s)", mid, ", replayed" if result.replayed else "")
+        took = result.bot_row.get("responseTime")
+        log.info("✅ Bot message processed successfully (%s%s)", mid, ", replayed" if result.replayed else "",
+                 extra={"stage": "answered", "duration_ms": took})  # fmt: skip
         return Settled(raw, mid, [(RESPONSES, response)] + ([(ERRORS, error_ev)] if error_ev else []), "processed")
 
     def _failed(self, raw: bytes | str, ids: Ids, exc: MessageError | None) -> Settled:

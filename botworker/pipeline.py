@@ -29,6 +29,7 @@ from .config import Config
 from .detect import detect
 from .errors import LLMError, MessageError, TransientError
 from .llm import Responder
+from .logs import about
 from .message import Message, Reply
 from .slots import CpuSlots
 from .store import BotContext, Exchange, Store
@@ -106,7 +107,8 @@ class Pipeline:
                 out[i] = ctx
                 continue
             try:
-                done = self.respond(msg, ctx)
+                with about(msg.message_id, msg.bot_id):
+                    done = self.respond(msg, ctx)
             except Exception as exc:  # (the message boundary decides what it means; the batch goes on)
                 out[i] = exc
                 continue

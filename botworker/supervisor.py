@@ -355,7 +355,7 @@ class Supervisor:
             return
         self.cfg, self.sandbox = cfg, sandbox
         self.target = cfg.procs
-        setup_logging(cfg.log_level)
+        setup_logging(cfg.log_level, cfg.log_format)
         log.info("SIGHUP: configuration reloaded; replacing %d worker(s)", len(self._active()))
         for warning in cfg.warnings():
             log.warning("%s", warning)
