@@ -64,6 +64,7 @@ class Consumer:
         self.stopping = stopping
         self.slots = slots
         self.handled = 0
+        self.current: str | None = None  # the id of the message in hand (the process title shows it)
         self._redis_down = 0.0  # current back-off while Redis is unreachable between messages
 
     def run(self, should_stop: Callable[[], bool]) -> None:
@@ -108,8 +109,12 @@ class Consumer:
         """The message boundary: one popped payload in, one settled message out (begin -> handle -> settle). Every
         line logged meanwhile carries the message's id."""
         env = read(raw, self.cfg.max_message_bytes, utcnow())
-        with about(env.ids.message_id, env.ids.bot_id):
-            self._process(raw, env)
+        self.current = env.ids.message_id
+        try:
+            with about(env.ids.message_id, env.ids.bot_id):
+                self._process(raw, env)
+        finally:
+            self.current = None
 
     def _process(self, raw: bytes | str, env: Envelope) -> None:
         mid = env.ids.message_id

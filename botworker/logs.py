@@ -1,4 +1,5 @@
-"""Logging set-up: one line per record, as text or JSON (``LOG_FORMAT``), with time, level, pid, the process's role
+"""Logging set-up, and the process titles: one line per record, as text or JSON (``LOG_FORMAT``), with time, level,
+pid, the process's role
 (``supervisor``, ``w3``...) and, on every line written while a message is in hand, its message and bot ids.
 
 The role is a process-wide value set once after the fork; the message is the calling thread's (``about``), so every
@@ -17,6 +18,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+
+import setproctitle
 
 _role = "main"
 _thread = threading.local()  # .ids: (message id, bot id) of the message this thread is handling
@@ -110,3 +113,14 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
 def set_role(role: str) -> None:
     global _role
     _role = role
+
+
+_title = ""
+
+
+def set_title(text: str) -> None:
+    """The process title ps and top show (``botworker: worker 2 busy <messageId>``), set only when it changes."""
+    global _title
+    if text != _title:
+        _title = text
+        setproctitle.setproctitle(f"botworker: {text}")

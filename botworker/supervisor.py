@@ -38,7 +38,7 @@ import redis
 from . import errors
 from .config import Config
 from .errors import ConfigError
-from .logs import set_role, setup_logging
+from .logs import set_role, set_title, setup_logging
 from .notify import Notifier
 from .queue import processing_key, publish_node, recover_orphans, requeue_list, trim_dead_letters, withdraw_node
 from .worker import Heartbeat, Worker
@@ -221,6 +221,7 @@ class Supervisor:
     def _become_worker(self, wid: int) -> None:
         """Child side of the fork: drop the supervisor's wiring before the worker opens its own."""
         set_role(f"w{wid}")
+        set_title(f"worker {wid} starting")
         signal.set_wakeup_fd(-1)
         os.close(self._pipe_r)
         os.close(self._pipe_w)
@@ -392,6 +393,7 @@ class Supervisor:
                 self._guard(lambda: trim_dead_letters(self.redis, cutoff.isoformat()))
 
     def _refresh(self) -> None:
+        set_title(f"supervisor {self.node_id} ({self.state}): {self._status_line()}")
         node = {
             "node": self.node_id,
             "host": self.cfg.node_name,

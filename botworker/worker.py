@@ -31,6 +31,7 @@ from .config import Config
 from .consumer import SERVER_POLL, Consumer
 from .errors import BootError, TransientError
 from .llm import make_responder
+from .logs import set_title
 from .pipeline import Pipeline
 from .queue import ReliableQueue, processing_key
 from .slots import CpuSlots
@@ -185,6 +186,7 @@ class Worker:
         code = errors.EXIT_OK
         while any(t.is_alive() for t in threads):
             next(t for t in threads if t.is_alive()).join(0.25)
+            self._show_state()
             if self._should_stop():
                 continue
             if os.getppid() != self.ppid:
@@ -194,6 +196,19 @@ class Worker:
                 log.error("worker %s: a consumer thread died; stopping the process", self.wid)
                 self.stopping, code = True, errors.EXIT_ERROR
         return code
+
+    def _show_state(self) -> None:
+        """The process title: ``worker 2 idle (1204 handled)``, ``worker 2 busy <id>``, ``worker 2 busy 3/16 <id>``."""
+        held = [c.current for c in self.consumers if c.current]
+        if self.stopping:
+            state = f"stopping, {len(held)} message(s) in hand"
+        elif not held:
+            state = f"idle ({self.handled} handled)"
+        elif len(self.consumers) == 1:
+            state = f"busy {held[0]}"
+        else:
+            state = f"busy {len(held)}/{len(self.consumers)} {held[0]}"
+        set_title(f"worker {self.wid} {state}")
 
     def _should_stop(self) -> bool:
         """Asked by each consumer before it takes a message: a warm stop, or time to recycle: its MAX_REQUESTS

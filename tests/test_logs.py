@@ -1,5 +1,6 @@
 """Logs: text or JSON lines (LOG_FORMAT), every line written while a message is in hand carrying its id (and its
-bot's), and syslog priorities when stderr is the journal (JOURNAL_STREAM), from real processes."""
+bot's), and syslog priorities when stderr is the journal (JOURNAL_STREAM), from real processes; and the process
+titles ps shows."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from botworker.queue import RESPONSES
 
-from conftest import ROOT, Bot, Fleet, events, push, wait_for
+from conftest import ROOT, Bot, Fleet, advisory_lock, events, push, wait_for
 
 
 def _answer(r: redis.Redis, bot: Bot, fleet: Fleet) -> str:
@@ -64,3 +66,20 @@ def test_under_the_journal_each_line_starts_with_its_priority(tmp_path: Path) ->
         subprocess.run([sys.executable, "-c", code], stderr=stderr, check=True, cwd=ROOT, timeout=30,
                        env={**os.environ, "JOURNAL_STREAM": f"{found.st_dev}:{found.st_ino}"})  # fmt: skip
     assert not any(line.startswith("<") for line in plain.read_text().splitlines())
+
+
+def test_process_titles_show_each_process_role_and_the_message_in_hand(
+    r: redis.Redis, db: Any, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    fleet = start_fleet(1, args=("--threads", "1"), WORKER_BATCH="1")
+    [worker] = fleet.wait_workers(1)
+
+    def title(pid: int) -> str:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+    message = bot.message("hello, titles")
+    with advisory_lock(db, message["messageId"]):  # the worker holds the message at its save
+        push(r, message)
+        wait_for(lambda: title(worker) == f"botworker: worker 0 busy {message['messageId']}", 20, "the busy title")
+        assert title(fleet.proc.pid).startswith("botworker: supervisor "), title(fleet.proc.pid)
+    wait_for(lambda: title(worker) == "botworker: worker 0 idle (1 handled)", 20, "the idle title")
