@@ -199,21 +199,31 @@ def _dead(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _status(cfg: Config, as_json: bool) -> int:
-    from .queue import fleet_report
+    from .queue import fleet_report, redis_health
+    from .store import database_health
 
     client = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=cfg.redis_timeout)
-    report = fleet_report(client)
+    report = {**fleet_report(client), "redis": redis_health(client)}
+    report["postgres"] = database_health(cfg.database_url, cfg.db_connect_timeout)
     nodes = report["nodes"]
     if as_json:
         print(json.dumps(report, indent=2))
     else:
+        rs, pg = report["redis"], report["postgres"]
+        persist = "AOF on" if rs["aof"] else "AOF OFF: a restart loses the queue"
+        print(f"redis: {rs['version']} {rs['role']}, {persist}, {rs['usedMemory']} used, ping {rs['pingMs']} ms")
+        print(f"postgres: {pg['version']}, SELECT 1 in {pg['selectMs']} ms, {pg['fleetConnections']} fleet connection(s)"
+              if pg["ok"] else f"postgres: UNREACHABLE ({pg['error']})")  # fmt: skip
         print(f"fleet: {'alive' if report['fleet'] else 'NOT RUNNING'}")
         print(f"queued: {report['queued']}   in flight: {report['inFlight']}   dead letters: {report['dead']}")
         print("totals: " + (", ".join(f"{k} {v}" for k, v in sorted(report["stats"].items())) or "none yet"))
         for node in sorted(nodes, key=lambda n: n["node"]):
             age = time.time() - node["updatedAt"]
+            busy = sum(w.get("busyThreads", 0) for w in node["workers"])
+            threads = sum(w.get("threads", 1) for w in node["workers"])
             print(
-                f"node {node['node']} ({node['state']}, {len(node['workers'])}/{node['target']} workers, seen {age:.0f}s ago)"
+                f"node {node['node']} ({node['state']}, {len(node['workers'])}/{node['target']} workers, "
+                f"{busy}/{threads} threads busy, seen {age:.0f}s ago)"
             )
             box = node.get("sandbox") or {}
             layers = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in (box.get("layers") or {}).items())

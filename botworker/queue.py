@@ -306,6 +306,24 @@ def withdraw_node(client: redis.Redis, node_id: str) -> None:
         client.delete(STATUS)
 
 
+def redis_health(client: redis.Redis) -> dict[str, Any]:
+    """What an operator checks first: the server's version and role, whether it persists the queue (the append-only
+    file), its memory, and one round trip's time."""
+    started = time.monotonic()
+    client.ping()
+    took = (time.monotonic() - started) * 1000
+    server, persistence, memory, replication = (client.info(s) for s in ("server", "persistence", "memory",
+                                                                          "replication"))  # fmt: skip
+    return {
+        "ok": True,
+        "version": server.get("redis_version"),
+        "role": replication.get("role"),
+        "aof": bool(int(persistence.get("aof_enabled", 0))),
+        "usedMemory": memory.get("used_memory_human"),
+        "pingMs": round(took, 2),
+    }
+
+
 def fleet_report(client: redis.Redis) -> dict[str, Any]:
     """The fleet as Redis holds it: status, queued, in flight, dead letters, totals, and every live host."""
 

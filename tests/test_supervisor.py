@@ -121,6 +121,13 @@ def test_fleet_boots_reports_status_and_unregisters_on_stop(
     assert "fleet: alive" in status.stdout
     assert "2/2 workers" in status.stdout, status.stdout
     assert sum(line.lstrip().startswith("worker ") for line in status.stdout.splitlines()) == 2, status.stdout
+    # The servers' health (this suite's Redis runs without its append-only file: status says what that costs),
+    # and the host's thread use
+    assert "AOF OFF: a restart loses the queue" in status.stdout and "ping " in status.stdout, status.stdout
+    assert "postgres: " in status.stdout and "SELECT 1 in" in status.stdout and "threads busy, seen" in status.stdout
+    report = json.loads(cli(servers, "status", "--json").stdout)
+    assert report["redis"]["ok"] and report["redis"]["aof"] is False and report["redis"]["role"] == "master"
+    assert report["postgres"]["ok"] and report["postgres"]["fleetConnections"] >= 2, report["postgres"]
 
     fleet.signal(signal.SIGTERM)
     assert fleet.wait() == errors.EXIT_OK, fleet.log()
@@ -129,6 +136,11 @@ def test_fleet_boots_reports_status_and_unregisters_on_stop(
     after = cli(servers, "status")
     assert after.returncode == errors.EXIT_NO_WORKERS, after.stdout + after.stderr
     assert "NOT RUNNING" in after.stdout
+
+
+def test_status_says_when_postgres_is_unreachable(servers: Servers) -> None:
+    done = cli(servers, "status", "--database-url", f"postgresql://postgres@127.0.0.1:{free_port()}/botworker")
+    assert "postgres: UNREACHABLE (" in done.stdout, done.stdout + done.stderr
 
 
 # ---- dying workers -----------------------------------------------------------------------------------------

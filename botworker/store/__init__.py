@@ -33,6 +33,25 @@ from ..message import Message, jsonable
 from .connections import PooledConnection, ToolConnection, dict_rows, has_news
 from .statements import EXECUTE, NAMED, PREPARE_ALL
 
+
+def database_health(database_url: str, connect_timeout: int) -> dict[str, Any]:
+    """`botworker status`'s look at PostgreSQL: reachable or why not, its version, one round trip's time, and how
+    many connections the fleet holds (application_name ``botworker``; through a pooler, the pooler's)."""
+    try:
+        with psycopg.connect(database_url, connect_timeout=connect_timeout, autocommit=True) as conn:
+            started = time.monotonic()
+            conn.execute("SELECT 1")
+            took = (time.monotonic() - started) * 1000
+            row = conn.execute(
+                "SELECT current_setting('server_version') AS version, (SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'botworker') AS fleet"
+            ).fetchone()
+    except psycopg.Error as exc:
+        return {"ok": False, "error": one_line(str(exc))}
+    version, fleet = row if row else (None, None)
+    return {"ok": True, "version": version, "selectMs": round(took, 2), "fleetConnections": fleet}
+
+
 PROBE_SHARED = 0.5  # seconds a probe's answer (the database is up, or down and why) serves every thread
 
 log = logging.getLogger(__name__)
