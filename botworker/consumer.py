@@ -162,10 +162,13 @@ class Consumer:
         for (raw, env), (attempts, done) in zip(plain, begun, strict=True):
             with about(env.ids.message_id, env.ids.bot_id):
                 self._begun(raw, env, attempts, done, todo, finished)
+        self.current = todo[0][1].ids.message_id if todo else None  # (the process title shows one of the batch)
         try:
             results = self.pipeline.handle_many([env.message for _, env, _ in todo])
         except Exception as exc:  # the catch-all, for the batch's own steps (its load: the database is down?)
             results = [exc] * len(todo)
+        finally:
+            self.current = None
         retries = []
         for (raw, env, attempts), result in zip(todo, results, strict=True):
             if isinstance(result, TransientError):
