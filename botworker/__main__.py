@@ -187,10 +187,14 @@ def _dead(cfg: Config, args: argparse.Namespace) -> int:
             print(f"botworker dead: {exc}", file=sys.stderr)
             return errors.EXIT_USAGE
         chosen = [(s, e) for s, e in entries if str(e.get("failedAt", "")) < cutoff]
-    act = requeue_dead if args.dead_command == "requeue" else lambda c, s, e: purge_dead(c, s)
-    done = sum(1 for stored, entry in chosen if (entry.get("message") is not None or act is not requeue_dead)
-               and act(client, stored, entry))  # fmt: skip
-    verb = "requeued" if args.dead_command == "requeue" else "purged"
+    requeue = args.dead_command == "requeue"
+    done = 0
+    for stored, entry in chosen:
+        if requeue:  # (an entry without its message has nothing to put back)
+            done += entry.get("message") is not None and requeue_dead(client, stored, entry)
+        else:
+            done += purge_dead(client, stored)
+    verb = "requeued" if requeue else "purged"
     print(f"{verb} {done} dead letter(s)")
     missing = set(args.message_ids) - {e.get("messageId") for _, e in chosen}
     if missing:

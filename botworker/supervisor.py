@@ -132,6 +132,7 @@ class Supervisor:
             self._wait(1.0)
             self._handle_signals()
             self._reap()
+            self._booted_once = self._booted_once or any(s.heartbeat.ready for s in self.slots.values())
             self._murder_hung()
             self._maintain()
             self._tell_systemd()
@@ -302,7 +303,6 @@ class Supervisor:
         fed only while the fleet is healthy."""
         if self.state == "running":
             active = self._active()
-            self._booted_once = self._booted_once or any(s.heartbeat.ready for s in active)
             booted = len(active) >= self.target and all(s.heartbeat.ready for s in active)
             if not self._told_ready and booted:
                 self.notify.ready(self._status_line())

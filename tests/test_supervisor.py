@@ -454,24 +454,32 @@ def test_workers_of_a_sigkilled_supervisor_finish_their_message_and_exit(
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_max_requests_recycles_workers_without_losing_messages(
-    r: redis.Redis, bot: Bot, start_fleet: Callable[..., Fleet]
-) -> None:
-    """MAX_REQUESTS=2: the worker exits cleanly after 2 messages and is replaced at once (no crash back-off);
-    6 messages through one worker slot are all answered exactly once by 3 successive processes. (One thread, one
-    message at a time: with T threads, or batches, a worker may take a few more while its last ones finish.)"""
-    fleet = start_fleet(1, args=("--threads", "1"), WORKER_BATCH="1", MAX_REQUESTS="2")
+def _recycled(r: redis.Redis, bot: Bot, start_fleet: Callable[..., Fleet], n: int, **env: str) -> str:
+    """n messages through one worker slot (one thread, one message at a time) that recycles as ``env`` says: each
+    answered exactly once, no error, no crash back-off (a recycled worker is not a crashed one), and a new worker
+    process at the end. Returns the fleet's log."""
+    fleet = start_fleet(1, args=("--threads", "1"), WORKER_BATCH="1", **env)
     first = fleet.worker_pids()
-    msgs = [bot.message(f"hello {i}") for i in range(6)]
+    msgs = [bot.message(f"hello {i}") for i in range(n)]
     for msg in msgs:
         push(r, msg)
     wait_for(lambda: all(answered(r, m["messageId"]) for m in msgs), 30, "all answers")
     assert sorted(e["messageId"] for e in events(r, RESPONSES)) == sorted(m["messageId"] for m in msgs)
     assert events(r, ERRORS) == []
     log = fleet.log()
-    assert log.count("recycling after 2 messages") == 3
-    assert "respawning worker" not in log  # a recycled worker is not a crashed one
+    assert "respawning worker" not in log
     assert fleet.wait_workers(1) != first
+    return log
+
+
+def test_max_requests_recycles_workers_without_losing_messages(
+    r: redis.Redis, bot: Bot, start_fleet: Callable[..., Fleet]
+) -> None:
+    """MAX_REQUESTS=2: the worker exits cleanly after 2 messages and is replaced at once (no crash back-off);
+    6 messages through one worker slot are all answered exactly once by 3 successive processes. (One thread, one
+    message at a time: with T threads, or batches, a worker may take a few more while its last ones finish.)"""
+    log = _recycled(r, bot, start_fleet, 6, MAX_REQUESTS="2")
+    assert log.count("recycling after 2 messages") == 3
 
 
 def test_max_worker_memory_recycles_a_worker_after_its_message(
@@ -479,17 +487,8 @@ def test_max_worker_memory_recycles_a_worker_after_its_message(
 ) -> None:
     """MAX_WORKER_MEMORY=1 (MiB: every worker is over it): each worker finishes the message it took, then exits
     cleanly and is replaced at once; every message is answered exactly once."""
-    fleet = start_fleet(1, args=("--threads", "1"), WORKER_BATCH="1", MAX_WORKER_MEMORY="1")
-    first = fleet.worker_pids()
-    msgs = [bot.message(f"hello {i}") for i in range(3)]
-    for msg in msgs:
-        push(r, msg)
-    wait_for(lambda: all(answered(r, m["messageId"]) for m in msgs), 30, "all answers")
-    assert sorted(e["messageId"] for e in events(r, RESPONSES)) == sorted(m["messageId"] for m in msgs)
-    assert events(r, ERRORS) == []
-    log = fleet.log()
-    assert log.count("over MAX_WORKER_MEMORY=1") >= 3 and "respawning worker" not in log
-    assert fleet.wait_workers(1) != first
+    log = _recycled(r, bot, start_fleet, 3, MAX_WORKER_MEMORY="1")
+    assert log.count("over MAX_WORKER_MEMORY=1") >= 3
 
 
 def test_max_requests_jitter_spreads_the_workers_recycling(make_cfg: Callable[..., Config]) -> None:
