@@ -451,7 +451,7 @@ def run_once(srv: Servers, client: redis.Redis, procs: int, args: argparse.Names
     client.delete(RESPONSES, ERRORS)
     collector = Collector(client)
     collector.start()
-    fleet = Fleet(procs, srv, ("--threads", str(args.threads)))
+    fleet = Fleet(procs, srv, ("--threads", str(args.threads)), getattr(args, "fleet_env", None))
     try:
         fleet.wait_ready(client)
         warm_up(client, collector, srv.database_url, args.warmup, args.tool, args.batch)

@@ -25,14 +25,28 @@ def _settings_help() -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _options(top: bool) -> argparse.ArgumentParser:
+    """The settings options, accepted before the verb (``top``) and after it. After it, an option left out must not
+    reset one given before it: there they have no default at all."""
+    none: Any = None if top else argparse.SUPPRESS
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--env-file", default=".env", help="dotenv file read before the environment (default: .env)")
-    common.add_argument("--redis-url", dest="redis_url", help="overrides REDIS_URL")
-    common.add_argument("--database-url", dest="database_url", help="overrides DATABASE_URL")
-    common.add_argument("--log-level", dest="log_level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument(
+        "--env-file",
+        default=none,
+        help="settings file read before the environment (default: .env if it exists; a named file must exist; "
+        '"": none)',
+    )
+    common.add_argument("--redis-url", dest="redis_url", default=none, help="overrides REDIS_URL")
+    common.add_argument("--database-url", dest="database_url", default=none, help="overrides DATABASE_URL")
+    common.add_argument(
+        "--log-level", dest="log_level", default=none, type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    return common
 
-    parser = argparse.ArgumentParser(prog="botworker", description="Bot message worker.", parents=[common])
+
+def _parser() -> argparse.ArgumentParser:
+    common = _options(top=False)
+    parser = argparse.ArgumentParser(prog="botworker", description="Bot message worker.", parents=[_options(top=True)])
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser(
         "run",
@@ -52,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--instance")
     send.add_argument("--timeout", type=float, default=30.0)
     send.add_argument("text")
-    dead = sub.add_parser("dead", help="dead letters: list, show, requeue, purge (settings options after the verb)")
+    dead = sub.add_parser(
+        "dead", help="dead letters: list, show, requeue, purge (settings options before `dead` or at the end)"
+    )
     dead_sub = dead.add_subparsers(dest="dead_command", required=True)
     listing = dead_sub.add_parser("list", parents=[common], help="newest first: id, failedAt, code, error")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0: all)")
@@ -73,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "sandbox-check",
         parents=[common],
-        help="try every sandbox layer from inside real runs, as worker 0 would; exit 1 if a required one is missing",
+        help="try every sandbox layer from inside real runs, as worker 0 would; exit 7 if a required one is missing",
     )
     check.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -90,8 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "run":
         flags["procs"] = args.procs  # validated by the loader, as WORKER_PROCS is
         flags["worker_threads"] = args.threads
+    # No --env-file: .env if there is one. A named file must exist (a typo must not run on defaults); "": none.
+    env_file, required = (".env", False) if args.env_file is None else (args.env_file or None, True)
+
+    def configure() -> Config:
+        return load_config(flags, env_file=env_file, env_file_required=required)
+
     try:
-        cfg = load_config(flags, env_file=args.env_file)
+        cfg = configure()
     except ConfigError as exc:
         print(f"botworker: configuration error: {exc}", file=sys.stderr)
         return errors.EXIT_CONFIG
@@ -100,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "run":
             from .supervisor import Supervisor
 
-            return Supervisor(cfg, reload=lambda: load_config(flags, env_file=args.env_file)).run()
+            return Supervisor(cfg, reload=configure).run()
         if command == "migrate":
             from .schema import migrate
 
@@ -122,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "demo":
             from .demo import run_demo
 
-            own = any(cfg.sources[k] != "default" for k in ("redis_url", "redis_host", "database_url", "db_host"))
+            servers = ("redis_url", "redis_host", "redis_sentinels", "database_url", "db_host")
+            own = any(cfg.sources[k] != "default" for k in servers)
             return run_demo(cfg, use_devstack=not own, procs=args.procs)
     except KeyboardInterrupt:
         return errors.EXIT_OK
@@ -152,9 +175,9 @@ def _dead(cfg: Config, args: argparse.Namespace) -> int:
     """`botworker dead list|show|requeue|purge`: exit 0, or 6 when a named message is not a dead letter."""
     from datetime import UTC, datetime, timedelta
 
-    from .queue import dead_letters, purge_dead, requeue_dead
+    from .queue import connect, dead_letters, purge_dead, requeue_dead
 
-    client = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=cfg.redis_timeout)
+    client = connect(cfg, decode_responses=True, socket_timeout=cfg.redis_timeout)
     entries = dead_letters(client)
     if args.dead_command == "list":
         shown = entries if args.limit == 0 else entries[: args.limit]
@@ -203,10 +226,10 @@ def _dead(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _status(cfg: Config, as_json: bool) -> int:
-    from .queue import fleet_report, redis_health
+    from .queue import connect, fleet_report, redis_health
     from .store import database_health
 
-    client = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=cfg.redis_timeout)
+    client = connect(cfg, decode_responses=True, socket_timeout=cfg.redis_timeout)
     report = {**fleet_report(client), "redis": redis_health(client)}
     report["postgres"] = database_health(cfg.database_url, cfg.db_connect_timeout)
     nodes = report["nodes"]
@@ -245,8 +268,9 @@ def _status(cfg: Config, as_json: bool) -> int:
 
 def _send(cfg: Config, args: argparse.Namespace) -> int:
     from .client import send
+    from .queue import connect
 
-    client = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=cfg.redis_timeout)
+    client = connect(cfg, decode_responses=True, socket_timeout=cfg.redis_timeout)
     answer = send(client, args.bot, args.user, args.text, instance_id=args.instance, timeout=args.timeout)
     if answer is None:
         print(f"no answer within {args.timeout:g}s (is a worker running? try `botworker status`)", file=sys.stderr)

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 from dotenv import dotenv_values
 
 from .errors import ConfigError
-from .parsers import boolean, choice, decimal, hosts, integer, level, text, url
+from .parsers import addresses, boolean, choice, decimal, hosts, integer, level, readable_file, text, url
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,53 @@ class Config:
     docs/configuration.md's table, which ``settings_table`` writes."""
 
     redis_url: str = setting(
-        "REDIS_URL", url("redis", "rediss", "unix"), "", "full Redis URL; wins over REDIS_HOST/PORT/PASSWORD/DB"
+        "REDIS_URL",
+        url("redis", "rediss", "unix"),
+        "",
+        "full Redis URL (`rediss://`: TLS; `user:password@`: an ACL user); wins over "
+        "REDIS_HOST/PORT/USERNAME/PASSWORD/DB",
     )
     redis_host: str = setting("REDIS_HOST", text, "localhost", "Redis host")
     redis_port: int = setting("REDIS_PORT", integer(1, 65535), 6379, "Redis port")
     redis_password: str = setting("REDIS_PASSWORD", text, "", "Redis password (never logged)")
     redis_db: int = setting("REDIS_DB", integer(0, 1023), 0, "Redis database number")
+    redis_username: str = setting(
+        "REDIS_USERNAME", text, "", "Redis ACL user (docs/operations.md has a least-privilege one); empty: `default`"
+    )
+    redis_tls: bool = setting("REDIS_TLS", boolean, False, "TLS to Redis (to its Sentinels too), as a rediss:// URL")
+    redis_tls_ca_file: str = setting(
+        "REDIS_TLS_CA",
+        readable_file,
+        "",
+        "CA certificates (PEM) Redis's certificate must chain to; empty: the system's",
+    )
+    redis_tls_cert_file: str = setting(
+        "REDIS_TLS_CERT", readable_file, "", "client certificate (PEM), for a Redis that asks for one"
+    )
+    redis_tls_key_file: str = setting(
+        "REDIS_TLS_KEY", readable_file, "", "the client certificate's private key (PEM), if not in REDIS_TLS_CERT"
+    )
+    redis_tls_check_hostname: bool = setting(
+        "REDIS_TLS_CHECK_HOSTNAME",
+        boolean,
+        True,
+        "the certificate must name the host connected to (the chain is always verified)",
+    )
+    redis_sentinels: tuple[str, ...] = setting(
+        "REDIS_SENTINELS",
+        addresses(26379),
+        (),
+        "Sentinels, host:port,...: they name the master; REDIS_URL's host and port are then ignored",
+    )
+    redis_sentinel_master: str = setting(
+        "REDIS_SENTINEL_MASTER", text, "mymaster", "the name the Sentinels monitor the master under"
+    )
+    redis_sentinel_username: str = setting(
+        "REDIS_SENTINEL_USERNAME", text, "", "ACL user of the Sentinels, if they require one"
+    )
+    redis_sentinel_password: str = setting(
+        "REDIS_SENTINEL_PASSWORD", text, "", "password of the Sentinels, if they require one (never logged)"
+    )
     database_url: str = setting(
         "DATABASE_URL", url("postgres", "postgresql"), "", "full PostgreSQL URL; wins over DB_*"
     )
@@ -194,7 +235,10 @@ class Config:
         "how long (s) the node's first workers retry Redis/PostgreSQL at start (respawned ones wait as needed)",
     )
     node_ttl: float = setting(
-        "NODE_TTL", decimal(3, 3600), 20.0, "heartbeat key expiry (s): after it, another host recovers our messages"
+        "NODE_TTL",
+        decimal(3, 3600),
+        20.0,
+        "heartbeat key expiry (s): a dead host's messages are back in line within this plus half a second",
     )
     max_requests: int = setting(
         "MAX_REQUESTS", integer(0, 10**9), 0, "recycle a worker after this many messages (0: never)"
@@ -258,6 +302,15 @@ class Config:
     log_level: str = setting("LOG_LEVEL", level, "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting(
         "LOG_FORMAT", choice("text", "json"), "text", "text, or json: one object per line with messageId and botId"
+    )
+    metrics_port: int = setting(
+        "METRICS_PORT",
+        integer(0, 65535),
+        0,
+        "port of the supervisor's Prometheus endpoint, GET /metrics, for all its workers (0: no metrics)",
+    )
+    metrics_addr: str = setting(
+        "METRICS_ADDR", text, "127.0.0.1", "address the metrics endpoint listens on (0.0.0.0: every interface)"
     )
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # name -> where it came from
 
@@ -330,11 +383,20 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     env_file: str | os.PathLike[str] | None = ".env",
+    env_file_required: bool = False,
 ) -> Config:
-    """Build the Config: defaults < .env < environment < flags (flags use field names, None means unset)."""
+    """Build the Config: defaults < .env < environment < flags (flags use field names, None means unset).
+    ``env_file`` is skipped when it does not exist, unless ``env_file_required`` (a file the operator named: a typo
+    must not start a worker on defaults); one that exists but cannot be read is a ConfigError either way."""
     layers: list[tuple[str, Mapping[str, Any]]] = []
-    if env_file and Path(env_file).is_file():
-        layers.append((f"file {env_file}", {k: v for k, v in dotenv_values(env_file).items() if v is not None}))
+    if env_file and (env_file_required or Path(env_file).exists()):
+        try:
+            with open(env_file, encoding="utf-8") as stream:
+                found = dotenv_values(stream=stream)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"settings file {env_file}: {reason}") from None
+        layers.append((f"file {env_file}", {k: v for k, v in found.items() if v is not None}))
     layers.append(("environment", os.environ if environ is None else environ))
 
     values: dict[str, Any] = {}
@@ -374,6 +436,7 @@ def load_config(
                 f"{SETTINGS[name].env}={values[name]:g} (from {sources[name]}) is invalid: it must be shorter than "
                 f"WORKER_TIMEOUT={values['worker_timeout']:g}"
             )
+    _check_redis(values, sources)
     return Config(
         **{
             **values,
@@ -385,9 +448,33 @@ def load_config(
     )
 
 
+def _check_redis(v: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Redis settings that contradict each other: each would otherwise be silently ignored (a CA file with a
+    plain-text connection, a Sentinel with a socket path)."""
+
+    def invalid(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{SETTINGS[name].env} (from {sources[name]}) is invalid: {why}")
+
+    scheme = urlsplit(v["redis_url"]).scheme if v["redis_url"] else ""
+    if v["redis_tls"] and scheme in ("redis", "unix"):
+        raise invalid("redis_tls", f"REDIS_URL is {scheme}://, not rediss://")
+    tls = v["redis_tls"] or scheme == "rediss"
+    for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
+        if v[name] and not tls:
+            raise invalid(name, "set, but Redis is not reached over TLS (REDIS_URL=rediss://... or REDIS_TLS=true)")
+    if v["redis_tls_key_file"] and not v["redis_tls_cert_file"]:
+        raise invalid("redis_tls_key_file", "set without REDIS_TLS_CERT")
+    if v["redis_sentinels"] and scheme == "unix":
+        raise invalid("redis_sentinels", "Sentinels name a TCP master; REDIS_URL is a unix:// socket")
+    if v["redis_sentinels"] and not v["redis_sentinel_master"]:
+        raise invalid("redis_sentinel_master", "empty, with REDIS_SENTINELS set")
+
+
 def _redis_url(v: Mapping[str, Any]) -> str:
-    auth = f":{quote(v['redis_password'], safe='')}@" if v["redis_password"] else ""
-    return f"redis://{auth}{v['redis_host']}:{v['redis_port']}/{v['redis_db']}"
+    user, password = quote(v["redis_username"], safe=""), quote(v["redis_password"], safe="")
+    auth = f"{user}:{password}@" if password else f"{user}@" if user else ""
+    scheme = "rediss" if v["redis_tls"] else "redis"
+    return f"{scheme}://{auth}{v['redis_host']}:{v['redis_port']}/{v['redis_db']}"
 
 
 def _database_url(v: Mapping[str, Any]) -> str:

@@ -12,7 +12,9 @@ another thread does CPU work.)
 - ``release``: put back at the head of the line after a transient failure (database down), once it answers again;
 - ``dead_letter``: after ``max_attempts`` attempts (crashes included), with a ``bot_errors`` event.
 A Redis failure at any step is retried with back-off until Redis answers; the message waits in this consumer's
-processing list meanwhile, where the supervisor finds it if the worker dies.
+processing list meanwhile, where the supervisor finds it if the worker dies. After such a failure, the consumer's
+next pop first puts back what its list still holds (``reclaim``): a pop whose reply was lost, or, after a Sentinel
+failover, a message whose ack the new master never received.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
-from . import errors
+from . import errors, metrics
 from .errors import MessageError, TransientError
 from .logs import about
 from .message import Envelope, Ids, error_event, read, reply_events
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 # its return, however long the outage was.
 SERVER_POLL = 1.0
 T = TypeVar("T")
+# A settled message's outcome in the metrics, by the stats field it counts under in Redis.
+OUTCOMES = {"processed": "answered", "errors": "failed", "duplicates": "duplicate"}
 
 
 class Consumer:
@@ -66,6 +70,9 @@ class Consumer:
         self.handled = 0
         self.current: str | None = None  # the id of the message in hand (the process title shows it)
         self._redis_down = 0.0  # current back-off while Redis is unreachable between messages
+        self._reclaim = False  # a Redis connection broke: our list may hold a message whose pop we never saw
+        self._popped = time.monotonic()  # when the message(s) in hand were popped (metrics)
+        self._queued_at: dict[str, float] = {}  # producers' queuedAt of the messages in hand (metrics)
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         """Take messages until ``should_stop()``; the message in hand is always finished first."""
@@ -78,9 +85,13 @@ class Consumer:
         round trip for all). True if a message was processed."""
         self.heartbeat.beat()
         try:
+            if self._reclaim:  # (we hold nothing here: whatever our list holds, nobody is working on)
+                self.queue.reclaim()
+                self._reclaim = False
             raw = self.queue.pop(self.cfg.pop_timeout)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Nothing is in flight yet: back off and let the loop notice a stop request meanwhile.
+            self._reclaim = True
             self._redis_down = min(self._redis_down * 2 or 0.1, SERVER_POLL)
             log.warning("worker %s: Redis unavailable (%s); retrying in %.1fs", self.worker_id, exc, self._redis_down)
             self._sleep(self._redis_down)
@@ -88,6 +99,7 @@ class Consumer:
         self._redis_down = 0.0
         if raw is None:
             return False
+        self._popped = time.monotonic()
         batch = [raw]
         if self.cfg.worker_batch > 1 and not self.pipeline.responder.waits:
             batch += self._redis(lambda: self.queue.take(self.cfg.worker_batch - 1))
@@ -110,6 +122,8 @@ class Consumer:
         line logged meanwhile carries the message's id."""
         env = read(raw, self.cfg.max_message_bytes, utcnow())
         self.current = env.ids.message_id
+        if env.queued_at is not None:
+            self._queued(env.ids.message_id, env.queued_at)
         try:
             with about(env.ids.message_id, env.ids.bot_id):
                 self._process(raw, env)
@@ -155,6 +169,8 @@ class Consumer:
             elif env.readable and env.rewritten is None and env.message is not None:
                 plain.append((raw, env))
                 ids.add(env.ids.message_id)
+                if env.queued_at is not None:
+                    self._queued(env.ids.message_id, env.queued_at)
             else:
                 self.process(raw)
         begun = self._redis(lambda: self.queue.begin_many([env.ids.message_id for _, env in plain]))
@@ -224,16 +240,29 @@ class Consumer:
         log.error("❌ Error processing message %s: %s (%s)", ids.message_id, exc.error, exc.code)
         return Settled(raw, ids.message_id, [(ERRORS, error_event(ids, exc.code, exc.error))], "errors")
 
+    def _queued(self, message_id: str, queued_at: float) -> None:
+        """The producer said when it queued this message: its wait in line, and later its end-to-end time."""
+        self._queued_at[message_id] = queued_at
+        metrics.stage("queue_wait", time.time() - queued_at)
+
     # ---- settling a message --------------------------------------------------------------------------------
 
     def _finish_all(self, settled: list[Settled]) -> None:
         """Push each message's events and ack it (one round trip for all)."""
         if not settled:
             return
-        for s, done in zip(settled, self._redis(lambda: self.queue.finish_many(settled)), strict=True):
+        started = time.monotonic()
+        finished = self._redis(lambda: self.queue.finish_many(settled))
+        metrics.stage("publish", time.monotonic() - started, len(settled))
+        for s, done in zip(settled, finished, strict=True):
+            queued_at = self._queued_at.pop(s.message_id, None)
             if not done:
                 log.warning("message %s was recovered by someone else while we processed it: events not pushed",
                             s.message_id)  # fmt: skip
+                continue
+            code = next((event.get("code") for channel, event in s.events if channel == ERRORS), None)
+            metrics.message(OUTCOMES.get(s.stat, s.stat), code)
+            metrics.settled(self._popped, queued_at, time.time())
 
     def _retry(self, raw: bytes | str, ids: Ids, attempts: int, exc: TransientError) -> None:
         self._retry_all([(raw, ids, attempts, exc)])
@@ -248,6 +277,8 @@ class Consumer:
             else:
                 log.warning("attempt %d of message %s failed (%s): retrying when the database answers", attempts,
                             ids.message_id, exc.error)  # fmt: skip
+                metrics.retried(exc.code)
+                self._queued_at.pop(ids.message_id, None)
                 waiting.append((raw, attempts))
         if waiting:
             self._wait_for_database(self.cfg.retry_delay * 2 ** (min(a for _, a in waiting) - 1))
@@ -267,7 +298,9 @@ class Consumer:
             "node": node_of(self.queue.processing),
         }
         event = error_event(ids, errors.DEAD_LETTERED, error)
-        self._redis(lambda: self.queue.dead_letter(raw, ids.message_id, entry, event))
+        if self._redis(lambda: self.queue.dead_letter(raw, ids.message_id, entry, event)):
+            metrics.message("dead_lettered", code)
+        self._queued_at.pop(ids.message_id, None)
 
     def _wait_for_database(self, delay: float) -> None:
         """Back off, then wait until PostgreSQL answers (or we are told to stop), beating all along. The server is
@@ -289,6 +322,7 @@ class Consumer:
             try:
                 return call()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self._reclaim = True
                 log.warning("worker %s: Redis unavailable (%s); retrying in %.1fs", self.worker_id, exc, delay)
                 self._sleep(delay)
                 delay = min(delay * 2, SERVER_POLL)

@@ -18,11 +18,11 @@ import uuid
 from typing import Any
 
 import psycopg
-import redis
 from psycopg.types.json import Jsonb
 
 from .client import push_and_wait, send
-from .config import Config
+from .config import Config, load_config
+from .queue import connect
 from .schema import migrate
 from .tools import platform
 
@@ -158,7 +158,9 @@ def run_demo(cfg: Config, use_devstack: bool, procs: int = 2) -> int:
         fleet = subprocess.Popen(
             [sys.executable, "-m", "botworker", "run", "--procs", str(procs), "--log-level", "WARNING"], env=env
         )
-        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        # Our own servers as configured (Sentinels, TLS, ACL user...), or the private Redis as a plain URL.
+        ours = cfg if stack is None else load_config(environ={"REDIS_URL": redis_url}, env_file=None)
+        client = connect(ours, decode_responses=True)
         print(f"Worker fleet started (pid {fleet.pid}, {procs} workers). Talking to bot {bot_id}:\n")
         instance_id = None
         for text in DEMO_MESSAGES:

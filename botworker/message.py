@@ -110,6 +110,7 @@ class Envelope:
     readable: bool = True  # a JSON object at all (an unreadable payload is answered at once, not attempted)
     rewritten: str | None = None  # the payload with its assigned messageId, for the in-flight copy
     preview: str = "?"  # the start of the text, for the log
+    queued_at: float | None = None  # the producer's optional ``queuedAt`` (epoch seconds), for latency metrics
 
 
 def read(raw: bytes | str, max_bytes: int, received_at: datetime) -> Envelope:
@@ -128,10 +129,28 @@ def read(raw: bytes | str, max_bytes: int, received_at: datetime) -> Envelope:
     text = payload.get("message")
     preview = text[:50] if isinstance(text, str) else "?"
     ids = peek_ids(payload, mid)
+    queued = queued_at_of(payload)
     try:
-        return Envelope(ids, parse_message(payload, mid, received_at, max_bytes), None, True, rewritten, preview)
+        msg = parse_message(payload, mid, received_at, max_bytes)
+        return Envelope(ids, msg, None, True, rewritten, preview, queued)
     except MessageError as exc:
-        return Envelope(ids, None, exc, True, rewritten, preview)
+        return Envelope(ids, None, exc, True, rewritten, preview, queued)
+
+
+def queued_at_of(payload: dict[str, Any]) -> float | None:
+    """The optional ``queuedAt`` a producer may add (milliseconds since the epoch, as JavaScript's ``Date.now()``
+    gives, or an ISO 8601 time), in epoch seconds; None when absent or unreadable: it only feeds the end-to-end
+    latency metric, so a bad one is ignored rather than failing the message."""
+    value = payload.get("queuedAt")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e14:
+        return value / 1000
+    if isinstance(value, str):
+        try:
+            stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return stamp.timestamp() if stamp.tzinfo is not None else None
+    return None
 
 
 def peek_ids(payload: Any, message_id: str) -> Ids:

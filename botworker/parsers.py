@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -100,3 +101,33 @@ def _check_conninfo(url: str) -> None:
         conninfo_to_dict(url)
     except Exception:  # psycopg.ProgrammingError; its message quotes the offending part of the URL
         raise ValueError("libpq cannot read this URL (percent-encode special characters of the password)") from None
+
+
+def addresses(default_port: int) -> Callable[[str], tuple[str, ...]]:
+    """Comma-separated ``host:port`` (``[v6]:port``; a missing port is ``default_port``), as ``host:port`` strings."""
+
+    def parse(raw: str) -> tuple[str, ...]:
+        out = []
+        for item in (x.strip() for x in raw.split(",")):
+            if not item:
+                continue
+            try:
+                parts = urlsplit("//" + item)
+                host, port = parts.hostname, parts.port or default_port
+            except ValueError:
+                raise ValueError(f"{item!r} is not host:port") from None
+            if not host or parts.path or parts.username or parts.password:
+                raise ValueError(f"{item!r} is not host:port")
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return tuple(out)
+
+    return parse
+
+
+def readable_file(raw: str) -> str:
+    """A path to a file this process can read, or "" (none); checked now, so a typo stops the start, not a
+    connection much later."""
+    value = raw.strip()
+    if value and not (os.path.isfile(value) and os.access(value, os.R_OK)):
+        raise ValueError("no readable file there")
+    return value

@@ -16,6 +16,7 @@ instead of raising it, so that one message's failure is not its batch's.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 
 from sandbox.client import SandboxClient
 
-from . import errors
+from . import errors, metrics
 from .config import Config
 from .detect import detect
 from .errors import LLMError, MessageError, TransientError
@@ -92,9 +93,16 @@ class Pipeline:
 
     def handle(self, msg: Message) -> Outcome:
         """One message: load, respond, save."""
+        started = time.monotonic()
         ctx = self.store.load_context(msg)
+        metrics.stage("load", time.monotonic() - started)
         done = self.respond(msg, ctx)
-        return done if isinstance(done, Outcome) else self._saved(done, self.store.save_exchanges([done])[0])
+        if isinstance(done, Outcome):
+            return done
+        started = time.monotonic()
+        pair = self.store.save_exchanges([done])[0]
+        metrics.stage("save", time.monotonic() - started)
+        return self._saved(done, pair)
 
     def handle_many(self, msgs: list[Message]) -> list[Outcome | Exception]:
         """Several messages with one load and one save round trip: each one's Outcome, or the exception that ends
@@ -102,7 +110,10 @@ class Pipeline:
         message on its own); when the batch's save fails, each exchange is saved on its own."""
         out: list[Outcome | Exception | None] = [None] * len(msgs)
         pending: list[tuple[int, Exchange]] = []
-        for i, (msg, ctx) in enumerate(zip(msgs, self.store.load_contexts(msgs), strict=True)):
+        started = time.monotonic()
+        contexts = self.store.load_contexts(msgs)
+        metrics.stage("load", time.monotonic() - started, len(msgs))
+        for i, (msg, ctx) in enumerate(zip(msgs, contexts, strict=True)):
             if isinstance(ctx, MessageError):
                 out[i] = ctx
                 continue
@@ -116,11 +127,13 @@ class Pipeline:
                 out[i] = done
             else:
                 pending.append((i, done))
+        started = time.monotonic()
         try:
             pairs = self.store.save_exchanges([ex for _, ex in pending])
         except TransientError as exc:
             log.info("saving %d exchanges at once failed (%s): saving each on its own", len(pending), exc.error)
             pairs = [self._save_one(ex) for _, ex in pending]
+        metrics.stage("save", time.monotonic() - started, len(pending))
         for (i, ex), pair in zip(pending, pairs, strict=True):
             out[i] = pair if isinstance(pair, Exception) else self._saved(ex, pair)
         return [o if o is not None else RuntimeError("no outcome") for o in out]
@@ -143,13 +156,16 @@ class Pipeline:
             msg.user_id, ctx.bot, ctx.tools, self.store, self.cfg, self.sandbox, ctx.user, self.http, secrets
         )
         runner = ToolRunner(tool_ctx, self.families, self.tick)
+        started = time.monotonic()
         for call in detect(msg.text, ctx.tools):
             log.info("📝 Extracted params for %s: %s", call.name, _short(call.params))
             with self.slots.waiting():
                 runner.run(call)
+        metrics.stage("tools", time.monotonic() - started)
 
         self.tick()
         llm_error: dict[str, str] | None = None
+        started = time.monotonic()
         try:
             with self.slots.waiting() if self.responder.waits else nullcontext():
                 reply = self.responder.reply(ctx, msg, list(runner.results), runner)
@@ -157,6 +173,7 @@ class Pipeline:
             log.warning("message %s: the language model failed (%s): %s", msg.message_id, exc.code, exc.error)
             reply = Reply(APOLOGY, str(exc.extra.get("model") or "unknown"), exc.tokens_used, dict(exc.extra))
             llm_error = {"code": exc.code, "message": exc.error}
+        metrics.stage("llm", time.monotonic() - started)
         reply_at = self.clock()
         metadata = {
             "messageId": msg.message_id,

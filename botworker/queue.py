@@ -15,19 +15,29 @@ Invariants:
 - ``finish``, ``release`` and ``dead_letter`` first LREM the message from the caller's processing list and do
   nothing else if it is not there (someone recovered it meanwhile): re-running them never doubles an event.
 - ``finish`` sets ``bot_messages:done:<messageId>`` (for DONE_TTL seconds) in the same script, so a copy that
-  comes back later (crash between commit and ack, or a producer pushing the same id twice) is dropped silently.
+  comes back later (crash between commit and ack, or a producer pushing the same id twice) is dropped silently;
+  if the key is already there (two copies handled at once, by two threads), it only acks: one event per id.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.connection import parse_url
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +61,10 @@ STATUS_TTL = 30  # seconds `bot_worker:status` outlives the last supervisor refr
 _FINISH = """
 if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[2])
-redis.call('SET', KEYS[3], '1', 'EX', tonumber(ARGV[3]))
+if not redis.call('SET', KEYS[3], '1', 'EX', tonumber(ARGV[3]), 'NX') then
+  redis.call('HINCRBY', KEYS[4], 'duplicates', 1)
+  return 1
+end
 redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
 for i = 5, #KEYS do
   redis.call('LPUSH', KEYS[i], ARGV[i])
@@ -144,6 +157,17 @@ class ReliableQueue:
     def unregister(self) -> None:
         """On a clean exit: hand back anything left and forget the list."""
         requeue_list(self.client, self.processing)
+
+    def reclaim(self) -> int:
+        """Put back at the head of the line whatever our list holds while we hold nothing. Only a command that ran
+        although its connection broke before the reply (a pop, a batch taken, a swap), or a failover to a replica
+        that had not yet seen an ack, leaves a message there; without this it would wait for the worker's exit."""
+        moved = 0
+        while self.client.lmove(self.processing, MESSAGES, "LEFT", "RIGHT") is not None:
+            moved += 1
+        if moved:
+            log.warning("requeued %d message(s) left in %s after a lost connection", moved, self.processing)
+        return moved
 
     def pop(self, timeout: float) -> bytes | None:
         """Wait up to ``timeout`` seconds for the next message; it stays in our processing list until acked."""
@@ -294,7 +318,8 @@ def publish_node(client: redis.Redis, node: dict[str, Any], ttl: float) -> None:
     round trip. ``node`` is the supervisor's report: node id, state, workers..."""
     status = {"status": "running", "node": node["node"], "workers": len(node["workers"]), "updatedAt": time.time()}
     pipe = client.pipeline(transaction=False)
-    pipe.set(NODE_PREFIX + node["node"], json.dumps(node), ex=max(1, round(ttl)))
+    # (In milliseconds: whole seconds rounded up would keep a dead host looking alive past NODE_TTL.)
+    pipe.set(NODE_PREFIX + node["node"], json.dumps(node), px=max(1, int(ttl * 1000)))
     pipe.set(STATUS, json.dumps(status), ex=STATUS_TTL)
     pipe.execute()
 
@@ -324,6 +349,15 @@ def redis_health(client: redis.Redis) -> dict[str, Any]:
     }
 
 
+def queue_depths(client: redis.Redis) -> tuple[int, int]:
+    """Messages waiting in ``bot_messages``, and dead letters: one round trip."""
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(MESSAGES)
+    pipe.llen(DEAD)
+    queued, dead = pipe.execute()
+    return int(queued), int(dead)
+
+
 def fleet_report(client: redis.Redis) -> dict[str, Any]:
     """The fleet as Redis holds it: status, queued, in flight, dead letters, totals, and every live host."""
 
@@ -348,3 +382,79 @@ def fleet_report(client: redis.Redis) -> dict[str, Any]:
         "stats": {text(k): int(v) for k, v in stats.items()},
         "nodes": nodes,
     }
+
+
+# ---- connecting: the one way to a client, from the settings ----------------------------------------------------
+
+# The least-privilege ACL user for everything botworker does (workers, supervisors, `status`, `dead`, `send`): the
+# commands this module sends, on the contract's keys and channels only. `ACL SETUSER botworker on >PASSWORD <this>`;
+# docs/operations.md shows it, and tests/test_redis_ha.py runs a fleet and the commands as that user.
+ACL_RULES = (
+    "resetkeys ~bot_messages ~bot_messages:* ~bot_responses ~bot_errors ~bot_worker:* "
+    "resetchannels &bot_responses &bot_errors -@all "
+    "+ping +select +info +blmove +lmove +lrem +lpush +rpush +rpop +ltrim +lrange +llen +lindex +hincrby +hdel "
+    "+hgetall +set +get +mget +del +exists +sadd +srem +smembers +scan +publish +subscribe +unsubscribe "
+    "+evalsha +script|load"
+)
+# A sentinel that does not accept a TCP connection this fast is taken as down and the next one asked.
+SENTINEL_CONNECT_TIMEOUT = 1.0
+
+
+def connect(
+    cfg: Config,
+    *,
+    decode_responses: bool = False,
+    socket_timeout: float | None = None,
+    retries: int | None = None,
+    **options: Any,
+) -> redis.Redis:
+    """A Redis client as the settings say: REDIS_URL (or its parts), an ACL user, TLS (REDIS_TLS_*), and with
+    REDIS_SENTINELS the master they name, asked again for every new connection. A failover then looks like a short
+    outage: commands on the dead master raise ``ConnectionError`` (so does ``MasterNotFoundError`` while no master
+    is elected, and a demoted master's READONLY reply), the callers' retry loops try again and reach the new one.
+
+    ``retries``: how often redis-py silently re-sends a command whose connection broke (its default: up to 10
+    times within a few seconds). 0 for the workers, whose loops retry themselves and then ``reclaim``: a re-sent pop
+    may have been run once already, unseen. Other options (timeouts, health checks) go to every connection."""
+    opts: dict[str, Any] = {"decode_responses": decode_responses, "socket_timeout": socket_timeout, **options}
+    if retries is not None:
+        opts["retry"] = Retry(ExponentialWithJitterBackoff(base=0.01, cap=1), retries)
+    tls = urlsplit(cfg.redis_url).scheme == "rediss"
+    tls_opts = (
+        {
+            "ssl_ca_certs": cfg.redis_tls_ca_file or None,  # None: the system's CAs
+            "ssl_certfile": cfg.redis_tls_cert_file or None,
+            "ssl_keyfile": cfg.redis_tls_key_file or None,
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": cfg.redis_tls_check_hostname,
+        }
+        if tls
+        else {}
+    )
+    if not cfg.redis_sentinels:
+        return redis.Redis.from_url(cfg.redis_url, **opts, **tls_opts)
+    # The URL gives the user, password, db and query options; the master's address comes from the sentinels.
+    url_opts = {k: v for k, v in parse_url(cfg.redis_url).items() if k not in ("host", "port", "connection_class")}
+    sentinel_opts = {
+        "socket_timeout": cfg.redis_timeout,
+        "socket_connect_timeout": min(cfg.redis_timeout, SENTINEL_CONNECT_TIMEOUT),
+        "username": cfg.redis_sentinel_username or None,
+        "password": cfg.redis_sentinel_password or None,
+        **({"ssl": True, **tls_opts} if tls else {}),
+    }
+    hosts = [(host.strip("[]"), int(port)) for host, port in (a.rsplit(":", 1) for a in cfg.redis_sentinels)]
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_opts)
+    return sentinel.master_for(
+        cfg.redis_sentinel_master, **url_opts, **opts, **({"ssl": True, **tls_opts} if tls else {})
+    )
+
+
+def certificate_refused(exc: BaseException) -> str | None:
+    """Why a TLS handshake refused the server's certificate (unknown CA, wrong host name, expired), if that is what
+    ``exc`` (a redis-py ``ConnectionError``) comes from: retrying will not change it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"Redis's TLS certificate was refused: {seen.verify_message or seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None

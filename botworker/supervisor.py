@@ -1,6 +1,6 @@
 """The supervisor: forks N worker processes and keeps them alive, as gunicorn's arbiter does.
 
-Main loop (one iteration a second, or sooner when a signal arrives)::
+Main loop (one iteration every TICK, half a second, or sooner when a signal arrives)::
 
     spawn missing workers ─▶ wait on the self-pipe ─▶ handle recorded signals ─▶ reap dead children
       ─▶ kill workers whose heartbeat is older than WORKER_TIMEOUT ─▶ refresh status keys, recover orphans
@@ -17,7 +17,8 @@ Main loop (one iteration a second, or sooner when a signal arrives)::
 - Signal handlers only record the signal; ``set_wakeup_fd`` wakes the loop. Signals are blocked around ``fork`` so
   a child never runs the supervisor's handlers.
 - ``bot_worker:node:<node>`` (expires after NODE_TTL) says this node is alive; ``bot_worker:status`` (expires after
-  STATUS_TTL) that some fleet is. Any supervisor requeues the processing lists of nodes whose key expired.
+  STATUS_TTL) that some fleet is. Any supervisor requeues the processing lists of nodes whose key expired (it
+  looks every RECOVER_EVERY).
 """
 
 from __future__ import annotations
@@ -30,25 +31,43 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 
 import redis
 
-from . import errors
+from . import errors, metrics
 from .config import Config
 from .errors import ConfigError
 from .logs import set_role, set_title, setup_logging
 from .notify import Notifier
-from .queue import processing_key, publish_node, recover_orphans, requeue_list, trim_dead_letters, withdraw_node
+from .queue import (
+    connect,
+    processing_key,
+    publish_node,
+    queue_depths,
+    recover_orphans,
+    requeue_list,
+    trim_dead_letters,
+    withdraw_node,
+)
 from .worker import Heartbeat, Worker
 
 log = logging.getLogger(__name__)
 
-REFRESH_EVERY = 2.0  # status and node keys
-RECOVER_EVERY = 5.0  # orphaned processing lists of dead nodes
+TICK = 0.5  # the main loop's longest sleep (a signal wakes it at once): the finest step of the timers below
+REFRESH_EVERY = 2.0  # status and node keys (more often when NODE_TTL is short: see _maintain)
+# Orphaned processing lists of dead nodes. A dead node's key was last set before it died, so it expires at most
+# NODE_TTL after the death; a scan every TICK puts the node's messages back in line within NODE_TTL + about half a
+# second (the target is NODE_TTL + 1 s; a scan every 5 s made it up to NODE_TTL + 5 s). A scan is one SMEMBERS and
+# one MGET: every host can afford two a second.
+RECOVER_EVERY = TICK
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 _PR_SET_PDEATHSIG = 1
+
+
+def _redis_settings(cfg: Config) -> tuple[object, ...]:
+    return tuple(getattr(cfg, f.name) for f in fields(cfg) if f.name.startswith("redis_"))
 
 
 @dataclass
@@ -107,21 +126,23 @@ class Supervisor:
         self._told_ready = False
         self._booted_once = False  # some worker has opened its connections: BOOT_TIMEOUT no longer applies
         self.unclean: set[str] = set()  # pending lists of workers that did not finish their messages
+        self.exporter: metrics.Exporter | None = None  # METRICS_PORT's endpoint
+        self.restarts: dict[str, int] = {}  # workers replaced, by reason (for the metrics)
+        self._depths: tuple[int, int] | None = None  # queued and dead, as of the last refresh (None: Redis down)
 
     # ---- main loop -----------------------------------------------------------------------------------------
 
     def run(self) -> int:
         set_role("supervisor")
         self._install_signals()
-        self.redis = redis.Redis.from_url(
-            self.cfg.redis_url, socket_timeout=self.cfg.redis_timeout, socket_connect_timeout=self.cfg.redis_timeout
-        )
+        self.redis = self._connect(self.cfg)
         log.info("supervisor %s starting %d worker(s); config %s", self.node_id, self.target, self.cfg.redacted())
         for warning in self.cfg.warnings():
             log.warning("%s", warning)
         try:
             # Before the fork, once: a broken plugin stops us here, not per message; the sandbox's layers are known.
             self.sandbox = Worker.preload(self.cfg)
+            self._open_metrics(self.cfg)
         except ConfigError as exc:
             log.error("configuration error: %s", exc)
             return errors.EXIT_CONFIG
@@ -129,7 +150,7 @@ class Supervisor:
         while True:
             if self.state == "running":
                 self._spawn_missing()
-            self._wait(1.0)
+            self._wait(TICK)
             self._handle_signals()
             self._reap()
             self._booted_once = self._booted_once or any(s.heartbeat.ready for s in self.slots.values())
@@ -143,6 +164,8 @@ class Supervisor:
                 log.warning("graceful timeout: killing %d worker(s) still busy", len(self.slots))
                 self._stop("cold")
         self._unregister()
+        if self.exporter is not None:
+            self.exporter.close()
         log.info("supervisor %s stopped (exit %d)", self.node_id, self.exit_code)
         return self.exit_code
 
@@ -158,9 +181,12 @@ class Supervisor:
     def _wait(self, timeout: float) -> None:
         if self.signals:
             return
+        watched = [self._pipe_r] if self.exporter is None else [self._pipe_r, self.exporter.fileno()]
         try:
-            ready, _, _ = select.select([self._pipe_r], [], [], timeout)
-            if ready:
+            ready, _, _ = select.select(watched, [], [], timeout)
+            if self.exporter is not None and self.exporter.fileno() in ready:
+                self.exporter.serve()  # (bounded: SCRAPE_TIMEOUT)
+            if self._pipe_r in ready:
                 while os.read(self._pipe_r, 512):
                     pass
         except InterruptedError:
@@ -226,6 +252,9 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         os.close(self._pipe_r)
         os.close(self._pipe_w)
+        if self.exporter is not None:
+            self.exporter.close_in_child()
+            self.exporter = None
         for sig in HANDLED:
             signal.signal(sig, signal.SIG_DFL)
         self.redis = None  # the supervisor's connection stays unused here; the worker opens its own
@@ -254,6 +283,11 @@ class Supervisor:
             recycles = self.cfg.max_requests or self.cfg.max_worker_memory
             clean = code == 0 and (slot.retiring or self.state != "running" or bool(recycles))
             (log.info if clean else log.warning)("worker %d (pid %d) %s after %.1fs", slot.wid, pid, how, lived)
+            if not slot.retiring and self.state == "running":
+                reason = "hung" if slot.killed else "killed" if code < 0 else "recycled" if clean else "crashed"
+                self.restarts[reason] = self.restarts.get(reason, 0) + 1
+            if self.exporter is not None:
+                self.exporter.worker_gone(pid)
             lists = {processing_key(self.node_id, slot.wid, pid, t) for t in range(slot.threads)}
             self.pending |= lists
             # A worker that exits 0 finished every message it took, and one that could not boot took none: their
@@ -354,6 +388,19 @@ class Supervisor:
         except ConfigError as exc:
             log.error("SIGHUP: new configuration is invalid, keeping the old one: %s", exc)
             return
+        if (cfg.metrics_addr, cfg.metrics_port) != (self.cfg.metrics_addr, self.cfg.metrics_port):
+            try:
+                self._open_metrics(cfg)
+            except ConfigError as exc:
+                log.error("SIGHUP: %s: metrics are not served", exc)
+        if _redis_settings(cfg) != _redis_settings(self.cfg):
+            # The workers of the new configuration go to the new Redis: so do the heartbeats, requeues and recovery.
+            old, node = self.redis, self.node_id
+            self._guard(lambda: withdraw_node(old, node))
+            self.redis = self._connect(cfg)
+            if old is not None:
+                old.close()
+            log.info("SIGHUP: Redis settings changed: the supervisor reconnected")
         self.cfg, self.sandbox = cfg, sandbox
         self.target = cfg.procs
         setup_logging(cfg.log_level, cfg.log_format)
@@ -362,6 +409,10 @@ class Supervisor:
             log.warning("%s", warning)
         for slot in self._active():
             self._retire(slot)
+
+    @staticmethod
+    def _connect(cfg: Config) -> redis.Redis:
+        return connect(cfg, socket_timeout=cfg.redis_timeout, socket_connect_timeout=cfg.redis_timeout)
 
     @staticmethod
     def _kill(pid: int, sig: int) -> None:
@@ -382,15 +433,19 @@ class Supervisor:
     def _maintain(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now >= self._next_refresh:
-            self._next_refresh = now + REFRESH_EVERY
+            # At least three refreshes per NODE_TTL: a live node whose key lapsed between two would look dead, and
+            # another host would take its messages again (their tools run twice).
+            self._next_refresh = now + min(REFRESH_EVERY, self.cfg.node_ttl / 3)
             self._guard(self._refresh)
             self._drain_pending()
+            if self.cfg.dead_letter_days:  # (with the refresh: no need to trim at every recovery scan)
+                cutoff = datetime.now(UTC) - timedelta(days=self.cfg.dead_letter_days)
+                self._guard(lambda: trim_dead_letters(self.redis, cutoff.isoformat()))
+            if self.exporter is not None:
+                self._depths = self._guard(lambda: queue_depths(self.redis))  # type: ignore[assignment]
         if force or now >= self._next_recover:
             self._next_recover = now + RECOVER_EVERY
             self._guard(lambda: recover_orphans(self.redis))
-            if self.cfg.dead_letter_days:
-                cutoff = datetime.now(UTC) - timedelta(days=self.cfg.dead_letter_days)
-                self._guard(lambda: trim_dead_letters(self.redis, cutoff.isoformat()))
 
     def _refresh(self) -> None:
         set_title(f"supervisor {self.node_id} ({self.state}): {self._status_line()}")
@@ -418,6 +473,37 @@ class Supervisor:
             ],
         }
         publish_node(self.redis, node, self.cfg.node_ttl)
+
+    # ---- metrics -------------------------------------------------------------------------------------------
+
+    def _open_metrics(self, cfg: Config) -> None:
+        """Serve METRICS_PORT (or stop serving), keeping the workers' metrics directory across a reload."""
+        old, self.exporter = self.exporter, None
+        if old is not None:
+            old.close(keep_files=bool(cfg.metrics_port))  # (the port is free again: the new one may be the same)
+        if not cfg.metrics_port:
+            if old is not None:
+                log.info("metrics: no longer served")
+            return
+        directory = old.directory if old is not None else None
+        try:
+            self.exporter = metrics.Exporter(cfg.metrics_addr, cfg.metrics_port, self._fleet, directory)
+        except OSError as exc:
+            self.exporter = None
+            raise ConfigError(f"METRICS_PORT: cannot listen on {cfg.metrics_addr}:{cfg.metrics_port}: {exc}") from None
+        log.info("metrics: serving %s", self.exporter.address)
+
+    def _fleet(self) -> metrics.Fleet:
+        active = self._active()
+        queued, dead = self._depths if self._depths else (None, None)
+        return metrics.Fleet(
+            queued=queued,
+            dead=dead,
+            in_flight=sum(s.heartbeat.busy_threads for s in self.slots.values()),
+            threads=sum(s.threads for s in active),
+            workers={s.wid: s.pid for s in sorted(self.slots.values(), key=lambda s: s.started)},
+            restarts=dict(self.restarts),
+        )
 
     def _unregister(self) -> None:
         """Last words: requeue what is left, drop our node key, and clear the status if no other node is alive."""

@@ -26,14 +26,14 @@ import redis
 
 from sandbox.client import SandboxClient, SandboxError
 
-from . import errors
+from . import errors, metrics
 from .config import Config
 from .consumer import SERVER_POLL, Consumer
 from .errors import BootError, TransientError
 from .llm import make_responder
 from .logs import set_title
 from .pipeline import Pipeline
-from .queue import ReliableQueue, processing_key
+from .queue import ReliableQueue, certificate_refused, connect, processing_key
 from .slots import CpuSlots
 from .store import Store
 from .tools import registry
@@ -157,6 +157,8 @@ class Worker:
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        if self.cfg.metrics_port:
+            metrics.start_recording()
         try:
             self.init_process()
         except BootError as exc:
@@ -187,6 +189,7 @@ class Worker:
         while any(t.is_alive() for t in threads):
             next(t for t in threads if t.is_alive()).join(0.25)
             self._show_state()
+            metrics.flush()
             if self._should_stop():
                 continue
             if os.getppid() != self.ppid:
@@ -261,11 +264,12 @@ class Worker:
     def init_process(self) -> None:
         """Open this process's own connections (never inherited across the fork), retrying about once a second,
         beating: up to BOOT_TIMEOUT at the node's first boot, as long as it takes later (until told to stop)."""
-        self.redis = redis.Redis.from_url(
-            self.cfg.redis_url,
+        self.redis = connect(
+            self.cfg,
             socket_timeout=self.cfg.pop_timeout + self.cfg.redis_timeout,
             socket_connect_timeout=self.cfg.redis_timeout,
             health_check_interval=30,
+            retries=0,  # the consumers' loops retry, and reclaim what a broken connection may have left behind
         )
         self.store = Store(self.cfg)
         started = time.monotonic()
@@ -277,6 +281,9 @@ class Worker:
                 self.store.ping()
                 break
             except (redis.RedisError, TransientError) as exc:
+                refused = certificate_refused(exc) if self.first_boot else None
+                if refused:  # (a certificate does not change by waiting; a respawned worker waits all the same)
+                    raise BootError(refused) from exc
                 if time.monotonic() + delay > deadline or self.stopping:
                     waited = time.monotonic() - started
                     raise BootError(f"Redis or PostgreSQL unreachable for {waited:.0f}s: {exc}") from exc
@@ -305,6 +312,7 @@ class Worker:
             self.consumers.append(Consumer(name, queue, self.pipeline, self.heartbeat, lambda: self.stopping, slots))
 
     def _close(self) -> None:
+        metrics.flush()
         for consumer in self.consumers:
             try:
                 consumer.queue.unregister()

@@ -31,7 +31,7 @@ from psycopg.types.string import TextLoader
 
 from botworker.config import Config, load_config
 from botworker.demo import seed
-from botworker.queue import MESSAGES, NODE_PREFIX
+from botworker.queue import ERRORS, MESSAGES, NODE_PREFIX, PROCESSING_PREFIX, RESPONSES
 from botworker.schema import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +145,40 @@ def push(client: redis.Redis, payload: dict[str, Any] | str) -> None:
 def events(client: redis.Redis, key: str) -> list[dict[str, Any]]:
     """Every event on a result list, oldest first (consumers pop from the right)."""
     return [json.loads(x) for x in reversed(client.lrange(key, 0, -1))]
+
+
+def all_events(client: redis.Redis) -> list[dict[str, Any]]:
+    """Every bot_responses event, then every bot_errors event, each oldest first."""
+    return events(client, RESPONSES) + events(client, ERRORS)
+
+
+def in_flight(client: redis.Redis) -> int:
+    """Messages held in all processing lists right now."""
+    return sum(client.llen(name) for name in client.scan_iter(PROCESSING_PREFIX + "*"))
+
+
+def live_children(pid: int) -> list[int]:
+    """Pids of the live (not zombie) child processes of ``pid``, read from /proc: never stale, unlike the node key."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process went away meanwhile
+        state, ppid = fields[0], int(fields[1])
+        if ppid == pid and state not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every live process below ``pid`` (children, their children...), parents before their children."""
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for parent in frontier for child in live_children(parent)]
+        found += children
+        frontier = children
+    return found
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

@@ -15,7 +15,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -26,36 +25,14 @@ from botworker import errors
 from botworker.demo import seed
 from botworker.queue import DEAD, ERRORS, MESSAGES, PROCESSING_PREFIX, PROCESSING_SET, RESPONSES
 
-from conftest import Bot, Fleet, Servers, events, push, query, wait_for
+from conftest import Bot, Fleet, Servers, all_events, events, in_flight, live_children, push, query, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def live_children(pid: int) -> list[int]:
-    """Pids of the live (not zombie) child processes of ``pid``, read from /proc: never stale, unlike the node key."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process went away meanwhile
-        state, ppid = fields[0], int(fields[1])
-        if ppid == pid and state not in ("Z", "X"):
-            found.append(int(stat.parent.name))
-    return found
-
-
-def in_flight(r: redis.Redis) -> int:
-    return sum(r.llen(name) for name in r.scan_iter(PROCESSING_PREFIX + "*"))
 
 
 def busy_pids(r: redis.Redis) -> list[int]:
     """Pids of the workers with a processing list (``...:<wid>:<pid>:<thread>``) holding a message right now."""
     return [int(name.split(":")[-2]) for name in r.scan_iter(PROCESSING_PREFIX + "*") if r.llen(name)]
-
-
-def all_events(r: redis.Redis) -> list[dict[str, Any]]:
-    return events(r, RESPONSES) + events(r, ERRORS)
 
 
 @pytest.mark.parametrize("procs,threads", [(4, 1), (2, 3)], ids=["4x1", "2x3"])

@@ -106,11 +106,18 @@ def test_the_sandbox_imports_nothing_of_the_worker() -> None:
 
 
 def test_the_supervisor_knows_workers_not_tools() -> None:
-    """It forks and watches workers and tells systemd how they are: the application (tools, the LLM, the sandbox)
-    is the worker's business."""
+    """It forks and watches workers, tells systemd how they are and serves their metrics: the application (tools,
+    the LLM, the sandbox) is the worker's business."""
     allowed = {"botworker.worker", "botworker.config", "botworker.queue", "botworker.errors", "botworker.logs"}
-    allowed.add("botworker.notify")
+    allowed |= {"botworker.notify", "botworker.metrics"}
     assert graph()["botworker.supervisor"] <= allowed
+
+
+def test_only_the_metrics_module_imports_prometheus_client() -> None:
+    """It picks its multi-process mode from the environment at import: one module decides when that happens."""
+    for name, path in modules().items():
+        if name != "botworker.metrics":
+            assert "prometheus_client" not in path.read_text(), name
 
 
 def test_redis_commands_stay_in_the_queue_layer() -> None:

@@ -40,7 +40,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from .. import errors
+from .. import errors, metrics
 from ..config import Config
 from ..errors import LLMError, one_line
 from ..message import Message, Reply, ToolResult
@@ -203,9 +203,13 @@ class _Exchange:
             self.output_tokens += usage.candidates_token_count or 0
             self.thoughts_tokens += usage.thoughts_token_count or 0
             self.total_tokens += usage.total_token_count
+            metrics.llm_tokens(prompt=usage.prompt_token_count or 0, output=usage.candidates_token_count or 0,
+                               thoughts=usage.thoughts_token_count or 0)  # fmt: skip
         else:
             self.estimated = True
-            self.total_tokens += estimate_tokens(sent(), _text(response))
+            estimate = estimate_tokens(sent(), _text(response))
+            self.total_tokens += estimate
+            metrics.llm_tokens(estimated=estimate)
 
     def extra(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -322,6 +326,7 @@ class GeminiResponder:
             timed = config.model_copy(
                 update={"http_options": types.HttpOptions(timeout=_ms(min(self.cfg.gemini_timeout, left)))}
             )
+            sent_at = time.monotonic()
             try:
                 response = self.client().models.generate_content(model=ex.model, contents=contents, config=timed)
             except Exception as exc:  # the provider boundary: every failure of the call is classified
@@ -332,8 +337,10 @@ class GeminiResponder:
                 ex.count(response, lambda: _sent_text(contents, config))
                 found = _unusable(response)
                 if found is None:
+                    metrics.llm_request("ok", time.monotonic() - sent_at)
                     return response
                 failure = self._scrub(found)
+            metrics.llm_request(failure.code, time.monotonic() - sent_at)
             unusable += failure.once
             if not failure.retryable or (failure.once and unusable > 1):
                 raise ex.fail(failure)
@@ -346,6 +353,7 @@ class GeminiResponder:
             )
             if self.clock() + wait + MIN_REQUEST_TIME > ex.deadline:
                 raise ex.fail(failure, f" (no time left in LLM_DEADLINE to retry in {wait:.1f}s)")
+            metrics.llm_retry(failure.code)
             log.warning(
                 "message %s: Gemini attempt %d failed (%s: %s); retrying in %.2fs",
                 ex.message_id,

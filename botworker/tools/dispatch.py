@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .. import errors
+from .. import errors, metrics
 from ..errors import TransientError
 from ..message import ToolCall, ToolResult
 from ..retry import backoff
@@ -78,7 +78,9 @@ def dispatch(
             data, error, code = None, f"the result of tool {call.name} is nested too deeply", errors.TOOL_FAILED
             call = dataclasses.replace(call, params={})
     ok = error is None
-    return ToolResult(call, ok, data, error, int((time.monotonic() - started) * 1000), max(tries[0], 1), code)
+    took = time.monotonic() - started
+    metrics.tool(call.type, ok, code, took)
+    return ToolResult(call, ok, data, error, int(took * 1000), max(tries[0], 1), code)
 
 
 def _admitted(call: ToolCall, ctx: ToolContext, families: dict[str, Family]) -> tuple[ToolCall, dict[str, Any], Family]:

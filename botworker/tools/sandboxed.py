@@ -14,6 +14,7 @@ from typing import Any
 from sandbox.client import SandboxError
 from sandbox.policy import MAX_LIMITS, MIN_LIMITS
 
+from .. import metrics
 from ..message import ToolCall
 from . import ToolContext, ToolFailure, config_of, secret_id_of
 from .params import PLACEHOLDER as _PLACEHOLDER
@@ -43,7 +44,10 @@ def run(call: ToolCall, tool: dict[str, Any], ctx: ToolContext) -> Any:
     try:
         reply = ctx.sandbox.call(request)
     except SandboxError as exc:
+        metrics.sandbox_run(request["kind"], "unavailable")
         raise ToolFailure(str(exc)) from None
+    killed = reply.get("killed")
+    metrics.sandbox_run(request["kind"], "ok" if reply.get("ok") else "killed" if killed else "failed", killed)
     if not reply.get("ok"):
         raise ToolFailure(_failure(reply))
     return _result(call.type, reply)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -53,11 +54,11 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
                        data and data.encode()), f"mount {target}")  # fmt: skip
 
 
-def reachable_paths(paths: list[Path]) -> None:
-    """In a private mount namespace, make every directory on the way to ``paths`` traversable by others."""
+def reachable_paths(paths: list[Path], staging: str) -> None:
+    """In a private mount namespace, make every directory on the way to ``paths`` traversable by others.
+    ``staging`` is an empty directory the caller removes once this process is gone (its mounts go with it)."""
     _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    staging = tempfile.mkdtemp(prefix="service-user-")
     for target in paths:
         parts = target.resolve().parts
         for depth in range(2, len(parts)):
@@ -88,12 +89,13 @@ def in_delegated_child(who: str, child: Callable[[], None], parent: Callable[[in
     mount namespace where the Python installation and the checkout are reachable; it runs ``child()``, which
     should exec (exit 3 if it returns or fails). We run ``parent(child's pid)``, then return its exit status."""
     groups = cgroup.delegate(f"botworker-{who}-{os.getpid()}", SERVICE_UID, SERVICE_GID)
+    staging = tempfile.mkdtemp(prefix="service-user-")
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:
                 cgroup.join(groups)
-                reachable_paths([Path(sys.base_prefix), Path(sys.prefix), REPO])
+                reachable_paths([Path(sys.base_prefix), Path(sys.prefix), REPO], staging)
                 child()
             except BaseException as exc:
                 print(f"{who}: cannot start the command: {exc!r}", file=sys.stderr)
@@ -103,6 +105,7 @@ def in_delegated_child(who: str, child: Callable[[], None], parent: Callable[[in
         _, status = os.waitpid(pid, 0)
         return os.waitstatus_to_exitcode(status)
     finally:
+        shutil.rmtree(staging, ignore_errors=True)
         for group in reversed(groups):
             cgroupfs.remove_tree(group)
 

@@ -178,11 +178,12 @@ def test_without_a_cgroup_of_its_own_the_sandbox_refuses_to_run() -> None:
     """A sandbox whose user may not create cgroups (a service without Delegate=yes) fails closed and says why."""
     root = Path(tempfile.mkdtemp(prefix="sandbox-nocgroup-"))
     root.chmod(0o777)
+    staging = tempfile.mkdtemp(prefix="service-user-")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - an unprivileged process in root's (not delegated) cgroup
         try:
-            service_user.reachable_paths([Path(sys.base_prefix), Path(sys.prefix), service_user.REPO])
+            service_user.reachable_paths([Path(sys.base_prefix), Path(sys.prefix), service_user.REPO], staging)
             os.setgroups([])
             os.setresgid(65534, 65534, 65534)
             os.setresuid(65534, 65534, 65534)
@@ -198,6 +199,7 @@ def test_without_a_cgroup_of_its_own_the_sandbox_refuses_to_run() -> None:
         seen = json.loads(pipe.read() or b"{}")
     os.waitpid(pid, 0)
     shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
     hello = seen["hello"]
     assert hello["ok"] is False and hello["layers"]["cgroup"] is False, hello
     assert "cgroup" in hello["error"] and "Delegate=yes" in hello["error"], hello
