@@ -261,7 +261,7 @@ class Consumer:
                             s.message_id)  # fmt: skip
                 continue
             code = next((event.get("code") for channel, event in s.events if channel == ERRORS), None)
-            metrics.message(OUTCOMES.get(s.stat, s.stat), code)
+            metrics.message(OUTCOMES[done], code if done == s.stat else None)
             metrics.settled(self._popped, queued_at, time.time())
 
     def _retry(self, raw: bytes | str, ids: Ids, attempts: int, exc: TransientError) -> None:

@@ -63,7 +63,7 @@ if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[2])
 if not redis.call('SET', KEYS[3], '1', 'EX', tonumber(ARGV[3]), 'NX') then
   redis.call('HINCRBY', KEYS[4], 'duplicates', 1)
-  return 1
+  return 2
 end
 redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
 for i = 5, #KEYS do
@@ -199,10 +199,12 @@ class ReliableQueue:
         self, raw: bytes | str, message_id: str, events: Iterable[tuple[str, dict[str, Any]]], stat: str
     ) -> bool:
         """Push the events (LPUSH + PUBLISH each) and ack the message, atomically. False: it was not ours any more."""
-        return self.finish_many([Settled(raw, message_id, list(events), stat)])[0]
+        return self.finish_many([Settled(raw, message_id, list(events), stat)])[0] is not None
 
-    def finish_many(self, settled: list[Settled]) -> list[bool]:
-        """``finish`` of several messages in one round trip (each one's script atomic on its own). EVALSHA by hand:
+    def finish_many(self, settled: list[Settled]) -> list[str | None]:
+        """``finish`` of several messages in one round trip (each one's script atomic on its own): for each, the
+        stats field it was counted under (its own, or "duplicates" when its id was finished meanwhile, its events
+        dropped), or None when it was not in our list (recovered by someone else). EVALSHA by hand:
         a pipeline of registered scripts would ask SCRIPT EXISTS first, a round trip more; a script Redis forgot
         (a restart) is loaded, and the messages it failed are finished again."""
         calls = []
@@ -214,12 +216,12 @@ class ReliableQueue:
             pipe.evalsha(self._finish.sha, len(keys), *keys, *args)
         replies = pipe.execute(raise_on_error=False)
         out = []
-        for (keys, args), reply in zip(calls, replies, strict=True):
+        for s, (keys, args), reply in zip(settled, calls, replies, strict=True):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 reply = self._finish(keys=keys, args=args)  # (loads it)
             elif isinstance(reply, Exception):
                 raise reply
-            out.append(bool(reply))
+            out.append(None if not reply else "duplicates" if int(reply) == 2 else s.stat)
         return out
 
     def release(self, raw: bytes | str) -> bool:
