@@ -7,9 +7,9 @@ Off unless METRICS_PORT is set (every ``record``-side function is then a no-op t
   official client's multi-process mode (one memory-mapped file per metric type and process, no locks between
   processes, nothing sent anywhere). A worker's threads add to sums in memory; its main thread writes them to the
   files four times a second (``flush``).
-- The supervisor serves ``GET /metrics`` itself, from its main loop (the listening socket is one more descriptor
-  in the loop's ``select``; a request is read and answered within 2 s in all, so a stuck or slow scraper cannot
-  hold the loop; no thread, since the supervisor forks). A scrape merges every worker's files
+- The supervisor serves ``GET /metrics`` itself, from its main loop, without a thread (it forks): the listening
+  socket and the scrapers' connections are more descriptors in the loop's ``select``, read and written without
+  blocking, each connection cut off 2 s after it was made. A scrape merges every worker's files
   (``MultiProcessCollector``) and adds what the supervisor knows: the queue's depth and the dead letters as of its
   last refresh, messages in hand, workers, restarts, memory per worker.
 - When a worker exits, the supervisor folds its counters and histograms into one ``*_archive.db`` file and removes
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SCRAPE_TIMEOUT = 2.0  # seconds a scraper has to send its request and read the answer, in all
 MAX_REQUEST = 8192  # bytes of a request's head: a GET from Prometheus is a few hundred
+MAX_CLIENTS = 16  # connections served at once (a Prometheus or two, a curl)
 ARCHIVE = "archive"  # the "pid" part of the files that hold the totals of workers gone
 
 # Seconds. Stages are mostly milliseconds (a load, a save); a reply waits on a model for seconds.
@@ -269,18 +270,53 @@ class _FleetCollector:
         yield memory
 
 
+def _listen(addr: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def metrics_directory() -> str:
     """A fresh private directory for the workers' files: under systemd's RuntimeDirectory (a tmpfs) if any."""
     parent = (os.environ.get("RUNTIME_DIRECTORY") or "").split(":")[0] or None
     return tempfile.mkdtemp(prefix="botworker-metrics-", dir=parent)
 
 
+@dataclass
+class _Client:
+    """One scraper's connection: its request as read so far, then what is left of the answer to send."""
+
+    sock: socket.socket
+    deadline: float
+    request: bytes = b""
+    reply: bytes = b""
+
+
 class Exporter:
-    """The supervisor's metrics endpoint and the workers' metrics directory. ``fileno()`` goes into the main
-    loop's ``select``; ``serve()`` answers one waiting request."""
+    """The supervisor's metrics endpoint and the workers' metrics directory.
+
+    A small non-blocking HTTP server driven by the supervisor's loop: ``readers()``/``writers()`` go into its
+    ``select``, ``serve()`` takes what is ready. Nothing here blocks: a scraper that is slow, idle or gone costs
+    the loop nothing, and is cut off SCRAPE_TIMEOUT after it connected. (Not ``http.server``: it reads and writes
+    one client at a time, blocking, with a time limit per read, so a client dripping a byte a second could hold
+    the loop for minutes.)"""
 
     def __init__(self, addr: str, port: int, fleet: Callable[[], Fleet], directory: str | None = None) -> None:
+        self.addr, self.port = addr, port
         self.directory = directory or metrics_directory()
+        try:
+            self.sock = _listen(addr, port)
+        except OSError:
+            if directory is None:  # (made here for nothing)
+                shutil.rmtree(self.directory, ignore_errors=True)
+            raise
         os.environ[DIR_ENV] = self.directory  # before any worker is forked, and before the client is imported
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
@@ -288,46 +324,69 @@ class Exporter:
         self.registry = CollectorRegistry(auto_describe=False)
         MultiProcessCollector(self.registry, self.directory)
         self.registry.register(_FleetCollector(fleet))  # type: ignore[arg-type]
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind((addr, port))
-            self.sock.listen(16)
-            self.sock.setblocking(False)
-        except OSError:
-            self.sock.close()
-            raise
         self.address = f"http://{addr}:{self.sock.getsockname()[1]}/metrics"
+        self.clients: dict[int, _Client] = {}
+        self._paused_until = 0.0  # accept() failing (out of descriptors): leave the listening socket alone a while
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
+    def readers(self) -> list[int]:
+        fds = [fd for fd, c in self.clients.items() if not c.reply]
+        if len(self.clients) < MAX_CLIENTS and time.monotonic() >= self._paused_until:
+            fds.append(self.sock.fileno())  # (beyond MAX_CLIENTS, the kernel's backlog holds the others)
+        return fds
 
-    def serve(self) -> None:
-        """Answer one waiting request, within SCRAPE_TIMEOUT in all; a failing one is logged, never raised.
+    def writers(self) -> list[int]:
+        return [fd for fd, c in self.clients.items() if c.reply]
 
-        (Not ``http.server``: its time limit applies to each read, so a scraper dripping a byte a second could
-        hold the supervisor's loop for minutes. A GET of a few hundred bytes needs no more than this.)"""
+    def serve(self, readable: list[int], writable: list[int]) -> None:
+        """Accept, read, answer and send what ``select`` said is ready; drop clients past their deadline. Never
+        raises: a failing client is dropped and logged."""
+        now = time.monotonic()
+        if self.sock.fileno() in readable:
+            self._accept(now)
+        for fd, client in list(self.clients.items()):
+            try:
+                if fd in readable and not client.reply:
+                    self._read(fd, client)
+                elif fd in writable and client.reply:
+                    client.reply = client.reply[client.sock.send(client.reply) :]
+                    if not client.reply:
+                        self._drop(fd)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except Exception as exc:  # a broken scrape must not take the supervisor down
+                log.warning("metrics: a request failed: %s", exc)
+                self._drop(fd)
+        for fd, client in list(self.clients.items()):
+            if now > client.deadline:
+                self._drop(fd)
+
+    def _accept(self, now: float) -> None:
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
-        deadline = time.monotonic() + SCRAPE_TIMEOUT
-        try:
-            with conn:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    if len(request) > MAX_REQUEST or time.monotonic() >= deadline:
-                        return
-                    conn.settimeout(deadline - time.monotonic())
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        return
-                    request += chunk
-                conn.settimeout(max(0.01, deadline - time.monotonic()))
-                conn.sendall(self._answer(request.split(b"\r\n", 1)[0]))
-        except Exception as exc:  # a broken scrape must not take the supervisor down
-            log.warning("metrics: a request failed: %s", exc)
+        except OSError as exc:  # EMFILE, ENOBUFS, or a network error accept() reports: try again in a second
+            log.warning("metrics: cannot accept a connection: %s", exc)
+            self._paused_until = now + 1.0
+            return
+        conn.setblocking(False)
+        self.clients[conn.fileno()] = _Client(conn, now + SCRAPE_TIMEOUT)
+
+    def _read(self, fd: int, client: _Client) -> None:
+        chunk = client.sock.recv(4096)
+        if not chunk:
+            self._drop(fd)
+            return
+        client.request += chunk
+        if b"\r\n\r\n" in client.request:
+            client.reply = self._answer(client.request.split(b"\r\n", 1)[0])
+        elif len(client.request) > MAX_REQUEST:
+            self._drop(fd)
+
+    def _drop(self, fd: int) -> None:
+        client = self.clients.pop(fd, None)
+        if client is not None:
+            client.sock.close()
 
     def _answer(self, request_line: bytes) -> bytes:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -363,10 +422,14 @@ class Exporter:
                 log.error("metrics: could not fold %s into the totals: %s", path, exc)
 
     def close_in_child(self) -> None:
-        """In a forked worker: let go of the listening socket (the port must close with the supervisor)."""
+        """In a forked worker: let go of the sockets (the port must close with the supervisor)."""
+        for client in self.clients.values():
+            client.sock.close()
         self.sock.close()
 
     def close(self, keep_files: bool = False) -> None:
+        for fd in list(self.clients):
+            self._drop(fd)
         self.sock.close()
         if not keep_files:
             shutil.rmtree(self.directory, ignore_errors=True)

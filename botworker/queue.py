@@ -446,8 +446,9 @@ def connect(
     }
     hosts = [(host.strip("[]"), int(port)) for host, port in (a.rsplit(":", 1) for a in cfg.redis_sentinels)]
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_opts)
+    # (One dict: the URL's query options, e.g. ?socket_timeout=3, and the caller's may name the same keyword.)
     return sentinel.master_for(
-        cfg.redis_sentinel_master, **url_opts, **opts, **({"ssl": True, **tls_opts} if tls else {})
+        cfg.redis_sentinel_master, **{**url_opts, **opts, **({"ssl": True, **tls_opts} if tls else {})}
     )
 
 

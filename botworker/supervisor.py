@@ -31,8 +31,9 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import redis
 
@@ -66,8 +67,12 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
 _PR_SET_PDEATHSIG = 1
 
 
+def _redis_fields(cfg: Config) -> list[Field[Any]]:
+    return [f for f in fields(cfg) if f.name.startswith("redis_")]
+
+
 def _redis_settings(cfg: Config) -> tuple[object, ...]:
-    return tuple(getattr(cfg, f.name) for f in fields(cfg) if f.name.startswith("redis_"))
+    return tuple(getattr(cfg, f.name) for f in _redis_fields(cfg))
 
 
 @dataclass
@@ -135,7 +140,9 @@ class Supervisor:
     def run(self) -> int:
         set_role("supervisor")
         self._install_signals()
-        self.redis = self._connect(self.cfg)
+        self.redis = connect(
+            self.cfg, socket_timeout=self.cfg.redis_timeout, socket_connect_timeout=self.cfg.redis_timeout
+        )
         log.info("supervisor %s starting %d worker(s); config %s", self.node_id, self.target, self.cfg.redacted())
         for warning in self.cfg.warnings():
             log.warning("%s", warning)
@@ -181,11 +188,12 @@ class Supervisor:
     def _wait(self, timeout: float) -> None:
         if self.signals:
             return
-        watched = [self._pipe_r] if self.exporter is None else [self._pipe_r, self.exporter.fileno()]
+        exporter = self.exporter
+        readers = [self._pipe_r, *(exporter.readers() if exporter else ())]
         try:
-            ready, _, _ = select.select(watched, [], [], timeout)
-            if self.exporter is not None and self.exporter.fileno() in ready:
-                self.exporter.serve()  # (bounded: SCRAPE_TIMEOUT)
+            ready, writable, _ = select.select(readers, exporter.writers() if exporter else [], [], timeout)
+            if exporter is not None:
+                exporter.serve(ready, writable)  # (never blocks: scrapers are served a little every iteration)
             if self._pipe_r in ready:
                 while os.read(self._pipe_r, 512):
                     pass
@@ -392,15 +400,14 @@ class Supervisor:
             try:
                 self._open_metrics(cfg)
             except ConfigError as exc:
-                log.error("SIGHUP: %s: metrics are not served", exc)
+                log.error("SIGHUP: %s: the metrics stay where they were", exc)
+                cfg = replace(cfg, metrics_addr=self.cfg.metrics_addr, metrics_port=self.cfg.metrics_port)
         if _redis_settings(cfg) != _redis_settings(self.cfg):
-            # The workers of the new configuration go to the new Redis: so do the heartbeats, requeues and recovery.
-            old, node = self.redis, self.node_id
-            self._guard(lambda: withdraw_node(old, node))
-            self.redis = self._connect(cfg)
-            if old is not None:
-                old.close()
-            log.info("SIGHUP: Redis settings changed: the supervisor reconnected")
+            # The node's processing lists, heartbeats and recovery live on one Redis: moving them while retiring
+            # workers still hold messages there would let them be recovered twice or stranded. A restart (a warm
+            # stop, then a start) moves a node cleanly.
+            log.warning("SIGHUP: the REDIS_* settings changed: they take effect at the next restart")
+            cfg = replace(cfg, **{f.name: getattr(self.cfg, f.name) for f in _redis_fields(cfg)})
         self.cfg, self.sandbox = cfg, sandbox
         self.target = cfg.procs
         setup_logging(cfg.log_level, cfg.log_format)
@@ -409,10 +416,6 @@ class Supervisor:
             log.warning("%s", warning)
         for slot in self._active():
             self._retire(slot)
-
-    @staticmethod
-    def _connect(cfg: Config) -> redis.Redis:
-        return connect(cfg, socket_timeout=cfg.redis_timeout, socket_connect_timeout=cfg.redis_timeout)
 
     @staticmethod
     def _kill(pid: int, sig: int) -> None:
@@ -477,21 +480,35 @@ class Supervisor:
     # ---- metrics -------------------------------------------------------------------------------------------
 
     def _open_metrics(self, cfg: Config) -> None:
-        """Serve METRICS_PORT (or stop serving), keeping the workers' metrics directory across a reload."""
-        old, self.exporter = self.exporter, None
-        if old is not None:
-            old.close(keep_files=bool(cfg.metrics_port))  # (the port is free again: the new one may be the same)
+        """Serve METRICS_PORT (or stop serving), keeping the workers' metrics directory across a reload. When the
+        new address cannot be bound, the old endpoint stays (ConfigError)."""
+        old = self.exporter
         if not cfg.metrics_port:
             if old is not None:
+                old.close()
                 log.info("metrics: no longer served")
+            self.exporter = None
             return
         directory = old.directory if old is not None else None
         try:
-            self.exporter = metrics.Exporter(cfg.metrics_addr, cfg.metrics_port, self._fleet, directory)
+            try:
+                new = metrics.Exporter(cfg.metrics_addr, cfg.metrics_port, self._fleet, directory)
+            except OSError:
+                if old is None or old.port != cfg.metrics_port:
+                    raise
+                # Same port, another address: the old endpoint may be what holds it.
+                old.close(keep_files=True)
+                try:
+                    new = metrics.Exporter(cfg.metrics_addr, cfg.metrics_port, self._fleet, directory)
+                except OSError:
+                    self.exporter = metrics.Exporter(old.addr, old.port, self._fleet, directory)
+                    raise
         except OSError as exc:
-            self.exporter = None
             raise ConfigError(f"METRICS_PORT: cannot listen on {cfg.metrics_addr}:{cfg.metrics_port}: {exc}") from None
-        log.info("metrics: serving %s", self.exporter.address)
+        if old is not None:
+            old.close(keep_files=True)
+        self.exporter = new
+        log.info("metrics: serving %s", new.address)
 
     def _fleet(self) -> metrics.Fleet:
         active = self._active()

@@ -7,6 +7,7 @@ import itertools
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -190,18 +191,52 @@ def test_a_scrape_during_traffic_counts_exactly_what_was_sent(
     assert not directory.exists()
 
 
-def test_a_metrics_port_in_use_stops_the_start_with_a_clear_error(start_fleet: Callable[..., Fleet]) -> None:
+def test_a_metrics_port_in_use_stops_the_start_with_a_clear_error(
+    start_fleet: Callable[..., Fleet], tmp_path: Path
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        fleet = start_fleet(1, wait=False, METRICS_PORT=str(taken.getsockname()[1]))
+        fleet = start_fleet(1, wait=False, METRICS_PORT=str(taken.getsockname()[1]), RUNTIME_DIRECTORY=str(tmp_path))
         assert fleet.wait() == 3  # EXIT_CONFIG
     assert "METRICS_PORT: cannot listen on 127.0.0.1" in fleet.log()
+    assert not list(tmp_path.glob("botworker-metrics-*"))  # nothing left behind
+
+
+def test_a_reload_to_a_port_in_use_keeps_the_old_endpoint_and_tries_again_at_the_next(
+    spawn: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    env_file = tmp_path / "botworker.env"
+    first = free_port()
+    env_file.write_text(f"WORKER_PROCS=1\nMETRICS_PORT={first}\n")
+    fleet = spawn([sys.executable, "-m", "botworker", "run", "--env-file", str(env_file)],
+                  RUNTIME_DIRECTORY=str(tmp_path))  # fmt: skip
+    fleet.wait_workers(1)
+    assert total(scrape(f"http://127.0.0.1:{first}/metrics"), "botworker_workers") == 1
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    second = taken.getsockname()[1]
+    env_file.write_text(f"WORKER_PROCS=1\nMETRICS_PORT={second}\n")
+    fleet.signal(signal.SIGHUP)
+    wait_for(lambda: "the metrics stay where they were" in fleet.log(), 20, "the refused port")
+    fleet.wait_workers(1)
+    assert total(scrape(f"http://127.0.0.1:{first}/metrics"), "botworker_workers") == 1
+    taken.close()
+    fleet.signal(signal.SIGHUP)  # the same file: the port is free now
+    wait_for(lambda: f"metrics: serving http://127.0.0.1:{second}" in fleet.log(), 20, "the new port")
+    assert total(scrape(f"http://127.0.0.1:{second}/metrics"), "botworker_workers") >= 1
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{first}/metrics", timeout=5)
+    fleet.signal(signal.SIGTERM)
+    assert fleet.wait() == 0
+    assert not list(tmp_path.glob("botworker-metrics-*"))
 
 
 def test_a_slow_scraper_cannot_hold_the_supervisor(start_fleet: Callable[..., Fleet]) -> None:
-    """A client dripping its request a byte at a time is cut off (2 s in all), and others are answered meanwhile:
-    the endpoint is served from the supervisor's loop, which must not stall."""
+    """A client dripping its request a byte at a time, and ten that send nothing, are cut off (2 s after they
+    connected), and a scrape is answered meanwhile: the endpoint is served from the supervisor's loop, which must
+    not stall."""
     port = free_port()
     start_fleet(1, METRICS_PORT=str(port))
     url = f"http://127.0.0.1:{port}/metrics"
@@ -219,15 +254,21 @@ def test_a_slow_scraper_cannot_hold_the_supervisor(start_fleet: Callable[..., Fl
 
     thread = threading.Thread(target=dripping)
     thread.start()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]  # connected, never a byte
     try:
         time.sleep(0.3)
         assert total(scrape(url), "botworker_workers") == 1  # (scrape gives up after 5 s)
         drip.settimeout(10)
         assert drip.recv(100) == b""  # closed without an answer
+        for sock in idle:
+            sock.settimeout(10)
+            assert sock.recv(100) == b""
     finally:
         stop.set()
         thread.join()
         drip.close()
+        for sock in idle:
+            sock.close()
     assert requests.get(f"http://127.0.0.1:{port}/nothing", timeout=5).status_code == 404
     assert requests.post(url, timeout=5).status_code == 405
     head = requests.head(url, timeout=5)

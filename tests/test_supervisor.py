@@ -387,6 +387,29 @@ def test_sighup_with_an_invalid_env_file_keeps_the_old_configuration(
     assert fleet.proc.poll() is None
 
 
+def test_sighup_keeps_the_redis_settings_until_a_restart(
+    r: redis.Redis, db: psycopg.Connection[Any], bot: Bot, spawn: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    """A reload that changes a REDIS_* setting says it takes effect at the next restart, and the message a retiring
+    worker holds meanwhile is answered once: the node's lists are not recovered from under it."""
+    env_file = tmp_path / "botworker.env"
+    env_file.write_text("WORKER_PROCS=1\nREDIS_TIMEOUT=5\n")
+    fleet = spawn([sys.executable, "-m", "botworker", "run", "--env-file", str(env_file)])
+    fleet.wait_workers(1)
+    msg = bot.message("hello while reloading")
+    with advisory_lock(db, msg["messageId"]):
+        push(r, msg)
+        wait_for(lambda: in_flight(r, msg["messageId"]), 10, "the message in hand")
+        env_file.write_text("WORKER_PROCS=1\nREDIS_TIMEOUT=6\n")
+        fleet.signal(signal.SIGHUP)
+        wait_for(lambda: "take effect at the next restart" in fleet.log(), 10, "the warning")
+        time.sleep(2)  # several recovery scans (every 0.5 s) while the retiring worker holds the message
+    wait_for(lambda: answered(r, msg["messageId"]), 20, "the answer")
+    responses, errs = answers(r, msg["messageId"])
+    assert len(responses) == 1 and errs == []
+    assert "in-flight message" not in fleet.log()  # (what recover_orphans and requeue_list log)
+
+
 def test_sigttin_and_sigttou_scale_the_fleet(start_fleet: Callable[..., Fleet]) -> None:
     """SIGTTIN adds a worker and SIGTTOU removes one again: 2 -> 3 -> 2 in the node key."""
     fleet = start_fleet(2)
