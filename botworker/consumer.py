@@ -71,6 +71,7 @@ class Consumer:
         self.current: str | None = None  # the id of the message in hand (the process title shows it)
         self._redis_down = 0.0  # current back-off while Redis is unreachable between messages
         self._reclaim = False  # a Redis connection broke: our list may hold a message whose pop we never saw
+        self._connections = queue.connections_made()  # the process's Redis connections made, as last reclaimed
         self._popped = time.monotonic()  # when the message(s) in hand were popped (metrics)
         self._queued_at: dict[str, float] = {}  # producers' queuedAt of the messages in hand (metrics)
 
@@ -85,9 +86,10 @@ class Consumer:
         round trip for all). True if a message was processed."""
         self.heartbeat.beat()
         try:
-            if self._reclaim:  # (we hold nothing here: whatever our list holds, nobody is working on)
+            made = self.queue.connections_made()  # (a connection made anew: Redis may have lost our ack)
+            if self._reclaim or made != self._connections:  # (we hold nothing here: what our list holds is orphaned)
                 self.queue.reclaim()
-                self._reclaim = False
+                self._reclaim, self._connections = False, made
             raw = self.queue.pop(self.cfg.pop_timeout)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Nothing is in flight yet: back off and let the loop notice a stop request meanwhile.
@@ -259,6 +261,7 @@ class Consumer:
             if not done:
                 log.warning("message %s was recovered by someone else while we processed it: events not pushed",
                             s.message_id)  # fmt: skip
+                self._reclaim = True  # (or Redis forgot our pop: look at our list before the next one)
                 continue
             code = next((event.get("code") for channel, event in s.events if channel == ERRORS), None)
             metrics.message(OUTCOMES[done], code if done == s.stat else None)

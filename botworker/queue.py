@@ -137,13 +137,32 @@ class Settled:
     stat: str
 
 
+class Connections:
+    """Counts the connections a client makes: pass one to ``connect(..., redis_connect_func=...)``.
+
+    redis-py replaces a broken pooled connection silently at its next use, so a thread may never see the error of
+    an outage: a Redis restarted without its last second of writes (an ack among them, and the message is back in
+    a processing list), or a failover to a replica that missed them. A count that moved says some connection was
+    made anew, so Redis may have forgotten something: each consumer then reclaims its list before its next pop."""
+
+    def __init__(self) -> None:
+        self.made = 0
+
+    def __call__(self, connection: Any) -> None:
+        connection.on_connect()  # (what redis-py does when no function is given)
+        self.made += 1
+
+
 class ReliableQueue:
     """One worker's view of the queue: pops into its own processing list and acks out of it."""
 
-    def __init__(self, client: redis.Redis, processing: str, dead_max: int = 10_000) -> None:
+    def __init__(
+        self, client: redis.Redis, processing: str, dead_max: int = 10_000, connections: Connections | None = None
+    ) -> None:
         self.client = client
         self.processing = processing
         self.dead_max = dead_max  # DEAD_LETTER_MAX
+        self.connections = connections  # the client's, when counted: see ``Connections``
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
         self._dead = client.register_script(_DEAD_LETTER)
@@ -157,6 +176,9 @@ class ReliableQueue:
     def unregister(self) -> None:
         """On a clean exit: hand back anything left and forget the list."""
         requeue_list(self.client, self.processing)
+
+    def connections_made(self) -> int:
+        return self.connections.made if self.connections is not None else 0
 
     def reclaim(self) -> int:
         """Put back at the head of the line whatever our list holds while we hold nothing. Only a command that ran

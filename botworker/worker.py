@@ -33,7 +33,7 @@ from .errors import BootError, TransientError
 from .llm import make_responder
 from .logs import set_title
 from .pipeline import Pipeline
-from .queue import ReliableQueue, certificate_refused, connect, processing_key
+from .queue import Connections, ReliableQueue, certificate_refused, connect, processing_key
 from .slots import CpuSlots
 from .store import Store
 from .tools import registry
@@ -148,6 +148,7 @@ class Worker:
         self.pipeline: Pipeline
         self.sandbox: SandboxClient
         self.consumers: list[Consumer] = []
+        self.connections = Connections()  # the Redis client's connections made: see queue.Connections
         self._recycling = threading.Lock()
 
     # ---- life cycle ----------------------------------------------------------------------------------------
@@ -270,6 +271,7 @@ class Worker:
             socket_connect_timeout=self.cfg.redis_timeout,
             health_check_interval=30,
             retries=0,  # the consumers' loops retry, and reclaim what a broken connection may have left behind
+            redis_connect_func=self.connections,  # (also when redis-py reconnects silently)
         )
         self.store = Store(self.cfg)
         started = time.monotonic()
@@ -306,7 +308,9 @@ class Worker:
         pid = os.getpid()
         slots = self.pipeline.slots
         for n in range(self.heartbeat.threads):
-            queue = ReliableQueue(self.redis, processing_key(self.node_id, self.wid, pid, n), self.cfg.dead_letter_max)
+            queue = ReliableQueue(
+                self.redis, processing_key(self.node_id, self.wid, pid, n), self.cfg.dead_letter_max, self.connections
+            )
             queue.register()
             name = f"{self.wid}" if self.heartbeat.threads == 1 else f"{self.wid}.{n}"
             self.consumers.append(Consumer(name, queue, self.pipeline, self.heartbeat, lambda: self.stopping, slots))

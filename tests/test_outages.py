@@ -156,3 +156,34 @@ def test_a_warm_stop_during_a_redis_outage_requeues_a_dead_workers_message_when_
     assert fleet.wait(30) == 0, fleet.log()[-3000:]
     assert [json.loads(raw)["messageId"] for raw in client.lrange("bot_messages", 0, -1)] == [message["messageId"]]
     assert [k for k in client.smembers("bot_worker:processing") if client.llen(k)] == []
+
+
+def test_a_message_whose_ack_redis_forgot_is_taken_again_though_no_thread_saw_an_error(
+    spawn: Callable[..., Fleet], db: psycopg.Connection[Any], bot: Bot, redis_aof: Server
+) -> None:
+    """Redis came back without its last writes: an ack lost, so a message is back in a live thread's own list. The
+    thread never sees an error (redis-py replaces a broken pooled connection silently at its next use), yet the
+    message must not wait there until the worker exits: a connection made anew makes each consumer reclaim its
+    list before its next pop."""
+    client = redis.Redis.from_url(redis_aof.url, decode_responses=True)
+    argv = [sys.executable, "-m", "botworker", "run", "--procs", "1", "--env-file", ""]
+    fleet = spawn(argv, REDIS_URL=redis_aof.url, WORKER_THREADS="1", WORKER_BATCH="1")
+    fleet.client = client
+    fleet.wait_workers(1)
+    [processing] = client.smembers("bot_worker:processing")
+    forgotten = bot.message("an answer whose ack Redis forgot")
+    held = bot.message("hello while Redis restarts")
+    with advisory_lock(db, held["messageId"]):  # the thread waits at its save, using no Redis connection
+        push(client, held)
+        wait_for(lambda: query(db, "SELECT 1 AS x FROM pg_locks WHERE NOT granted AND locktype = 'advisory'"), 20,
+                 "the worker waiting at its save")  # fmt: skip
+        client.lpush(processing, json.dumps(forgotten))  # what a restored file holds when the ack never reached it
+        time.sleep(1.2)  # (fsynced every second)
+        redis_aof.proc.kill()
+        redis_aof.proc.wait()
+        redis_aof.start_again()
+        client = redis.Redis.from_url(redis_aof.url, decode_responses=True)
+        assert client.llen(processing) == 2
+    wait_for(lambda: len(_replies(client, forgotten["messageId"])) == 1, 20, "the forgotten message answered")
+    assert len(_replies(client, held["messageId"])) == 1 and events(client, ERRORS) == []
+    assert client.llen(processing) == 0
