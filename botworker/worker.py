@@ -3,8 +3,8 @@
 What the threads share is opened here, once per process: one Redis client (its pool gives each blocked pop a
 connection of its own), one PostgreSQL pool sized to the database work (a connection is held only while loading
 or saving, never across an LLM or tool wait), one pipeline (one Gemini client, one HTTP session), and one sandbox
-process serving up to SANDBOX_CONCURRENCY runs at a time. What each thread does with a message is in
-``consumer.py``.
+process serving up to SANDBOX_CONCURRENCY runs at a time, started at the first sandboxed run. What each thread
+does with a message is in ``consumer.py``.
 
 Signals: SIGTERM asks for a warm stop (every thread finishes its current message, then the process exits 0);
 SIGINT, SIGHUP, SIGTTIN and SIGTTOU are the supervisor's, ignored here. Handlers only record. A consumer thread
@@ -294,9 +294,13 @@ class Worker:
                 self.heartbeat.beat()
                 delay = min(delay * 2, SERVER_POLL)
         # Each worker has its own sandbox process, and its runs uids of their own (so that one worker's runs
-        # cannot reach another's processes): SANDBOX_CONCURRENCY of them from SANDBOX_UID + wid * that.
+        # cannot reach another's processes): SANDBOX_CONCURRENCY of them from SANDBOX_UID + wid * that. It starts
+        # at the worker's first sandboxed run (the supervisor's probe already said which layers this machine
+        # gives): a worker whose bots run no shell, script or file tool never pays its memory (6-7 MiB a process).
         uid = self.cfg.sandbox_uid + self.wid * self.cfg.sandbox_concurrency
-        self.sandbox, _ = start_sandbox(self.cfg, uid, f"worker {self.wid}")
+        self.sandbox = SandboxClient(
+            self.cfg.sandbox_root, uid, self.cfg.sandbox_gid, self.cfg.sandbox_allow_weak, self.cfg.sandbox_concurrency
+        )
         self.pipeline = Pipeline(
             self.cfg,
             self.store,
