@@ -219,7 +219,10 @@ class Server:
         if scope and not (self.weak and not self.layers.get("landlock")):
             files_dir = self.root / "files" / scope
             if not files_dir.exists():
-                files_dir.mkdir(mode=0o770)
+                # Another worker's sandbox may make it at the same moment (one bot's first runs on two workers):
+                # then both set it up, the same way, each before its own run uses it.
+                with contextlib.suppress(FileExistsError):
+                    files_dir.mkdir(mode=0o770)
                 if as_root:
                     os.chown(files_dir, 0, self.gid)
                 files_dir.chmod(0o2770)  # setgid: files stay in the sandbox group whoever writes them
