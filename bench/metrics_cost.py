@@ -14,7 +14,6 @@ ratio on/off, and the scrape times (p50, max) with the size of the answer.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import threading
@@ -27,11 +26,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput as tp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from botworker.devservers import free_port
 
 
 class Scraper(threading.Thread):

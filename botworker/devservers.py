@@ -100,7 +100,8 @@ class Server:
             self.proc.wait()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on (bound, read and closed again)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -161,7 +162,7 @@ def _start_on_free_port(
 ) -> Server:
     """Start argv(port) until probe(port, pid) says it is up; retry if it exits (port taken)."""
     for attempt in range(1, PORT_ATTEMPTS + 1):
-        port = _free_port()
+        port = free_port()
         server = Server(name, url.format(port=port), _popen(argv(port), logfile, logfile.parent, user))
         server.relaunch = lambda port=port: _popen(argv(port), logfile, logfile.parent, user)
         server.ready = lambda pid, port=port: probe(port, pid)

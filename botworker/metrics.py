@@ -228,7 +228,8 @@ class Fleet:
     restarts: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
-def _resident_bytes(pid: int) -> int | None:
+def resident_bytes(pid: int | str = "self") -> int | None:
+    """A process's resident memory (its own, not its children's), from /proc/<pid>/statm; None if it is gone."""
     try:
         with open(f"/proc/{pid}/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -264,7 +265,7 @@ class _FleetCollector:
         memory = GaugeMetricFamily(c + "worker_resident_bytes", "resident memory of each worker process",
                                    labels=["worker"])  # fmt: skip
         for wid, pid in sorted(f.workers.items()):
-            rss = _resident_bytes(pid)
+            rss = resident_bytes(pid)
             if rss is not None:
                 memory.add_metric([str(wid)], rss)
         yield memory

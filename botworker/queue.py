@@ -459,19 +459,18 @@ def connect(
         return redis.Redis.from_url(cfg.redis_url, **opts, **tls_opts)
     # The URL gives the user, password, db and query options; the master's address comes from the sentinels.
     url_opts = {k: v for k, v in parse_url(cfg.redis_url).items() if k not in ("host", "port", "connection_class")}
+    tls_opts = {"ssl": True, **tls_opts} if tls else {}  # (no scheme to say it here: the connections are made by hand)
     sentinel_opts = {
         "socket_timeout": cfg.redis_timeout,
         "socket_connect_timeout": min(cfg.redis_timeout, SENTINEL_CONNECT_TIMEOUT),
         "username": cfg.redis_sentinel_username or None,
         "password": cfg.redis_sentinel_password or None,
-        **({"ssl": True, **tls_opts} if tls else {}),
+        **tls_opts,
     }
     hosts = [(host.strip("[]"), int(port)) for host, port in (a.rsplit(":", 1) for a in cfg.redis_sentinels)]
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_opts)
     # (One dict: the URL's query options, e.g. ?socket_timeout=3, and the caller's may name the same keyword.)
-    return sentinel.master_for(
-        cfg.redis_sentinel_master, **{**url_opts, **opts, **({"ssl": True, **tls_opts} if tls else {})}
-    )
+    return sentinel.master_for(cfg.redis_sentinel_master, **{**url_opts, **opts, **tls_opts})
 
 
 def certificate_refused(exc: BaseException) -> str | None:

@@ -490,23 +490,20 @@ class Supervisor:
             self.exporter = None
             return
         directory = old.directory if old is not None else None
+        if old is not None and old.port == cfg.metrics_port:
+            old.close(keep_files=True)  # same port, another address: the old endpoint holds it
+            self.exporter = None
         try:
-            try:
-                new = metrics.Exporter(cfg.metrics_addr, cfg.metrics_port, self._fleet, directory)
-            except OSError:
-                if old is None or old.port != cfg.metrics_port:
-                    raise
-                # Same port, another address: the old endpoint may be what holds it.
-                old.close(keep_files=True)
-                try:
-                    new = metrics.Exporter(cfg.metrics_addr, cfg.metrics_port, self._fleet, directory)
-                except OSError:
-                    self.exporter = metrics.Exporter(old.addr, old.port, self._fleet, directory)
-                    raise
+            new = metrics.Exporter(cfg.metrics_addr, cfg.metrics_port, self._fleet, directory)
         except OSError as exc:
+            if old is not None and self.exporter is None:  # put the old endpoint back
+                try:
+                    self.exporter = metrics.Exporter(old.addr, old.port, self._fleet, directory)
+                except OSError as again:
+                    log.error("metrics: cannot listen on %s:%d again either: %s", old.addr, old.port, again)
             raise ConfigError(f"METRICS_PORT: cannot listen on {cfg.metrics_addr}:{cfg.metrics_port}: {exc}") from None
-        if old is not None:
-            old.close(keep_files=True)
+        if self.exporter is not None:
+            self.exporter.close(keep_files=True)
         self.exporter = new
         log.info("metrics: serving %s", new.address)
 

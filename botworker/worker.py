@@ -45,10 +45,8 @@ _CELLS = 3
 
 
 def resident_mib() -> float:
-    """This process's resident memory (its own: not its sandbox process's), from /proc/self/statm."""
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    """This process's resident memory in MiB (its own: not its sandbox process's)."""
+    return (metrics.resident_bytes() or 0) / (1 << 20)
 
 
 class Heartbeat:

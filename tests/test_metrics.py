@@ -22,6 +22,7 @@ import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from botworker.devservers import free_port
 from botworker.message import queued_at_of
 from botworker.queue import ERRORS, RESPONSES
 
@@ -33,12 +34,6 @@ pytest_plugins = ["gemini_server"]
 pytestmark = pytest.mark.slow
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(url: str) -> Samples:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import redis
 
 from botworker import errors
 from botworker.config import Config
+from botworker.devservers import free_port
 from botworker.queue import ERRORS, MESSAGES, NODE_PREFIX, PROCESSING_PREFIX, PROCESSING_SET, RESPONSES, STATUS
 from botworker.worker import Heartbeat, Worker
 
@@ -93,13 +93,6 @@ def is_dead(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on (bound, read and closed again)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---- life cycle and status ---------------------------------------------------------------------------------
